@@ -1,0 +1,1 @@
+"""Tensor intrinsics: hand-picked instruction sequences TVM substitutes into scheduled loops."""

@@ -1,0 +1,116 @@
+"""The LUT lookup as a TVM tensor intrinsic for x86: vpshufb on ymm (AVX2) and zmm (AVX-512).
+
+A data-dependent gather does not vectorize (LLVM scalarizes it), and a description holding a
+gather does not tensorize. So the lookup of one group for a block of rows is *described* as
+a one-hot reduction over the 16 table entries, with only affine indices, and *implemented*
+with vpshufb on the two byte planes of the int16 table, vpunpck{l,h}bw to rebuild the int16
+entries, and int16 accumulation. The row order inside a block (see layout lut4-v1) is chosen
+so that the unpacked words land in natural row order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import tirx
+from tvm.s_tir import TensorIntrin
+from tvm.script import tirx as T
+
+
+@dataclass(frozen=True)
+class VectorISA:
+    """What the lookup needs to know about one vector extension."""
+
+    name: str
+    rows: int  # rows per block = bytes per vector register
+    pshufb: str  # LLVM intrinsic: per-128-bit-lane byte shuffle
+
+    @property
+    def intrin_name(self) -> str:
+        return f"bitnet_lut_pshufb_{self.name}"
+
+
+VECTOR_ISAS = {
+    "avx512": VectorISA("avx512", 64, "llvm.x86.avx512.pshuf.b.512"),
+    "avx2": VectorISA("avx2", 32, "llvm.x86.avx2.pshuf.b"),
+}
+
+
+def table_entry(t_lo: tirx.PrimExpr, t_hi: tirx.PrimExpr) -> tirx.PrimExpr:
+    """int16 table entry from its two int8 planes (low byte read unsigned)."""
+    return T.Cast("int16", t_hi) * T.int16(256) + T.Cast("int16", T.Cast("uint8", t_lo))
+
+
+def lookup_term(p: tirx.PrimExpr, t_lo: tirx.PrimExpr, t_hi: tirx.PrimExpr, e: tirx.PrimExpr) -> tirx.PrimExpr:
+    """One-hot form of ``L[p & 15] - L[p >> 4]``: summed over e in [0, 16) it is the group's dot product."""
+    entry = table_entry(t_lo, t_hi)
+    pos = T.Cast("int32", T.bitwise_and(p, T.uint8(15)))
+    neg = T.Cast("int32", T.shift_right(p, T.uint8(4)))
+    return T.Select(pos == e, entry, T.int16(0)) - T.Select(neg == e, entry, T.int16(0))
+
+
+def _unpack_indices(rows: int, high: bool) -> list[int]:
+    """shufflevector indices of vpunpck{l,h}bw(a, b): per 16-byte lane, interleave 8 bytes of a and b."""
+    base = 8 if high else 0
+    out: list[int] = []
+    for lane in range(rows // 16):
+        for i in range(8):
+            out += [lane * 16 + base + i, rows + lane * 16 + base + i]
+    return out
+
+
+def _register(isa: VectorISA) -> None:
+    rows, lanes = isa.rows, isa.rows // 16
+    half = rows // 2
+    u8v, i8v, i16v = f"uint8x{rows}", f"int8x{rows}", f"int16x{half}"
+    replicate = list(range(16)) * lanes
+    unpack_lo, unpack_hi = _unpack_indices(rows, False), _unpack_indices(rows, True)
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        P: T.Buffer((lanes, 2, 8), "uint8", offset_factor=1),
+        Tb: T.Buffer((2, 16), "int8", offset_factor=1),
+        C: T.Buffer((2, lanes, 8), "int16", offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:2, 0:lanes, 0:8], P[0:lanes, 0:2, 0:8], Tb[0:2, 0:16])
+            T.writes(C[0:2, 0:lanes, 0:8])
+            for h, l, i, e in T.grid(2, lanes, 8, 16):
+                with T.sblock("update"):
+                    vh, vl, vi, ve = T.axis.remap("SSSR", [h, l, i, e])
+                    C[vh, vl, vi] = C[vh, vl, vi] + lookup_term(P[vl, vh, vi], Tb[0, ve], Tb[1, ve], ve)
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        P: T.Buffer((lanes, 2, 8), "uint8", offset_factor=1),
+        Tb: T.Buffer((2, 16), "int8", offset_factor=1),
+        C: T.Buffer((2, lanes, 8), "int16", offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:2, 0:lanes, 0:8], P[0:lanes, 0:2, 0:8], Tb[0:2, 0:16])
+            T.writes(C[0:2, 0:lanes, 0:8])
+            p = P.vload([0, 0, 0], u8v)
+            pos = T.reinterpret(i8v, T.bitwise_and(p, T.broadcast(T.uint8(15), rows)))
+            neg = T.reinterpret(i8v, T.shift_right(p, T.broadcast(T.uint8(4), rows)))
+            t0 = Tb.vload([0, 0], "int8x16")
+            t1 = Tb.vload([1, 0], "int8x16")
+            lo_plane = T.Shuffle([t0] * lanes, replicate)
+            hi_plane = T.Shuffle([t1] * lanes, replicate)
+            pos_lo = T.call_llvm_pure_intrin(i8v, isa.pshufb, lo_plane, pos)
+            pos_hi = T.call_llvm_pure_intrin(i8v, isa.pshufb, hi_plane, pos)
+            neg_lo = T.call_llvm_pure_intrin(i8v, isa.pshufb, lo_plane, neg)
+            neg_hi = T.call_llvm_pure_intrin(i8v, isa.pshufb, hi_plane, neg)
+            first = T.reinterpret(i16v, T.Shuffle([pos_lo, pos_hi], unpack_lo)) - T.reinterpret(
+                i16v, T.Shuffle([neg_lo, neg_hi], unpack_lo)
+            )
+            second = T.reinterpret(i16v, T.Shuffle([pos_lo, pos_hi], unpack_hi)) - T.reinterpret(
+                i16v, T.Shuffle([neg_lo, neg_hi], unpack_hi)
+            )
+            C.vstore([0, 0, 0], C.vload([0, 0, 0], i16v) + first)
+            C.vstore([1, 0, 0], C.vload([1, 0, 0], i16v) + second)
+
+    TensorIntrin.register(isa.intrin_name, desc, impl, override=True)
+
+
+for _isa in VECTOR_ISAS.values():
+    _register(_isa)
