@@ -1,0 +1,110 @@
+"""The ``bitnet-compile`` command.
+
+    bitnet-compile [--target T] (--model M | --shapes NxK,...) [-o DIR]   compile an artifact
+    bitnet-compile verify DIR [-t N]                                    check it against numpy
+    bitnet-compile bench [--target T] [--model M]                       kernel benchmark
+
+User mistakes print one ``error:`` line and exit with status 2; nothing else is caught.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+SUBCOMMANDS = ("compile", "verify", "bench")
+DEFAULT_TARGET = "llvm -mcpu=native"
+
+
+def _add_compile(sub) -> None:
+    p = sub.add_parser("compile", help="compile the kernels a model needs into an artifact (the default command)")
+    p.add_argument("--target", default=DEFAULT_TARGET, help=f'TVM target string, JSON, or preset name (default: "{DEFAULT_TARGET}")')
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("-m", "--model", help="model preset (2b-4t, large, or a hub id), a config.json, or a directory holding one")
+    what.add_argument("-s", "--shapes", help="linear shapes as NxK[,NxK...] (out x in features)")
+    p.add_argument("-o", "--output", type=Path, default=None, help="artifact directory (default: artifacts/<model>-<isa>)")
+
+
+def _add_verify(sub) -> None:
+    p = sub.add_parser("verify", help="run every kernel of an artifact against its numpy reference")
+    p.add_argument("artifact", help="artifact directory")
+    p.add_argument("-t", "--threads", type=int, default=None, help="kernel threads (default: all cores)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="benchmark the LUT kernels against a plain int8 TVM kernel")
+    p.add_argument("--target", default=DEFAULT_TARGET)
+    p.add_argument("-m", "--model", default="2b-4t", help="model whose linear shapes to time (default: 2b-4t)")
+    p.add_argument("--tokens", type=int, default=128, help="tokens for the GEMM (prompt) figures (default 128)")
+    p.add_argument("--repeat", type=int, default=15, help="timed repetitions; medians are reported (default 15)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bitnet-compile", description="Compile ternary (BitNet b1.58) LUT kernels with TVM.")
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_compile(sub)
+    _add_verify(sub)
+    _add_bench(sub)
+    return p
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text.split("/")[-1]).strip("-") or "model"
+
+
+def run_compile(args: argparse.Namespace) -> int:
+    from . import artifact, models
+    from .target import parse_target
+
+    target = parse_target(args.target)
+    if args.model:
+        shape = models.resolve(args.model)
+        linears, label = shape.linears(), shape.name
+    else:
+        linears, label = models.parse_shapes(args.shapes), "shapes"
+    out = args.output or Path("artifacts") / f"{_slug(label)}-{target.isa}"
+    shapes = ", ".join(f"{lin.name} {lin.n}x{lin.k}" for lin in linears)
+    print(f"target {target.mcpu} ({target.triple}, {target.isa}, {target.num_cores} cores); linears: {shapes}", file=sys.stderr)
+    manifest = artifact.build(target, linears, out, model_name=label if args.model else None)
+    for path in sorted(out.iterdir()):
+        if path.is_file():
+            print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
+    print(f"verify on the device with: python -m bitnet_runtime verify {out}", file=sys.stderr)
+    return 0 if manifest.is_file() else 1
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from bitnet_runtime.__main__ import run_verify as verify_artifact
+
+    return verify_artifact(args.artifact, args.threads, args.seed)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from .bench import run
+
+    return run(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help"):
+        argv.insert(0, "compile")
+    args = parser().parse_args(argv)
+    try:
+        return {"compile": run_compile, "verify": run_verify, "bench": run_bench}[args.command](args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Per-token absmax int8 activation quantization, as BitNet b1.58 defines it:
+scale = 127 / max(max|x|, 1e-5), q = clamp(round(x * scale), -128, 127).
+
+Writes q zero-padded to the matmul's padded K, so the runtime never copies activations twice.
+Rounding is half-to-even (LLVM's nearbyint), like torch.round and numpy.round.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import te, tirx
+
+from bitnet_runtime import reference as _reference
+
+reference = _reference.quantize_activations
+VECTOR = 16  # float32 lanes of a zmm; on ymm LLVM splits it in two
+
+
+def compute(tokens, k: int, k_padded: int) -> tuple[te.Tensor, te.Tensor, te.Tensor]:
+    x = te.placeholder((tokens, k), "float32", name="x")
+    r = te.reduce_axis((0, k), "r")
+    absmax = te.compute((tokens,), lambda m: te.max(te.abs(x[m, r]), axis=r), name="absmax")
+    scale = te.compute(
+        (tokens,),
+        lambda m: tirx.const(127.0, "float32") / te.max(absmax[m], tirx.const(float(_reference.ABSMAX_FLOOR), "float32")),
+        name="scale",
+    )
+
+    def quantize(m, c):
+        rounded = tirx.nearbyint(x[m, c] * scale[m])
+        clamped = te.min(te.max(rounded, tirx.const(-128.0, "float32")), tirx.const(127.0, "float32"))
+        return tirx.Select(c < k, clamped.astype("int8"), tirx.const(0, "int8"))
+
+    q = te.compute((tokens, k_padded), quantize, name="q")
+    return x, q, scale
+
+
+def schedule(func: tvm.tirx.PrimFunc) -> tvm.s_tir.Schedule:
+    """Tokens in parallel; the max as VECTOR-wide partial maxima (order-free, so still exact)."""
+    sch = tvm.s_tir.Schedule(func)
+    absmax = sch.get_sblock("absmax")
+    m, r = sch.get_loops(absmax)
+    _, r_inner = sch.split(r, [None, VECTOR])
+    partial = sch.rfactor(r_inner, 0)
+    sch.vectorize(sch.get_loops(partial)[-1])
+    q = sch.get_sblock("q")
+    qm, qc = sch.get_loops(q)
+    sch.parallel(qm)
+    _, qc_inner = sch.split(qc, [None, VECTOR])
+    sch.vectorize(qc_inner)
+    return sch
+
+
+def build_primfunc(name: str, k: int, k_padded: int) -> tvm.tirx.PrimFunc:
+    tokens = tirx.Var("tokens", "int64")
+    sch = schedule(te.create_prim_func(list(compute(tokens, k, k_padded))))
+    return sch.mod["main"].with_attr("global_symbol", name)

@@ -1,0 +1,32 @@
+"""Schedule knobs as data: ``schedules/*.json`` holds, per kernel and vector ISA, the knob
+values the compiler uses. Only defaults exist yet; tuned per-shape records come with the tuner.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+
+from .errors import UserError
+from .ops.lut_matmul import LutKnobs
+
+SCHEDULES_DIR = Path(__file__).resolve().parent.parent / "schedules"
+
+
+@cache
+def _defaults() -> dict:
+    path = SCHEDULES_DIR / "defaults.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read schedule defaults {path}: {err}") from None
+
+
+def knobs_for(op: str, isa: str) -> tuple[LutKnobs, str]:
+    """Knobs for a kernel on an ISA, and where they came from (for the manifest and the log)."""
+    try:
+        values = _defaults()[op][isa]
+    except KeyError:
+        raise UserError(f"no schedule defaults for kernel {op!r} on ISA {isa!r} in {SCHEDULES_DIR}/defaults.json") from None
+    return LutKnobs(**values), "default"

@@ -1,0 +1,40 @@
+"""Device-side command line: ``python -m bitnet_runtime verify DIR [--threads N] [--seed S]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import UserError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bitnet_runtime", description="bitnet-compile device runtime")
+    sub = parser.add_subparsers(dest="command", required=True)
+    verify_cmd = sub.add_parser("verify", help="check every kernel of an artifact against its numpy reference")
+    verify_cmd.add_argument("artifact", help="artifact directory (holds manifest.json)")
+    verify_cmd.add_argument("-t", "--threads", type=int, default=None, help="kernel threads (default: all cores)")
+    verify_cmd.add_argument("--seed", type=int, default=0, help="random inputs seed (default 0)")
+    args = parser.parse_args(argv)
+    try:
+        return run_verify(args.artifact, args.threads, args.seed)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def run_verify(artifact_dir: str, threads: int | None, seed: int) -> int:
+    from . import services
+    from .artifact import Artifact
+    from .verify import verify
+
+    if threads is not None:
+        services.set_num_threads(threads)
+    artifact = Artifact(artifact_dir)
+    target = artifact.manifest["target"]
+    print(f"verifying {len(artifact.kernel_names)} kernels of {artifact_dir} ({target.get('mcpu')}, {target.get('isa')})")
+    return 0 if verify(artifact, seed) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Load an artifact on the device with apache-tvm-ffi only (never the compiler).
+
+Every check that can be made in Python is made before native code runs: manifest, file
+hashes, CPU features (an AVX-512 library must not SIGILL on an AVX2-only CPU), then the
+runtime services parallel kernels call, then the library itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from . import cpu, services
+from .errors import UserError
+from .manifest import read_manifest
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _checked_file(artifact_dir: Path, entry: dict, what: str) -> Path:
+    path = artifact_dir / str(entry.get("file", ""))
+    if not path.is_file():
+        raise UserError(f"{what} {path} is missing from the artifact")
+    if _sha256(path) != entry.get("sha256"):
+        raise UserError(f"{what} {path} does not match the sha256 in the manifest: the file is corrupted or was replaced")
+    return path
+
+
+def check_cpu(manifest: dict) -> None:
+    """Refuse code this CPU cannot execute, naming what is missing."""
+    target = manifest["target"]
+    arch = cpu.host_arch()
+    if target.get("arch") and target["arch"] != arch:
+        raise UserError(f"artifact was compiled for {target['arch']} but this machine is {arch}")
+    missing = sorted(set(manifest["required_cpu_features"]) - cpu.host_cpu_features())
+    if missing:
+        raise UserError(
+            f"this CPU lacks {', '.join(missing)} which the artifact's code requires "
+            f"(compiled for {target.get('mcpu', '?')}): compile for this device, e.g. --target x86-avx2"
+        )
+
+
+@dataclass
+class Kernel:
+    """A named kernel of the artifact with its manifest entry."""
+
+    name: str
+    op: str
+    shape: dict
+    knobs: dict
+    function: Callable[..., Any]
+
+    def __call__(self, *args: Any) -> None:
+        self.function(*args)
+
+
+class Artifact:
+    """A loaded artifact: its manifest and its kernels, by name or by linear shape."""
+
+    def __init__(self, artifact_dir: Path | str):
+        self.dir = Path(artifact_dir)
+        self.manifest = read_manifest(self.dir)
+        library = _checked_file(self.dir, self.manifest["library"], "kernel library")
+        runtime_library = _checked_file(self.dir, self.manifest["runtime_library"], "runtime library")
+        check_cpu(self.manifest)
+        services.ensure_runtime_services(runtime_library)
+        import tvm_ffi
+
+        self.module = tvm_ffi.load_module(str(library))
+        self.rows = int(self.manifest["layout"]["rows"])
+        self._entries = {k["name"]: k for k in self.manifest["kernels"]}
+        self._kernels: dict[str, Kernel] = {}
+
+    @property
+    def kernel_names(self) -> list[str]:
+        return list(self._entries)
+
+    def kernel(self, name: str) -> Kernel:
+        if name not in self._entries:
+            raise UserError(f"unknown kernel {name!r}; this artifact has: {', '.join(self._entries)}")
+        if name not in self._kernels:
+            entry = self._entries[name]
+            self._kernels[name] = Kernel(name, entry["op"], entry["shape"], entry.get("knobs", {}), self.module[name])
+        return self._kernels[name]
+
+    def linear(self, n: int, k: int) -> dict:
+        """The manifest entry (padded shape, kernel names) for an [n, k] weight matrix."""
+        for entry in self.manifest["linears"]:
+            if entry["n"] == n and entry["k"] == k:
+                return entry
+        have = sorted({f"{e['n']}x{e['k']}" for e in self.manifest["linears"]})
+        raise UserError(f"artifact has no kernels for a {n}x{k} linear layer; it has {', '.join(have)}")

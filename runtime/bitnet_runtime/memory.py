@@ -1,0 +1,34 @@
+"""64-byte aligned buffers. Tensorized kernels use aligned vector loads and TVM does not check
+alignment at the call, so an ordinary numpy array (16-byte aligned) would crash them: every
+array that reaches a kernel comes from here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+ALIGNMENT = 64
+
+
+def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + ALIGNMENT, np.uint8)
+    offset = (-raw.ctypes.data) % ALIGNMENT
+    return raw[offset : offset + nbytes].view(dtype).reshape(shape)
+
+
+def aligned_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
+    out = aligned_empty(shape, dtype)
+    out[...] = 0
+    return out
+
+
+def aligned_copy(array: np.ndarray, dtype=None) -> np.ndarray:
+    out = aligned_empty(array.shape, dtype or array.dtype)
+    out[...] = array
+    return out
+
+
+def is_aligned(array: np.ndarray) -> bool:
+    return array.flags.c_contiguous and array.ctypes.data % ALIGNMENT == 0

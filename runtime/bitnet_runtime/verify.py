@@ -1,0 +1,97 @@
+"""``python -m bitnet_runtime verify DIR``: run every kernel of an artifact against its numpy
+reference on random full-range inputs, on the device the artifact was copied to.
+
+Integer kernels must match exactly; so must the float ones, which repeat the reference's
+float32 operations in the same order. Inputs include the extremes (-128 everywhere against
+all-(+1) and all-(-1) rows) that would expose an int16 overflow.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from . import layout, reference
+from .artifact import Artifact, Kernel
+from .memory import aligned_copy, aligned_zeros
+
+TOKENS = 3  # GEMM and the token-parallel kernels run on this many tokens
+
+
+def _activations(rng: np.random.Generator, tokens: int, k: int) -> np.ndarray:
+    """Full-range int8 activations, with the first token pinned at -128 to hit the extremes."""
+    q = rng.integers(-128, 128, (tokens, k), dtype=np.int8)
+    q[0] = -128
+    return q
+
+
+def _ternary(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
+    w = rng.integers(-1, 2, (n, k), dtype=np.int8)
+    w[0], w[-1] = 1, -1
+    return w
+
+
+def check_quantize(kernel: Kernel, rng: np.random.Generator) -> bool:
+    s = kernel.shape
+    x = (rng.standard_normal((TOKENS, s["k"])) * rng.uniform(0.01, 100)).astype(np.float32)
+    x[1] = 0.0  # an all-zero token must hit the scale floor, not divide by zero
+    q, scale = aligned_zeros((TOKENS, s["k_padded"]), np.int8), aligned_zeros((TOKENS,), np.float32)
+    kernel(aligned_copy(x), q, scale)
+    want_q, want_scale = reference.quantize_activations(x, s["k_padded"])
+    return np.array_equal(q, want_q) and np.array_equal(scale, want_scale)
+
+
+def check_table(kernel: Kernel, rng: np.random.Generator) -> bool:
+    q = _activations(rng, TOKENS, kernel.shape["k_padded"])
+    tables = aligned_zeros((TOKENS, q.shape[1] // layout.GROUP, 2, 16), np.int8)
+    kernel(aligned_copy(q), tables)
+    return np.array_equal(tables, reference.lut_tables(q))
+
+
+def check_matmul(kernel: Kernel, rng: np.random.Generator, rows: int) -> bool:
+    s = kernel.shape
+    tokens = 1 if kernel.op == "lut_gemv" else TOKENS
+    w = _ternary(rng, s["n"], s["k"])
+    q = np.zeros((tokens, s["k_padded"]), np.int8)
+    q[:, : s["k"]] = _activations(rng, tokens, s["k"])
+    packed = aligned_copy(layout.pack_ternary(w, rows, kernel.knobs["kblock"]))
+    acc = aligned_zeros((tokens, s["n_padded"] // rows, 2, rows // 16, 8), np.int32)
+    kernel(aligned_copy(reference.lut_tables(q)), packed, acc)
+    got = acc.reshape(tokens, s["n_padded"])[:, : s["n"]]
+    return np.array_equal(got, reference.ternary_matmul(q[:, : s["k"]], w))
+
+
+def check_dequantize(kernel: Kernel, rng: np.random.Generator) -> bool:
+    s = kernel.shape
+    acc = rng.integers(-(2**24), 2**24, (TOKENS, s["n_padded"]), dtype=np.int32)
+    act_scale = rng.uniform(0.1, 1000, TOKENS).astype(np.float32)
+    weight_scale = np.float32(rng.uniform(0.01, 2))
+    out = aligned_zeros((TOKENS, s["n"]), np.float32)
+    kernel(aligned_copy(acc), aligned_copy(act_scale), aligned_copy(np.array([weight_scale], np.float32)), out)
+    return np.array_equal(out, reference.dequantize(acc[:, : s["n"]], act_scale, weight_scale))
+
+
+def check_kernel(artifact: Artifact, name: str, rng: np.random.Generator) -> bool:
+    kernel = artifact.kernel(name)
+    if kernel.op == "quantize":
+        return check_quantize(kernel, rng)
+    if kernel.op == "lut_table":
+        return check_table(kernel, rng)
+    if kernel.op == "dequantize":
+        return check_dequantize(kernel, rng)
+    return check_matmul(kernel, rng, artifact.rows)
+
+
+def verify(artifact: Artifact, seed: int = 0, names: list[str] | None = None, echo=print) -> bool:
+    """Check the named kernels (all by default); print one line each and a summary."""
+    rng = np.random.default_rng(seed)
+    names = names or artifact.kernel_names
+    failed = 0
+    for name in names:
+        start = time.perf_counter()
+        ok = check_kernel(artifact, name, rng)
+        failed += not ok
+        echo(f"{'ok  ' if ok else 'FAIL'}  {name:<34} {'exact' if ok else 'MISMATCH against the numpy reference'}  ({time.perf_counter() - start:.2f} s)")
+    echo(f"{len(names) - failed} passed, {failed} failed")
+    return failed == 0
