@@ -82,7 +82,7 @@ def schedule(func: tvm.tirx.PrimFunc, isa: VectorISA, knobs: LutKnobs, gemv: boo
     inner = (m, kb) if gemv else (kb, m)
     sch.reorder(task, nb_inner, *inner, h, l, i)
     sch.parallel(task)
-    sch.compute_at(part, inner[1])
+    sch.compute_at(part, inner[1], preserve_unit_loops=True)
     sch.set_scope(part, 0, "local")
     ph, pl, pi, pjj, pe = sch.get_loops(part)[-5:]
     sch.reorder(pjj, ph, pl, pi, pe)

@@ -1,0 +1,55 @@
+"""Layout lut4-v1 and the references the kernels are checked against."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bitnet_runtime import layout, reference
+from bitnet_runtime.errors import UserError
+
+
+@pytest.mark.parametrize("rows", [32, 64])
+@pytest.mark.parametrize("n,k", [(1, 1), (7, 13), (64, 256), (130, 1000)])
+def test_pack_unpack_roundtrip(rows, n, k):
+    w = np.random.default_rng(n + k).integers(-1, 2, (n, k), dtype=np.int8)
+    packed = layout.pack_ternary(w, rows, 32)
+    n_p, k_p = layout.padded_shape(n, k, rows, 32)
+    assert packed.shape == (n_p // rows, k_p // 4, rows // 16, 2, 8) and packed.dtype == np.uint8
+    full = layout.unpack_ternary(packed)
+    np.testing.assert_array_equal(full[:n, :k], w)
+    assert not full[n:].any() and not full[:, k:].any()
+
+
+def test_row_order_inside_a_block():
+    """Row h*rows/2 + l*8 + i sits at byte l*16 + h*8 + i (where vpunpck puts its word)."""
+    rows = 64
+    w = np.zeros((rows, 4), np.int8)
+    w[33, 0] = 1  # h=1, l=0, i=1 -> byte 0*16 + 8 + 1 = 9
+    block = layout.pack_ternary(w, rows, 1)[0, 0].reshape(-1)
+    assert np.flatnonzero(block).tolist() == [9] and block[9] == 0b0001
+
+
+def test_byte_encoding_masks():
+    w = np.array([[1, -1, 0, 1]], np.int8)
+    byte = layout.pack_ternary(w, 32, 1).reshape(-1)[0]
+    assert byte == 0b0010_1001  # +1 mask 1001 in the low nibble, -1 mask 0010 in the high nibble
+
+
+@pytest.mark.parametrize("bad", [np.array([[0, 2]]), np.array([[0.5, 1.0]]), np.zeros((2, 2, 2)), np.array([["a"]])])
+def test_non_ternary_weights_are_refused(bad):
+    with pytest.raises(UserError):
+        layout.pack_ternary(bad, 32, 32)
+
+
+def test_references_agree_with_plain_arithmetic():
+    rng = np.random.default_rng(0)
+    q = rng.integers(-128, 128, (3, 16), dtype=np.int8)
+    tables = reference.lut_tables(q)
+    entries = (tables[:, :, 1].astype(np.int16) << 8) | tables[:, :, 0].view(np.uint8).astype(np.int16)
+    for e in range(16):
+        subset = [t for t in range(4) if e >> t & 1]
+        np.testing.assert_array_equal(entries[:, 1, e], q[:, [4 + t for t in subset]].astype(np.int16).sum(1))
+    x = np.array([[0.1, -0.2, 0.05]], np.float32)
+    qx, scale = reference.quantize_activations(x)
+    assert qx.tolist() == [[64, -127, 32]] and scale[0] == np.float32(127) / np.float32(0.2)
