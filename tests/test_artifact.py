@@ -1,0 +1,146 @@
+"""Artifacts end to end: built by the compiler, loaded and verified by the runtime in a process
+where tvm cannot be imported, and refused cleanly when damaged or foreign."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import textwrap
+
+import numpy as np
+import pytest
+
+from bitnet_compile import artifact
+from bitnet_compile.models import Linear
+from bitnet_compile.target import parse_target
+from bitnet_runtime import cpu
+from bitnet_runtime.artifact import Artifact
+from bitnet_runtime.errors import UserError
+
+from conftest import run_without_tvm
+
+LINEARS = [Linear("a", 100, 36), Linear("b", 256, 512), Linear("c", 130, 1000)]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("artifact")
+    artifact.build(parse_target("llvm -mcpu=native"), LINEARS, out)
+    return out
+
+
+@pytest.fixture
+def copy(built, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(built, dst)
+    return dst
+
+
+def test_manifest_describes_the_library(built):
+    manifest = json.loads((built / "manifest.json").read_text())
+    assert manifest["format_version"] == 1
+    assert manifest["library"]["sha256"] == artifact.sha256(built / "kernels.so")
+    assert manifest["layout"] == {"version": "lut4-v1", "rows": 64 if manifest["target"]["isa"] == "avx512" else 32}
+    ops = sorted(k["op"] for k in manifest["kernels"])
+    assert ops.count("lut_gemv") == 3 and ops.count("lut_gemm") == 3 and "quantize" in ops
+    gemv = next(k for k in manifest["kernels"] if k["op"] == "lut_gemv")
+    assert gemv["knob_source"] == "default" and 1 <= gemv["knobs"]["kblock"] <= 63
+    assert set(manifest["required_cpu_features"]) <= cpu.host_cpu_features()
+    assert [(e["n"], e["k"]) for e in manifest["linears"]] == [(lin.n, lin.k) for lin in LINEARS]
+
+
+def test_verify_runs_without_tvm(built):
+    result = run_without_tvm(f"from bitnet_runtime.__main__ import main; raise SystemExit(main(['verify', {str(built)!r}]))")
+    assert result.returncode == 0, result.stderr
+    assert "15 passed, 0 failed" in result.stdout
+
+
+def test_bitlinear_without_tvm_matches_reference(built):
+    code = textwrap.dedent(
+        f"""
+        import numpy as np
+        from bitnet_runtime import reference, services
+        from bitnet_runtime.artifact import Artifact
+        from bitnet_runtime.linear import BitLinear
+        services.set_num_threads(2)
+        art = Artifact({str(built)!r})
+        rng = np.random.default_rng(7)
+        for n, k in [(100, 36), (256, 512), (130, 1000)]:
+            w = rng.integers(-1, 2, (n, k)).astype(np.int8)
+            layer = BitLinear(art, w, 0.75)
+            kp = art.linear(n, k)["k_padded"]
+            for tokens in (1, 2, 9):
+                x = rng.standard_normal((tokens, k)).astype(np.float32)
+                q, s = reference.quantize_activations(x, kp)
+                want = reference.dequantize(reference.ternary_matmul(q[:, :k], w), s, 0.75)
+                assert np.array_equal(layer(x), want), (n, k, tokens)
+        print("OK")
+        """
+    )
+    result = run_without_tvm(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "OK"
+
+
+def _flip_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _tamper(path, edit):
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda d: _flip_byte(d / "kernels.so"), "sha256"),
+        (lambda d: (d / "kernels.so").unlink(), "missing"),
+        (lambda d: (d / "libtvm_runtime.so").write_bytes(b"not a library"), "sha256"),
+        (lambda d: (d / "manifest.json").unlink(), "manifest.json is missing"),
+        (lambda d: (d / "manifest.json").write_text("{ not json"), "corrupted"),
+        (lambda d: _tamper(d / "manifest.json", lambda m: m.update(format_version=99)), "format version"),
+        (lambda d: _tamper(d / "manifest.json", lambda m: m.pop("kernels")), "missing kernels"),
+        (lambda d: _tamper(d / "manifest.json", lambda m: m["required_cpu_features"].append("avx10.9")), "lacks avx10.9"),
+        (lambda d: _tamper(d / "manifest.json", lambda m: m["target"].update(arch="aarch64")), "aarch64"),
+    ],
+)
+def test_damaged_artifacts_are_refused(copy, damage, message):
+    damage(copy)
+    with pytest.raises(UserError, match=message):
+        Artifact(copy)
+
+
+def test_avx512_artifact_refused_on_avx2_only_cpu(built, monkeypatch):
+    manifest = json.loads((built / "manifest.json").read_text())
+    if "avx512f" not in manifest["required_cpu_features"]:
+        pytest.skip("host artifact is not AVX-512")
+    monkeypatch.setattr(cpu, "host_cpu_features", lambda: frozenset({"sse2", "ssse3", "avx", "avx2", "fma"}))
+    with pytest.raises(UserError, match="lacks .*avx512"):
+        Artifact(built)
+
+
+def test_unknown_kernel_and_shape_are_clear_errors(built):
+    art = Artifact(built)
+    with pytest.raises(UserError, match="unknown kernel 'nope'"):
+        art.kernel("nope")
+    with pytest.raises(UserError, match="no kernels for a 7x7"):
+        art.linear(7, 7)
+
+
+def test_bitlinear_rejects_bad_inputs(built):
+    from bitnet_runtime.linear import BitLinear
+
+    art = Artifact(built)
+    w = np.ones((100, 36), np.int8)
+    with pytest.raises(UserError, match="not ternary"):
+        BitLinear(art, w * 2, 1.0)
+    layer = BitLinear(art, w, 1.0)
+    with pytest.raises(UserError, match=r"shape \[tokens, 36\]"):
+        layer(np.zeros((2, 35), np.float32))
+    with pytest.raises(UserError, match="floating point"):
+        layer(np.zeros((2, 36), np.int32))
+    assert layer(np.ones(36, np.float64)).shape == (1, 100)  # a single token and float64 are accepted

@@ -1,0 +1,58 @@
+"""The command line as a user meets it: verbatim target strings, one-line errors, exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bitnet_compile", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def test_compile_native_verbatim_then_verify(tmp_path):
+    out = tmp_path / "art"
+    result = cli("--target", "llvm -mcpu=native", "--shapes", "64x128,33x20", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert f"wrote {out / 'manifest.json'}" in result.stdout
+    assert "compiling 10 kernels" in result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"] is None and len(manifest["linears"]) == 2
+    verified = cli("verify", str(out), "-t", "1")
+    assert verified.returncode == 0, verified.stderr
+    assert "10 passed, 0 failed" in verified.stdout
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--target", "cuda", "--shapes", "8x8"], "not yet supported"),
+        (["--target", "llvm -mcpu=notacpu", "--shapes", "8x8"], "notacpu"),
+        (["--target", "x86-avx2", "--shapes", "0x8"], "bad shape"),
+        (["--target", "x86-avx2", "--shapes", "8by8"], "bad shape"),
+        (["--target", "x86-avx2", "--model", "no/such-model"], "unknown model"),
+        (["verify", "/nonexistent/artifact"], "does not exist"),
+    ],
+)
+def test_user_mistakes_are_one_line_errors(args, message):
+    result = cli(*args)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_model_config_json_gives_its_linears(tmp_path):
+    from bitnet_compile import models
+
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "num_key_value_heads": 2}))
+    shapes = [(lin.name, lin.n, lin.k) for lin in models.resolve(str(tmp_path)).linears()]
+    assert shapes == [("qkv", 128, 64), ("o", 64, 64), ("gate_up", 192, 64), ("down", 64, 96)]
+    two_b = {(lin.n, lin.k) for lin in models.resolve("microsoft/bitnet-b1.58-2B-4T").linears()}
+    assert two_b == {(3840, 2560), (2560, 2560), (13824, 2560), (2560, 6912)}
