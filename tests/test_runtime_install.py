@@ -1,0 +1,47 @@
+"""The device story for real: a virtual environment with only ``pip install ./runtime``
+(numpy + apache-tvm-ffi, no apache-tvm) verifies a copied artifact."""
+
+from __future__ import annotations
+
+import subprocess
+import venv
+
+import pytest
+
+from bitnet_compile import artifact
+from bitnet_compile.models import Linear
+from bitnet_compile.target import parse_target
+
+from conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def runtime_python(tmp_path_factory):
+    env_dir = tmp_path_factory.mktemp("device-venv")
+    venv.EnvBuilder(with_pip=True).create(env_dir)
+    python = env_dir / "bin" / "python"
+    install = subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", str(REPO / "runtime")], capture_output=True, text=True, timeout=600
+    )
+    if install.returncode != 0:
+        pytest.skip(f"cannot install the runtime's dependencies here (no package index?): {install.stderr[-300:]}")
+    return python
+
+
+def test_runtime_only_environment_has_no_tvm(runtime_python):
+    probe = subprocess.run([str(runtime_python), "-c", "import tvm"], capture_output=True, text=True, cwd="/")
+    assert probe.returncode != 0 and "No module named 'tvm'" in probe.stderr
+
+
+def test_runtime_only_environment_verifies_an_artifact(runtime_python, tmp_path):
+    out = tmp_path / "artifact"
+    artifact.build(parse_target("llvm -mcpu=native"), [Linear("x", 72, 100)], out)
+    result = subprocess.run(
+        [str(runtime_python), "-m", "bitnet_runtime", "verify", str(out), "--threads", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd="/",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "5 passed, 0 failed" in result.stdout
