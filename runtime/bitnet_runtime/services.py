@@ -52,6 +52,8 @@ def ensure_runtime_services(runtime_lib: Path | None) -> None:
     with _lock:
         if _services_present():
             return
+        # TVM would default to half the cores (it assumes hyperthreads): use them all.
+        os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
         if runtime_lib is None:
             raise UserError("these kernels need TVM's libtvm_runtime.so, and none was given")
         _load_global(Path(runtime_lib))
@@ -64,9 +66,10 @@ def set_num_threads(n: int) -> None:
 
     TVM's pool is per calling thread and gets its workers once, from TVM_NUM_THREADS, when that
     thread first launches a parallel loop with more than one thread (or queries the pool);
-    ``runtime.config_threadpool`` can later only choose how many of those workers take part. So the variable is set for pools not created yet (all of them, when the
-    runtime is not even loaded), this thread's pool is reconfigured, and a request the pool
-    cannot meet is refused instead of silently running on fewer threads.
+    ``runtime.config_threadpool`` can later only choose how many of those workers take part.
+    So the variable is set for pools not created yet (all of them, when the runtime is not even
+    loaded), this thread's pool is reconfigured, and a request the pool cannot meet is refused
+    instead of silently running on fewer threads.
     """
     if n < 1:
         raise UserError(f"thread count must be at least 1, got {n}")
