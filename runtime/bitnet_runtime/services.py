@@ -53,12 +53,19 @@ def ensure_runtime_services(runtime_lib: Path | None) -> None:
         if _services_present():
             return
         # TVM would default to half the cores (it assumes hyperthreads): use them all.
-        os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+        os.environ.setdefault("TVM_NUM_THREADS", str(usable_cores()))
         if runtime_lib is None:
             raise UserError("these kernels need TVM's libtvm_runtime.so, and none was given")
         _load_global(Path(runtime_lib))
         if not _services_present():
             raise UserError(f"{runtime_lib} is not TVM's runtime library (it registers no thread pool)")
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def set_num_threads(n: int) -> None:
