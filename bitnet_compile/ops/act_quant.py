@@ -36,18 +36,27 @@ def compute(tokens, k: int, k_padded: int) -> tuple[te.Tensor, te.Tensor, te.Ten
 
 
 def schedule(func: tvm.tirx.PrimFunc, k: int) -> tvm.s_tir.Schedule:
-    """Tokens in parallel; the max as VECTOR-wide partial maxima (order-free, so still exact).
-    A row shorter than VECTOR is one partial: TVM mis-vectorizes a predicated rfactor there."""
+    """Tokens in parallel, each token's max, scale and rounding in one loop body (so the
+    intermediates live on the stack, not in per-call heap workspaces). The max runs as
+    VECTOR-wide partial maxima: order-free, so still exact. The partial count divides K:
+    TVM 0.27 mis-vectorizes an rfactor whose split needs a predicate."""
     sch = tvm.s_tir.Schedule(func)
-    absmax = sch.get_sblock("absmax")
-    m, r = sch.get_loops(absmax)
-    _, r_inner = sch.split(r, [None, min(VECTOR, k)])
+    absmax, scale, q = sch.get_sblock("absmax"), sch.get_sblock("scale"), sch.get_sblock("q")
+    _, r = sch.get_loops(absmax)
+    lanes = max(d for d in range(1, VECTOR + 1) if k % d == 0)
+    _, r_inner = sch.split(r, [None, lanes])
     partial = sch.rfactor(r_inner, 0)
-    sch.vectorize(sch.get_loops(partial)[-1])
-    q = sch.get_sblock("q")
-    qm, qc = sch.get_loops(q)
-    sch.parallel(qm)
-    _, qc_inner = sch.split(qc, [None, VECTOR])
+    (token,) = sch.get_loops(scale)
+    sch.parallel(token)
+    sch.compute_at(absmax, token)
+    sch.compute_at(partial, token)
+    sch.reverse_compute_at(q, token)
+    if lanes > 1:  # loops now [token, lanes, steps], steps elided when it is 1
+        inner = sch.get_loops(partial)[1:]
+        if len(inner) == 2:
+            sch.reorder(inner[1], inner[0])
+        sch.vectorize(inner[0])
+    _, qc_inner = sch.split(sch.get_loops(q)[-1], [None, VECTOR])
     sch.vectorize(qc_inner)
     return sch
 
