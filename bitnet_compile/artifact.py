@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -19,14 +20,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bitnet_runtime import layout
+from bitnet_runtime import layout, layout_dot2
 from bitnet_runtime.manifest import FORMAT_VERSION, LIBRARY_FILE, MANIFEST_FILE, RUNTIME_LIBRARY_FILE
 
 from . import __version__, schedule_db
 from .errors import UserError
 from .intrinsics.x86_lut import VECTOR_ISAS
 from .models import Linear
-from .ops import act_quant, dequant, lut_matmul, lut_table
+from .families import Family, choose
+from .ops import act_quant, dequant, dot2_matmul, lut_matmul, lut_table
 from .target import TargetSpec
 
 
@@ -48,41 +50,64 @@ class KernelPlan:
             return lut_table.build_primfunc(self.name, s["k_padded"])
         if self.op == "dequantize":
             return dequant.build_primfunc(self.name, s["n"], s["n_padded"])
+        gemv = self.op.endswith("_gemv")
+        if self.op.startswith("dot2_"):
+            return dot2_matmul.build_primfunc(self.name, s["n_padded"], s["k_padded"], dot2_matmul.Dot2Knobs(**self.knobs), gemv)
         knobs = lut_matmul.LutKnobs(**self.knobs)
-        return lut_matmul.build_primfunc(self.name, s["n_padded"], s["k_padded"], isa, knobs, gemv=self.op == "lut_gemv")
+        return lut_matmul.build_primfunc(self.name, s["n_padded"], s["k_padded"], isa, knobs, gemv)
 
 
-def plan(linears: list[Linear], isa: str) -> tuple[list[KernelPlan], list[dict]]:
-    """Kernels for the distinct shapes among ``linears``, and each linear's kernel names.
-
-    The GEMM takes the GEMV's kblock: kblock fixes the padded K and so the packed weights,
-    and one packed copy must serve both decode and prompt processing.
-    """
+def _lut_linear(lin: Linear, isa: str) -> tuple[dict, dict, list[KernelPlan]]:
+    """lut4-v1: the GEMM takes the GEMV's kblock, since kblock fixes the padded K and so the
+    packed weights, and one packed copy serves decode and prompt alike."""
     rows = VECTOR_ISAS[isa].rows
+    gemv, gemv_src = schedule_db.knobs_for("lut_gemv", isa)
+    gemm, gemm_src = schedule_db.knobs_for("lut_gemm", isa)
+    kblock = layout.effective_kblock(lin.k, gemv["kblock"])
+    n_p, k_p = layout.padded_shape(lin.n, lin.k, rows, kblock)
+    shape = {"n": lin.n, "k": lin.k, "n_padded": n_p, "k_padded": k_p}
+    params = {"rows": rows, "kblock": kblock}
+    names = {"lut_table": f"lut_table_k{k_p}", "gemv": f"lut_gemv_n{lin.n}_k{lin.k}", "gemm": f"lut_gemm_n{lin.n}_k{lin.k}"}
+    plans = [
+        KernelPlan(names["lut_table"], "lut_table", shape),
+        KernelPlan(names["gemv"], "lut_gemv", shape | {"rows": rows}, gemv | {"kblock": kblock}, gemv_src),
+        KernelPlan(names["gemm"], "lut_gemm", shape | {"rows": rows}, gemm | {"kblock": kblock}, gemm_src),
+    ]
+    return params, names, plans
+
+
+def _dot2_linear(lin: Linear, isa: str) -> tuple[dict, dict, list[KernelPlan]]:
+    """dot2-v1: N padded for both kernels' row blocks, K for the GEMV's unrolled chunks."""
+    gemv, gemv_src = schedule_db.knobs_for("dot2_gemv", isa)
+    gemm, gemm_src = schedule_db.knobs_for("dot2_gemm", isa)
+    row_blocks = math.lcm(gemv.get("row_blocks", 1), gemm.get("row_blocks", 1))
+    n_p, k_p = layout_dot2.padded_shape(lin.n, lin.k, row_blocks, gemv.get("k_unroll", 1))
+    shape = {"n": lin.n, "k": lin.k, "n_padded": n_p, "k_padded": k_p}
+    gemm_knobs = asdict(dot2_matmul.Dot2Knobs(**gemm))
+    names = {"gemv": f"dot2_gemv_n{lin.n}_k{lin.k}", "gemm": f"dot2_gemm_n{lin.n}_k{lin.k}"}
+    plans = [
+        KernelPlan(names["gemv"], "dot2_gemv", shape, asdict(dot2_matmul.Dot2Knobs(**gemv)), gemv_src),
+        KernelPlan(names["gemm"], "dot2_gemm", shape, gemm_knobs, gemm_src),
+    ]
+    return {"token_tile": gemm_knobs["token_tile"]}, names, plans
+
+
+LINEAR_PLANNERS = {"lut4-v1": _lut_linear, "dot2-v1": _dot2_linear}
+
+
+def plan(linears: list[Linear], isa: str, layout_version: str) -> tuple[list[KernelPlan], list[dict]]:
+    """Kernels for the distinct shapes among ``linears``, and each linear's manifest entry."""
     kernels: dict[str, KernelPlan] = {}
     entries = []
     for lin in linears:
-        gemv_knobs, gemv_src = schedule_db.knobs_for("lut_gemv", isa)
-        gemm_knobs, gemm_src = schedule_db.knobs_for("lut_gemm", isa)
-        kblock = layout.effective_kblock(lin.k, gemv_knobs.kblock)
-        n_p, k_p = layout.padded_shape(lin.n, lin.k, rows, kblock)
-        shape = {"n": lin.n, "k": lin.k, "n_padded": n_p, "k_padded": k_p}
-        names = {
-            "quantize": f"quantize_k{lin.k}_p{k_p}",
-            "lut_table": f"lut_table_k{k_p}",
-            "lut_gemv": f"lut_gemv_n{lin.n}_k{lin.k}",
-            "lut_gemm": f"lut_gemm_n{lin.n}_k{lin.k}",
-            "dequantize": f"dequantize_n{lin.n}_p{n_p}",
-        }
-        matmul_knobs = {
-            "lut_gemv": (asdict(gemv_knobs) | {"kblock": kblock}, gemv_src),
-            "lut_gemm": (asdict(gemm_knobs) | {"kblock": kblock}, gemm_src),
-        }
-        for op, name in names.items():
-            if name not in kernels:
-                knobs, source = matmul_knobs.get(op, ({}, "fixed"))
-                kernels[name] = KernelPlan(name, op, shape, knobs, source)
-        entries.append({"name": lin.name, **shape, "kernels": names})
+        params, names, plans = LINEAR_PLANNERS[layout_version](lin, isa)
+        shape = plans[0].shape
+        n_p, k_p = shape["n_padded"], shape["k_padded"]
+        names = {"quantize": f"quantize_k{lin.k}_p{k_p}", **names, "dequantize": f"dequantize_n{lin.n}_p{n_p}"}
+        plans = [KernelPlan(names["quantize"], "quantize", shape), *plans, KernelPlan(names["dequantize"], "dequantize", shape)]
+        for p in plans:
+            kernels.setdefault(p.name, p)
+        entries.append({"name": lin.name, **shape, "layout": layout_version, "layout_params": params, "kernels": names})
     return list(kernels.values()), entries
 
 
@@ -127,11 +152,15 @@ def compile_kernels(kernels: list[KernelPlan], target: TargetSpec):
     return executable
 
 
-def build(target: TargetSpec, linears: list[Linear], out_dir: Path, model_name: str | None = None) -> Path:
-    """Write a complete artifact to ``out_dir``; files appear only once fully written."""
+def build(
+    target: TargetSpec, linears: list[Linear], out_dir: Path, family: Family | None = None, model_name: str | None = None
+) -> Path:
+    """Write a complete artifact to ``out_dir`` (family: the preferred one the target runs);
+    files appear only once fully written."""
     import tvm
 
-    kernels, entries = plan(linears, target.isa)
+    family = family or choose(target, "auto", schedule_db.family_preference())
+    kernels, entries = plan(linears, target.isa, family.layout)
     executable = compile_kernels(kernels, target)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST_FILE).unlink(missing_ok=True)  # an artifact without manifest is incomplete
@@ -148,7 +177,7 @@ def build(target: TargetSpec, linears: list[Linear], out_dir: Path, model_name: 
         "model": model_name,
         "target": target.to_json(),
         "required_cpu_features": target.required_features,
-        "layout": {"version": layout.LAYOUT_VERSION, "rows": VECTOR_ISAS[target.isa].rows},
+        "family": family.name,
         "library": {"file": LIBRARY_FILE, "sha256": sha256(out_dir / LIBRARY_FILE)},
         "runtime_library": {"file": RUNTIME_LIBRARY_FILE, "sha256": sha256(out_dir / RUNTIME_LIBRARY_FILE)},
         "kernels": [{"name": k.name, "op": k.op, "shape": k.shape, "knobs": k.knobs, "knob_source": k.knob_source} for k in kernels],

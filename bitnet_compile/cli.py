@@ -26,7 +26,8 @@ def _add_compile(sub) -> None:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("-m", "--model", help="model preset (2b-4t, large, or a hub id), a config.json, or a directory holding one")
     what.add_argument("-s", "--shapes", help="linear shapes as NxK[,NxK...] (out x in features)")
-    p.add_argument("-o", "--output", type=Path, default=None, help="artifact directory (default: artifacts/<model>-<isa>)")
+    p.add_argument("-o", "--output", type=Path, default=None, help="artifact directory (default: artifacts/<model>-<family>-<isa>)")
+    p.add_argument("-f", "--family", default="auto", help="kernel family: auto (default: dot2 where AVX-512 VNNI exists, else lut), lut, dot2")
 
 
 def _add_verify(sub) -> None:
@@ -59,19 +60,22 @@ def _slug(text: str) -> str:
 
 
 def run_compile(args: argparse.Namespace) -> int:
-    from . import artifact, models
+    from . import artifact, models, schedule_db
+    from .families import choose
     from .target import parse_target
 
     target = parse_target(args.target)
+    family = choose(target, args.family, schedule_db.family_preference())
     if args.model:
         shape = models.resolve(args.model)
         linears, label = shape.linears(), shape.name
     else:
         linears, label = models.parse_shapes(args.shapes), "shapes"
-    out = args.output or Path("artifacts") / f"{_slug(label)}-{target.isa}"
+    out = args.output or Path("artifacts") / f"{_slug(label)}-{family.name}-{target.isa}"
     shapes = ", ".join(f"{lin.name} {lin.n}x{lin.k}" for lin in linears)
-    print(f"target {target.mcpu} ({target.triple}, {target.isa}, {target.num_cores} cores); linears: {shapes}", file=sys.stderr)
-    manifest = artifact.build(target, linears, out, model_name=label if args.model else None)
+    print(f"target {target.mcpu} ({target.triple}, {target.isa}, {target.num_cores} cores); kernel family {family.name} ({family.summary})", file=sys.stderr)
+    print(f"linears: {shapes}", file=sys.stderr)
+    manifest = artifact.build(target, linears, out, family, model_name=label if args.model else None)
     for path in sorted(out.iterdir()):
         if path.is_file():
             print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")

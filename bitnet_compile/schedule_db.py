@@ -1,5 +1,6 @@
 """Schedule knobs as data: ``schedules/*.json`` holds, per kernel and vector ISA, the knob
-values the compiler uses. Only defaults exist yet; tuned per-shape records come with the tuner.
+values the compiler uses, and the kernel families in order of preference. Only defaults exist
+yet; tuned per-shape records come with the tuner.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from functools import cache
 from pathlib import Path
 
 from .errors import UserError
-from .ops.lut_matmul import LutKnobs
 
 SCHEDULES_DIR = Path(__file__).resolve().parent.parent / "schedules"
 
@@ -23,10 +23,13 @@ def _defaults() -> dict:
         raise UserError(f"cannot read schedule defaults {path}: {err}") from None
 
 
-def knobs_for(op: str, isa: str) -> tuple[LutKnobs, str]:
-    """Knobs for a kernel on an ISA, and where they came from (for the manifest and the log)."""
+def family_preference() -> list[str]:
+    return list(_defaults()["families"])
+
+
+def knobs_for(op: str, isa: str) -> tuple[dict, str]:
+    """Knob values for a kernel on an ISA, and where they came from (for the manifest)."""
     try:
-        values = _defaults()[op][isa]
+        return dict(_defaults()[op][isa]), "default"
     except KeyError:
         raise UserError(f"no schedule defaults for kernel {op!r} on ISA {isa!r} in {SCHEDULES_DIR}/defaults.json") from None
-    return LutKnobs(**values), "default"

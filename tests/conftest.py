@@ -36,13 +36,13 @@ def isa_params() -> list:
     ]
 
 
-def compile_module(funcs: dict, isa: str):
-    """Compile PrimFuncs for the ISA's preset target; returns the runnable TVM module."""
+def compile_module(funcs: dict, isa: str, preset: str | None = None):
+    """Compile PrimFuncs for the ISA's preset target (or ``preset``); returns the runnable module."""
     import tvm
 
     from bitnet_compile.target import parse_target
 
-    spec = parse_target(ISA_PRESETS[isa])
+    spec = parse_target(preset or ISA_PRESETS[isa])
     assert spec.isa == isa
     return tvm.compile(tvm.IRModule(funcs), target=spec.tvm_target()).mod
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from bitnet_compile import artifact
+from bitnet_compile.families import FAMILIES
 from bitnet_compile.models import Linear
 from bitnet_compile.target import parse_target
 from bitnet_runtime import cpu
@@ -20,12 +21,20 @@ from bitnet_runtime.errors import UserError
 from conftest import run_without_tvm
 
 LINEARS = [Linear("a", 100, 36), Linear("b", 256, 512), Linear("c", 130, 1000)]
+NATIVE = parse_target("llvm -mcpu=native")
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    out = tmp_path_factory.mktemp("artifact")
-    artifact.build(parse_target("llvm -mcpu=native"), LINEARS, out)
+def _family_params() -> list:
+    return [
+        pytest.param(name, marks=pytest.mark.skipif(bool(fam.missing(NATIVE)), reason=f"host cannot run {name}"))
+        for name, fam in FAMILIES.items()
+    ]
+
+
+@pytest.fixture(scope="module", params=_family_params())
+def built(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"artifact-{request.param}")
+    artifact.build(NATIVE, LINEARS, out, FAMILIES[request.param])
     return out
 
 
@@ -40,11 +49,13 @@ def test_manifest_describes_the_library(built):
     manifest = json.loads((built / "manifest.json").read_text())
     assert manifest["format_version"] == 1
     assert manifest["library"]["sha256"] == artifact.sha256(built / "kernels.so")
-    assert manifest["layout"] == {"version": "lut4-v1", "rows": 64 if manifest["target"]["isa"] == "avx512" else 32}
+    family = manifest["family"]
+    assert {e["layout"] for e in manifest["linears"]} == {FAMILIES[family].layout}
     ops = sorted(k["op"] for k in manifest["kernels"])
-    assert ops.count("lut_gemv") == 3 and ops.count("lut_gemm") == 3 and "quantize" in ops
-    gemv = next(k for k in manifest["kernels"] if k["op"] == "lut_gemv")
-    assert gemv["knob_source"] == "default" and 1 <= gemv["knobs"]["kblock"] <= 63
+    assert ops.count(f"{family}_gemv") == 3 and ops.count(f"{family}_gemm") == 3 and ops.count("quantize") == 3
+    assert ops.count("lut_table") == (3 if family == "lut" else 0)
+    gemv = next(k for k in manifest["kernels"] if k["op"] == f"{family}_gemv")
+    assert gemv["knob_source"] == "default" and gemv["knobs"]
     assert set(manifest["required_cpu_features"]) <= cpu.host_cpu_features()
     assert [(e["n"], e["k"]) for e in manifest["linears"]] == [(lin.n, lin.k) for lin in LINEARS]
 
@@ -52,7 +63,8 @@ def test_manifest_describes_the_library(built):
 def test_verify_runs_without_tvm(built):
     result = run_without_tvm(f"from bitnet_runtime.__main__ import main; raise SystemExit(main(['verify', {str(built)!r}]))")
     assert result.returncode == 0, result.stderr
-    assert "15 passed, 0 failed" in result.stdout
+    kernels = len(json.loads((built / "manifest.json").read_text())["kernels"])
+    assert f"{kernels} passed, 0 failed" in result.stdout
 
 
 def test_bitlinear_without_tvm_matches_reference(built):
@@ -69,7 +81,7 @@ def test_bitlinear_without_tvm_matches_reference(built):
             w = rng.integers(-1, 2, (n, k)).astype(np.int8)
             layer = BitLinear(art, w, 0.75)
             kp = art.linear(n, k)["k_padded"]
-            for tokens in (1, 2, 9):
+            for tokens in (1, 2, 9, 17):
                 x = rng.standard_normal((tokens, k)).astype(np.float32)
                 q, s = reference.quantize_activations(x, kp)
                 want = reference.dequantize(reference.ternary_matmul(q[:, :k], w), s, 0.75)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bitnet_runtime import layout, reference
+from bitnet_runtime import layout, layout_dot2, reference
 from bitnet_runtime.errors import UserError
 
 
@@ -53,3 +53,23 @@ def test_references_agree_with_plain_arithmetic():
     x = np.array([[0.1, -0.2, 0.05]], np.float32)
     qx, scale = reference.quantize_activations(x)
     assert qx.tolist() == [[64, -127, 32]] and scale[0] == np.float32(127) / np.float32(0.2)
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (7, 13), (64, 256), (130, 1000)])
+def test_dot2_pack_unpack_roundtrip(n, k):
+    w = np.random.default_rng(n + k).integers(-1, 2, (n, k), dtype=np.int8)
+    n_p, k_p = layout_dot2.padded_shape(n, k, 4, 2)
+    assert n_p % 64 == 0 and k_p % 32 == 0
+    packed = layout_dot2.pack_ternary(w, n_p, k_p)
+    assert packed.shape == (n_p // 16, k_p // 16, 16, 4) and packed.dtype == np.uint8
+    full = layout_dot2.unpack_ternary(packed)
+    np.testing.assert_array_equal(full[:n, :k], w)
+    assert not full[n:].any() and not full[:, k:].any()
+
+
+def test_dot2_field_order():
+    """Bits 2f..2f+1 of byte j of row i hold w[i, 16c + 4f + j] + 1."""
+    w = np.zeros((16, 16), np.int8)
+    w[3, 4 * 2 + 1] = 1  # row 3, field 2, byte 1 -> (1 + 1) << 4 over the other fields' 1s
+    byte = layout_dot2.pack_ternary(w, 16, 16)[0, 0, 3, 1]
+    assert byte == 0b01_10_01_01

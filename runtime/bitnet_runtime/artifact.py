@@ -76,7 +76,6 @@ class Artifact:
 
         self.module = tvm_ffi.load_module(str(library))
         services.check_kernel_services(library)
-        self.rows = int(self.manifest["layout"]["rows"])
         self._entries = {k["name"]: k for k in self.manifest["kernels"]}
         self._kernels: dict[str, Kernel] = {}
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from .errors import UserError
 
-LAYOUT_VERSION = "lut4-v1"
+VERSION = "lut4-v1"
 GROUP = 4  # weights per table lookup
 
 

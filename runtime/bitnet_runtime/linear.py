@@ -1,33 +1,88 @@
 """BitLinear on compiled kernels: float32 activations [tokens, in] -> float32 [tokens, out].
 
-One call = four kernels: absmax int8 quantization, table construction, LUT matmul (GEMV for
-one token, GEMM for several), dequantization. Weights are packed once at construction;
-working buffers are 64-byte aligned and reused per token count, so the hot path allocates
-nothing but the returned array.
+One call: absmax int8 quantization, the family's integer matmul (GEMV for one token, GEMM for
+several), dequantization. Weights are packed once at construction; working buffers are
+64-byte aligned and reused per token count, so the hot path allocates nothing but the result.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from . import layout
+from . import layout, layout_dot2
 from .artifact import Artifact
 from .errors import UserError
-from .memory import aligned_copy, aligned_empty
+from .memory import aligned_copy, aligned_empty, aligned_zeros
+
+
+class _LutMatmul:
+    """lut4-v1: tables from the int8 activations, then LUT lookups."""
+
+    def __init__(self, artifact: Artifact, entry: dict):
+        names, params = entry["kernels"], entry["layout_params"]
+        self.rows, self.kblock = params["rows"], params["kblock"]
+        self.n_p, self.k_p = entry["n_padded"], entry["k_padded"]
+        self.table, self.gemv, self.gemm = (artifact.kernel(names[key]) for key in ("lut_table", "gemv", "gemm"))
+
+    def pack(self, w: np.ndarray) -> np.ndarray:
+        return aligned_copy(layout.pack_ternary(w, self.rows, self.kblock))
+
+    def token_rows(self, tokens: int) -> int:
+        return tokens
+
+    def workspace(self, tokens: int) -> dict:
+        return {
+            "tables": aligned_empty((tokens, self.k_p // layout.GROUP, 2, 16), np.int8),
+            "acc": aligned_empty((tokens, self.n_p // self.rows, 2, self.rows // 16, 8), np.int32),
+        }
+
+    def __call__(self, packed: np.ndarray, q: np.ndarray, ws: dict, tokens: int) -> np.ndarray:
+        self.table(q, ws["tables"])
+        (self.gemv if tokens == 1 else self.gemm)(ws["tables"], packed, ws["acc"])
+        return ws["acc"].reshape(tokens, self.n_p)
+
+
+class _Dot2Matmul:
+    """dot2-v1: the int8 activations as they are; the GEMM runs on whole token tiles."""
+
+    def __init__(self, artifact: Artifact, entry: dict):
+        names = entry["kernels"]
+        self.token_tile = entry["layout_params"]["token_tile"]
+        self.n_p, self.k_p = entry["n_padded"], entry["k_padded"]
+        self.gemv, self.gemm = artifact.kernel(names["gemv"]), artifact.kernel(names["gemm"])
+
+    def pack(self, w: np.ndarray) -> np.ndarray:
+        return aligned_copy(layout_dot2.pack_ternary(w, self.n_p, self.k_p))
+
+    def token_rows(self, tokens: int) -> int:
+        return tokens if tokens == 1 else layout.round_up(tokens, self.token_tile)
+
+    def workspace(self, tokens: int) -> dict:
+        return {"acc": aligned_empty((self.token_rows(tokens), self.n_p), np.int32)}
+
+    def __call__(self, packed: np.ndarray, q: np.ndarray, ws: dict, tokens: int) -> np.ndarray:
+        rows, chunks = q.shape[0], self.k_p // layout_dot2.CHUNK
+        if tokens == 1:
+            self.gemv(q.reshape(1, chunks, 4, 4), packed, ws["acc"].reshape(1, self.n_p // 16, 16))
+        else:
+            tiles = rows // self.token_tile
+            acts = q.reshape(tiles, self.token_tile, chunks, 4, 4)
+            self.gemm(acts, packed, ws["acc"].reshape(tiles, self.token_tile, self.n_p // 16, 16))
+        return ws["acc"]
+
+
+MATMULS = {layout.VERSION: _LutMatmul, layout_dot2.VERSION: _Dot2Matmul}
 
 
 class _Buffers:
-    """Aligned working memory for one token count."""
+    """Aligned working memory for one token count (q padded with zero tokens where needed)."""
 
-    def __init__(self, tokens: int, shape: dict, rows: int):
-        n_p, k_p = shape["n_padded"], shape["k_padded"]
+    def __init__(self, tokens: int, shape: dict, matmul):
         self.x = aligned_empty((tokens, shape["k"]), np.float32)
-        self.q = aligned_empty((tokens, k_p), np.int8)
+        self.q = aligned_zeros((matmul.token_rows(tokens), shape["k_padded"]), np.int8)
         self.scale = aligned_empty((tokens,), np.float32)
-        self.tables = aligned_empty((tokens, k_p // layout.GROUP, 2, 16), np.int8)
-        self.acc = aligned_empty((tokens, n_p // rows, 2, rows // 16, 8), np.int32)
-        self.acc_flat = self.acc.reshape(tokens, n_p)
         self.out = aligned_empty((tokens, shape["n"]), np.float32)
+        self.matmul = matmul.workspace(tokens)
 
 
 class BitLinear:
@@ -35,20 +90,16 @@ class BitLinear:
 
     def __init__(self, artifact: Artifact, weights: np.ndarray, weight_scale: float):
         w = layout.check_ternary(weights)
-        n, k = w.shape
-        entry = artifact.linear(n, k)
-        self.shape = {key: entry[key] for key in ("n", "k", "n_padded", "k_padded")}
-        names = entry["kernels"]
-        self.quantize = artifact.kernel(names["quantize"])
-        self.table = artifact.kernel(names["lut_table"])
-        self.gemv = artifact.kernel(names["lut_gemv"])
-        self.gemm = artifact.kernel(names["lut_gemm"])
-        self.dequantize = artifact.kernel(names["dequantize"])
-        self.rows = artifact.rows
-        kblock = int(self.gemv.knobs["kblock"])
-        self.packed = aligned_copy(layout.pack_ternary(w, self.rows, kblock))
+        entry = artifact.linear(*w.shape)
+        if entry.get("layout") not in MATMULS:
+            raise UserError(f"artifact uses weight layout {entry.get('layout')!r}; this runtime knows {', '.join(MATMULS)}")
         if not np.isfinite(weight_scale):
             raise UserError(f"weight_scale must be a finite number, got {weight_scale!r}")
+        self.shape = {key: entry[key] for key in ("n", "k", "n_padded", "k_padded")}
+        self.quantize = artifact.kernel(entry["kernels"]["quantize"])
+        self.dequantize = artifact.kernel(entry["kernels"]["dequantize"])
+        self.matmul = MATMULS[entry["layout"]](artifact, entry)
+        self.packed = self.matmul.pack(w)
         self.weight_scale = aligned_copy(np.array([weight_scale], np.float32))
         self._buffers: dict[int, _Buffers] = {}
 
@@ -67,10 +118,10 @@ class BitLinear:
         tokens = x.shape[0]
         buf = self._buffers.get(tokens)
         if buf is None:
-            buf = self._buffers[tokens] = _Buffers(tokens, self.shape, self.rows)
+            buf = self._buffers[tokens] = _Buffers(tokens, self.shape, self.matmul)
         buf.x[...] = x
-        self.quantize(buf.x, buf.q, buf.scale)
-        self.table(buf.q, buf.tables)
-        (self.gemv if tokens == 1 else self.gemm)(buf.tables, self.packed, buf.acc)
-        self.dequantize(buf.acc_flat, buf.scale, self.weight_scale, buf.out)
+        q = buf.q[:tokens]
+        self.quantize(buf.x, q, buf.scale)
+        acc = self.matmul(self.packed, buf.q, buf.matmul, tokens)
+        self.dequantize(acc[:tokens], buf.scale, self.weight_scale, buf.out)
         return buf.out.copy()

@@ -15,8 +15,8 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 LIBRARY_FILE = "kernels.so"
 RUNTIME_LIBRARY_FILE = "libtvm_runtime.so"
-REQUIRED_FIELDS = ("format_version", "target", "required_cpu_features", "layout", "library", "runtime_library", "kernels", "linears")
-KERNEL_OPS = ("quantize", "lut_table", "lut_gemv", "lut_gemm", "dequantize")
+REQUIRED_FIELDS = ("format_version", "target", "required_cpu_features", "family", "library", "runtime_library", "kernels", "linears")
+KERNEL_OPS = ("quantize", "lut_table", "lut_gemv", "lut_gemm", "dot2_gemv", "dot2_gemm", "dequantize")
 
 
 def read_manifest(artifact_dir: Path) -> dict:

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from . import layout, reference
+from . import layout, layout_dot2, reference
 from .artifact import Artifact, Kernel
 from .memory import aligned_copy, aligned_zeros
 
@@ -49,17 +49,39 @@ def check_table(kernel: Kernel, rng: np.random.Generator) -> bool:
     return np.array_equal(tables, reference.lut_tables(q))
 
 
-def check_matmul(kernel: Kernel, rng: np.random.Generator, rows: int) -> bool:
-    s = kernel.shape
+def _matmul_case(rng: np.random.Generator, shape: dict, tokens: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ternary weights, full-range activations zero-padded to the kernel's K, and the answer."""
+    w = _ternary(rng, shape["n"], shape["k"])
+    q = np.zeros((tokens, shape["k_padded"]), np.int8)
+    q[:, : shape["k"]] = _activations(rng, tokens, shape["k"])
+    return w, q, reference.ternary_matmul(q[:, : shape["k"]], w)
+
+
+def check_lut_matmul(kernel: Kernel, rng: np.random.Generator) -> bool:
+    s, rows = kernel.shape, kernel.shape["rows"]
     tokens = 1 if kernel.op == "lut_gemv" else TOKENS
-    w = _ternary(rng, s["n"], s["k"])
-    q = np.zeros((tokens, s["k_padded"]), np.int8)
-    q[:, : s["k"]] = _activations(rng, tokens, s["k"])
+    w, q, want = _matmul_case(rng, s, tokens)
     packed = aligned_copy(layout.pack_ternary(w, rows, kernel.knobs["kblock"]))
     acc = aligned_zeros((tokens, s["n_padded"] // rows, 2, rows // 16, 8), np.int32)
     kernel(aligned_copy(reference.lut_tables(q)), packed, acc)
-    got = acc.reshape(tokens, s["n_padded"])[:, : s["n"]]
-    return np.array_equal(got, reference.ternary_matmul(q[:, : s["k"]], w))
+    return np.array_equal(acc.reshape(tokens, s["n_padded"])[:, : s["n"]], want)
+
+
+def check_dot2_matmul(kernel: Kernel, rng: np.random.Generator) -> bool:
+    """GEMV on one token; GEMM on two token tiles, the second one partly zero padding."""
+    s = kernel.shape
+    tile = 1 if kernel.op == "dot2_gemv" else kernel.knobs["token_tile"]
+    tokens = 1 if tile == 1 else tile + TOKENS
+    rows = layout.round_up(tokens, tile)
+    w, q, want = _matmul_case(rng, s, tokens)
+    acts = aligned_zeros((rows, s["k_padded"]), np.int8)
+    acts[:tokens] = q
+    acc = aligned_zeros((rows, s["n_padded"]), np.int32)
+    chunks, blocks = s["k_padded"] // layout_dot2.CHUNK, s["n_padded"] // layout_dot2.ROWS
+    lead = (1,) if tile == 1 else (rows // tile, tile)
+    packed = aligned_copy(layout_dot2.pack_ternary(w, s["n_padded"], s["k_padded"]))
+    kernel(acts.reshape(*lead, chunks, 4, 4), packed, acc.reshape(*lead, blocks, layout_dot2.ROWS))
+    return np.array_equal(acc[:tokens, : s["n"]], want)
 
 
 def check_dequantize(kernel: Kernel, rng: np.random.Generator) -> bool:
@@ -80,7 +102,9 @@ def check_kernel(artifact: Artifact, name: str, rng: np.random.Generator) -> boo
         return check_table(kernel, rng)
     if kernel.op == "dequantize":
         return check_dequantize(kernel, rng)
-    return check_matmul(kernel, rng, artifact.rows)
+    if kernel.op.startswith("dot2_"):
+        return check_dot2_matmul(kernel, rng)
+    return check_lut_matmul(kernel, rng)
 
 
 def verify(artifact: Artifact, seed: int = 0, names: list[str] | None = None, echo=print) -> bool:

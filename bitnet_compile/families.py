@@ -1,0 +1,49 @@
+"""Kernel families: the ways a ternary linear layer can be computed, each with its weight
+layout and what the target must have. Which one a target gets is data
+(``families`` in schedules/defaults.json, first available wins) or the user's choice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import UserError
+from .target import TargetSpec
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    layout: str
+    isas: frozenset[str]  # vector ISA variants it has kernels for
+    features: frozenset[str]  # LLVM features it needs beyond the ISA variant
+    summary: str
+
+    def missing(self, target: TargetSpec) -> list[str]:
+        """What the target lacks for this family (empty: available)."""
+        lacks = sorted(self.features - target.features)
+        if target.isa not in self.isas:
+            lacks.insert(0, f"an {'/'.join(sorted(self.isas))} kernel variant (target is {target.isa})")
+        return lacks
+
+
+FAMILIES = {
+    "lut": Family("lut", "lut4-v1", frozenset({"avx2", "avx512"}), frozenset(), "table lookup with vpshufb (AVX2 ymm, AVX-512 zmm)"),
+    "dot2": Family("dot2", "dot2-v1", frozenset({"avx512"}), frozenset({"avx512vnni"}), "2-bit weights with VNNI vpdpbusd (AVX-512)"),
+}
+
+
+def choose(target: TargetSpec, requested: str, preference: list[str]) -> Family:
+    """The requested family, or with "auto" the first preferred one the target can run."""
+    if requested == "auto":
+        for name in preference:
+            if not FAMILIES[name].missing(target):
+                return FAMILIES[name]
+        raise UserError(f"no kernel family runs on {target.mcpu} ({target.isa}); families: {', '.join(FAMILIES)}")
+    if requested not in FAMILIES:
+        raise UserError(f"unknown kernel family {requested!r}; choose auto, {', '.join(FAMILIES)}")
+    family = FAMILIES[requested]
+    lacks = family.missing(target)
+    if lacks:
+        raise UserError(f"kernel family {family.name} needs {', '.join(lacks)}, which target {target.mcpu} lacks")
+    return family

@@ -1,0 +1,143 @@
+"""2-bit ternary matmul with VNNI: int32 out[M, N] = q[M, K] @ W[N, K]^T, weights in layout dot2-v1.
+
+The second kernel family, used where AVX-512 VNNI exists: no table, no per-token preprocessing
+beyond int8 quantization, and one vpdpbusd per 16 rows x 4 weights. For GEMM the decoded
+weights of a k-chunk stay in registers across a tile of tokens, which the LUT family cannot
+do (its lookups are per token).
+
+Exactness: products are u8 {0, 1, 2} (times 4^f in the masked GEMV form) by s8, summed in
+int32; |acc| <= 192 * 128 * K / 4, exact for K up to about 350 000. The +1 of the storage is
+removed by subtracting sum(q) per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tvm
+from tvm import te, tirx
+
+from bitnet_runtime import reference as _reference
+from bitnet_runtime.layout_dot2 import CHUNK
+
+from ..errors import UserError
+from ..intrinsics.x86_dot2 import DECODED_INTRIN, FIELDS_INTRIN, ROWS, decoded_field_term, masked_field_term
+
+reference = _reference.ternary_matmul
+
+
+@dataclass(frozen=True)
+class Dot2Knobs:
+    """Schedule knobs of the dot2 matmul.
+
+    row_blocks: blocks of 16 rows one task computes side by side (independent accumulators
+        hide vpdpbusd latency; the weights of a k-chunk are read once per block).
+    k_unroll: k-chunks (16 weights) unrolled in the GEMV loop.
+    token_tile: GEMM tokens sharing one decode of the weights (row_blocks * token_tile int32
+        accumulators must fit the 32 zmm registers).
+    """
+
+    row_blocks: int = 4
+    k_unroll: int = 2
+    token_tile: int = 8
+
+    def check(self, gemv: bool) -> None:
+        for name in ("row_blocks", "k_unroll", "token_tile"):
+            if getattr(self, name) < 1:
+                raise UserError(f"knob {name}={getattr(self, name)} must be >= 1")
+        if not gemv and self.row_blocks * self.token_tile > 24:
+            raise UserError(f"knobs row_blocks * token_tile = {self.row_blocks * self.token_tile} exceed the 24 accumulator registers")
+
+
+def _activation_sum(acts: te.Tensor, lead: tuple) -> te.Tensor:
+    c, f, j = (te.reduce_axis((0, acts.shape[len(lead) + d]), name) for d, name in enumerate("cfj"))
+    return te.compute(lead, lambda *t: te.sum(acts[(*t, c, f, j)].astype("int32"), axis=[c, f, j]), name="asum")
+
+
+def compute_gemv(n: int, k: int) -> tuple[te.Tensor, te.Tensor, te.Tensor]:
+    """One token; the four masked fields accumulate apart and are scaled down (exactly) at the end."""
+    acts = te.placeholder((1, k // CHUNK, 4, 4), "int8", name="acts")
+    packed = te.placeholder((n // ROWS, k // CHUNK, ROWS, 4), "uint8", name="packed")
+    c, j = te.reduce_axis((0, k // CHUNK), "c"), te.reduce_axis((0, 4), "j")
+    part = te.compute(
+        (1, n // ROWS, 4, ROWS),
+        lambda t, nb, f, i: te.sum(masked_field_term(packed[nb, c, i, j], acts[t, c, f, j], f), axis=[c, j]),
+        name="partial",
+    )
+    asum = _activation_sum(acts, (1,))
+    out = te.compute(
+        (1, n // ROWS, ROWS),
+        lambda t, nb, i: part[t, nb, 0, i] + (part[t, nb, 1, i] >> 2) + (part[t, nb, 2, i] >> 4) + (part[t, nb, 3, i] >> 6) - asum[t],
+        name="out",
+    )
+    return acts, packed, out
+
+
+def compute_gemm(tiles, token_tile: int, n: int, k: int) -> tuple[te.Tensor, te.Tensor, te.Tensor]:
+    """Tokens as [tiles, token_tile] (the runtime pads the count), fields decoded to {0, 1, 2}."""
+    acts = te.placeholder((tiles, token_tile, k // CHUNK, 4, 4), "int8", name="acts")
+    packed = te.placeholder((n // ROWS, k // CHUNK, ROWS, 4), "uint8", name="packed")
+    c, f, j = (te.reduce_axis((0, ext), name) for ext, name in ((k // CHUNK, "c"), (4, "f"), (4, "j")))
+    part = te.compute(
+        (tiles, token_tile, n // ROWS, ROWS),
+        lambda g, t, nb, i: te.sum(decoded_field_term(packed[nb, c, i, j], acts[g, t, c, f, j], f), axis=[c, f, j]),
+        name="partial",
+    )
+    asum = _activation_sum(acts, (tiles, token_tile))
+    out = te.compute((tiles, token_tile, n // ROWS, ROWS), lambda g, t, nb, i: part[g, t, nb, i] - asum[g, t], name="out")
+    return acts, packed, out
+
+
+def schedule_gemv(func: tvm.tirx.PrimFunc, knobs: Dot2Knobs) -> tvm.s_tir.Schedule:
+    """Tasks of ``row_blocks`` row blocks; per task the k-chunks (unrolled by ``k_unroll``)
+    feed 4 * row_blocks accumulators, one tensorized vpdpbusd quartet per block and chunk."""
+    sch = tvm.s_tir.Schedule(func)
+    out, part = sch.get_sblock("out"), sch.get_sblock("partial")
+    _, nb, _ = sch.get_loops(out)
+    task, _ = sch.split(nb, [None, knobs.row_blocks])
+    sch.parallel(task)
+    sch.compute_at(part, task, preserve_unit_loops=True)
+    sch.set_scope(part, 0, "local")
+    _, pnb, pf, pi, pc, pj = sch.get_loops(part)[-6:]
+    chunk, unrolled = sch.split(pc, [None, knobs.k_unroll])
+    sch.reorder(chunk, unrolled, pnb, pf, pi, pj)
+    sch.decompose_reduction(part, chunk)
+    sch.tensorize(pf, FIELDS_INTRIN)
+    sch.unroll(unrolled)
+    sch.unroll(pnb)
+    sch.vectorize(sch.get_loops(out)[-1])
+    return sch
+
+
+def schedule_gemm(func: tvm.tirx.PrimFunc, knobs: Dot2Knobs) -> tvm.s_tir.Schedule:
+    """Tasks of ``row_blocks`` row blocks; per token tile and k-chunk the decoded weights are
+    reused by ``token_tile`` tokens: row_blocks * token_tile accumulators in registers."""
+    sch = tvm.s_tir.Schedule(func)
+    out, part = sch.get_sblock("out"), sch.get_sblock("partial")
+    tile, t, nb, i = sch.get_loops(out)
+    task, nb_inner = sch.split(nb, [None, knobs.row_blocks])
+    sch.reorder(task, tile, t, nb_inner, i)
+    sch.parallel(task)
+    sch.compute_at(part, tile, preserve_unit_loops=True)
+    sch.set_scope(part, 0, "local")
+    pt, pnb, pi, pc, pf, pj = sch.get_loops(part)[-6:]
+    sch.reorder(pc, pnb, pt, pi, pf, pj)
+    sch.decompose_reduction(part, pc)
+    sch.tensorize(pi, DECODED_INTRIN)
+    sch.unroll(pnb)
+    sch.unroll(pt)
+    sch.vectorize(sch.get_loops(out)[-1])
+    return sch
+
+
+def build_primfunc(name: str, n: int, k: int, knobs: Dot2Knobs, gemv: bool) -> tvm.tirx.PrimFunc:
+    """Scheduled PrimFunc over padded shapes (n a multiple of 16 * row_blocks, k of 16 * k_unroll)."""
+    knobs.check(gemv)
+    if n % (ROWS * knobs.row_blocks) or k % (CHUNK * (knobs.k_unroll if gemv else 1)):
+        raise ValueError(f"unpadded shape n={n} k={k} for {knobs}")
+    if gemv:
+        sch = schedule_gemv(te.create_prim_func(list(compute_gemv(n, k))), knobs)
+    else:
+        tiles = tirx.Var("tiles", "int64")
+        sch = schedule_gemm(te.create_prim_func(list(compute_gemm(tiles, knobs.token_tile, n, k))), knobs)
+    return sch.mod["main"].with_attr("global_symbol", name)

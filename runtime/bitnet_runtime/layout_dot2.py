@@ -1,0 +1,42 @@
+"""Layout ``dot2-v1`` of the VNNI kernel family: 2 bits per weight, stored as w + 1 in {0, 1, 2}.
+
+Rows in blocks of 16 (one zmm of int32), K in chunks of 16. Byte j of row i in chunk c holds,
+in bits 2f..2f+1, the weight of column 16c + 4f + j: masking field f of 64 consecutive bytes
+gives vpdpbusd exactly the 16 rows x 4 weights that meet the activation dword
+q[16c + 4f : 16c + 4f + 4]. Storage order ``[N/16, K/16, 16, 4]``: a row block streams
+contiguously. Activations are plain int8 [tokens, K] (viewed as [K/16, 4, 4]).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .layout import check_ternary, round_up
+
+VERSION = "dot2-v1"
+ROWS = 16
+CHUNK = 16  # weights of a row per chunk (4 fields x 4 bytes)
+
+
+def padded_shape(n: int, k: int, row_blocks: int, k_chunks: int) -> tuple[int, int]:
+    """N to whole groups of ``row_blocks`` blocks, K to whole groups of ``k_chunks`` chunks."""
+    return round_up(n, ROWS * row_blocks), round_up(k, CHUNK * k_chunks)
+
+
+def pack_ternary(weights: np.ndarray, n_padded: int, k_padded: int) -> np.ndarray:
+    w = check_ternary(weights)
+    n, k = w.shape
+    full = np.zeros((n_padded, k_padded), np.uint8)
+    full[:n, :k] = w + 1
+    full[n:, :] = 1  # padding weighs 0
+    full[:, k:] = 1
+    v = full.reshape(n_padded // ROWS, ROWS, k_padded // CHUNK, 4, 4)  # block, row, chunk, field, byte
+    byte = v[:, :, :, 0] | (v[:, :, :, 1] << 2) | (v[:, :, :, 2] << 4) | (v[:, :, :, 3] << 6)
+    return np.ascontiguousarray(byte.transpose(0, 2, 1, 3))
+
+
+def unpack_ternary(packed: np.ndarray) -> np.ndarray:
+    """Inverse of ``pack_ternary`` (padded shape)."""
+    blocks, chunks = packed.shape[:2]
+    fields = np.stack([(packed >> (2 * f)) & 3 for f in range(4)], axis=3)  # block, chunk, row, field, byte
+    return fields.transpose(0, 2, 1, 3, 4).reshape(blocks * ROWS, chunks * CHUNK).astype(np.int8) - 1
