@@ -156,3 +156,22 @@ def test_bitlinear_rejects_bad_inputs(built):
     with pytest.raises(UserError, match="floating point"):
         layer(np.zeros((2, 36), np.int32))
     assert layer(np.ones(36, np.float64)).shape == (1, 100)  # a single token and float64 are accepted
+
+
+def test_kernel_call_checks_its_arrays(built):
+    """Unaligned, wrongly shaped or typed arrays are UserErrors, never a crash."""
+    from bitnet_runtime.memory import aligned_zeros
+
+    art = Artifact(built)
+    entry = art.linear(256, 512)
+    quantize = art.kernel(entry["kernels"]["quantize"])
+    x, q, s = aligned_zeros((2, 512), np.float32), aligned_zeros((2, 512), np.int8), aligned_zeros((2,), np.float32)
+    quantize(x, q, s)
+    unaligned = np.zeros(2 * 512 * 4 + 4, np.uint8)[4:].view(np.float32).reshape(2, 512)
+    assert unaligned.ctypes.data % 64
+    with pytest.raises(UserError, match="aligned"):
+        quantize(unaligned, q, s)
+    with pytest.raises(UserError, match=entry["kernels"]["quantize"]):
+        quantize(x, aligned_zeros((2, 512), np.int16), s)
+    with pytest.raises(UserError, match=entry["kernels"]["quantize"]):
+        quantize(x, q)

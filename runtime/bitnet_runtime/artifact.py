@@ -13,8 +13,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import cpu, services
+import numpy as np
+
 from .errors import UserError
 from .manifest import read_manifest
+from .memory import ALIGNMENT, is_aligned
 
 
 def _sha256(path: Path) -> str:
@@ -50,7 +53,12 @@ def check_cpu(manifest: dict) -> None:
 
 @dataclass
 class Kernel:
-    """A named kernel of the artifact with its manifest entry."""
+    """A named kernel of the artifact with its manifest entry.
+
+    Calling it checks every array first: tensorized kernels use aligned vector loads and TVM
+    does not check alignment, so an unaligned array would crash the process. Code that owns
+    its buffers (BitLinear) calls ``function`` directly.
+    """
 
     name: str
     op: str
@@ -59,7 +67,16 @@ class Kernel:
     function: Callable[..., Any]
 
     def __call__(self, *args: Any) -> None:
-        self.function(*args)
+        for i, arg in enumerate(args):
+            if isinstance(arg, np.ndarray) and not is_aligned(arg):
+                raise UserError(
+                    f"argument {i} of {self.name} must be C-contiguous and {ALIGNMENT}-byte aligned "
+                    "(allocate it with bitnet_runtime.memory.aligned_empty)"
+                )
+        try:
+            self.function(*args)
+        except (TypeError, ValueError) as err:  # TVM's own argument checks: count, dtype, shape
+            raise UserError(f"{self.name}: {str(err).splitlines()[0]}") from None
 
 
 class Artifact:

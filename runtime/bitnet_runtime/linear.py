@@ -22,7 +22,7 @@ class _LutMatmul:
         names, params = entry["kernels"], entry["layout_params"]
         self.rows, self.kblock = params["rows"], params["kblock"]
         self.n_p, self.k_p = entry["n_padded"], entry["k_padded"]
-        self.table, self.gemv, self.gemm = (artifact.kernel(names[key]) for key in ("lut_table", "gemv", "gemm"))
+        self.table, self.gemv, self.gemm = (artifact.kernel(names[key]).function for key in ("lut_table", "gemv", "gemm"))
 
     def pack(self, w: np.ndarray) -> np.ndarray:
         return aligned_copy(layout.pack_ternary(w, self.rows, self.kblock))
@@ -49,7 +49,7 @@ class _Dot2Matmul:
         names = entry["kernels"]
         self.token_tile = entry["layout_params"]["token_tile"]
         self.n_p, self.k_p = entry["n_padded"], entry["k_padded"]
-        self.gemv, self.gemm = artifact.kernel(names["gemv"]), artifact.kernel(names["gemm"])
+        self.gemv, self.gemm = artifact.kernel(names["gemv"]).function, artifact.kernel(names["gemm"]).function
 
     def pack(self, w: np.ndarray) -> np.ndarray:
         return aligned_copy(layout_dot2.pack_ternary(w, self.n_p, self.k_p))
@@ -96,8 +96,8 @@ class BitLinear:
         if not np.isfinite(weight_scale):
             raise UserError(f"weight_scale must be a finite number, got {weight_scale!r}")
         self.shape = {key: entry[key] for key in ("n", "k", "n_padded", "k_padded")}
-        self.quantize = artifact.kernel(entry["kernels"]["quantize"])
-        self.dequantize = artifact.kernel(entry["kernels"]["dequantize"])
+        self.quantize = artifact.kernel(entry["kernels"]["quantize"]).function
+        self.dequantize = artifact.kernel(entry["kernels"]["dequantize"]).function
         self.matmul = MATMULS[entry["layout"]](artifact, entry)
         self.packed = self.matmul.pack(w)
         self.weight_scale = aligned_copy(np.array([weight_scale], np.float32))
