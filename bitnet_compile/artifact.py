@@ -10,7 +10,6 @@ Layout of an artifact directory (format version 1):
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import math
 import os
@@ -21,13 +20,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bitnet_runtime import layout, layout_dot2
-from bitnet_runtime.manifest import FORMAT_VERSION, LIBRARY_FILE, MANIFEST_FILE, RUNTIME_LIBRARY_FILE
+from bitnet_runtime.manifest import FORMAT_VERSION, LIBRARY_FILE, MANIFEST_FILE, RUNTIME_LIBRARY_FILE, file_sha256
 
 from . import __version__, schedule_db
 from .errors import UserError
 from .intrinsics.x86_lut import VECTOR_ISAS
-from .models import Linear
 from .families import Family, choose
+from .models import Linear
 from .ops import act_quant, dequant, dot2_matmul, lut_matmul, lut_table
 from .target import TargetSpec
 
@@ -111,14 +110,6 @@ def plan(linears: list[Linear], isa: str, layout_version: str) -> tuple[list[Ker
     return list(kernels.values()), entries
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def tvm_runtime_library() -> Path:
     """TVM's libtvm_runtime.so from the compiler's installation, shipped inside the artifact."""
     import tvm
@@ -165,7 +156,10 @@ def build(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST_FILE).unlink(missing_ok=True)  # an artifact without manifest is incomplete
     lib_tmp = out_dir / (LIBRARY_FILE + ".tmp")
-    executable.export_library(str(lib_tmp))
+    try:
+        executable.export_library(str(lib_tmp))
+    except Exception as err:  # the system C compiler links the library; name what failed
+        raise UserError(f"linking {LIBRARY_FILE} failed (is a C compiler such as gcc installed?): {str(err).splitlines()[0]}") from None
     os.replace(lib_tmp, out_dir / LIBRARY_FILE)
     rt_tmp = out_dir / (RUNTIME_LIBRARY_FILE + ".tmp")
     shutil.copyfile(tvm_runtime_library(), rt_tmp)
@@ -178,8 +172,8 @@ def build(
         "target": target.to_json(),
         "required_cpu_features": target.required_features,
         "family": family.name,
-        "library": {"file": LIBRARY_FILE, "sha256": sha256(out_dir / LIBRARY_FILE)},
-        "runtime_library": {"file": RUNTIME_LIBRARY_FILE, "sha256": sha256(out_dir / RUNTIME_LIBRARY_FILE)},
+        "library": {"file": LIBRARY_FILE, "sha256": file_sha256(out_dir / LIBRARY_FILE)},
+        "runtime_library": {"file": RUNTIME_LIBRARY_FILE, "sha256": file_sha256(out_dir / RUNTIME_LIBRARY_FILE)},
         "kernels": [{"name": k.name, "op": k.op, "shape": k.shape, "knobs": k.knobs, "knob_source": k.knob_source} for k in kernels],
         "linears": entries,
     }

@@ -7,7 +7,6 @@ runtime services parallel kernels call, then the library itself.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -16,23 +15,15 @@ from . import cpu, services
 import numpy as np
 
 from .errors import UserError
-from .manifest import read_manifest
+from .manifest import file_sha256, read_manifest
 from .memory import ALIGNMENT, is_aligned
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _checked_file(artifact_dir: Path, entry: dict, what: str) -> Path:
     path = artifact_dir / str(entry.get("file", ""))
     if not path.is_file():
         raise UserError(f"{what} {path} is missing from the artifact")
-    if _sha256(path) != entry.get("sha256"):
+    if file_sha256(path) != entry.get("sha256"):
         raise UserError(f"{what} {path} does not match the sha256 in the manifest: the file is corrupted or was replaced")
     return path
 

@@ -6,6 +6,7 @@ error instead of a crash inside native code.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -17,6 +18,14 @@ LIBRARY_FILE = "kernels.so"
 RUNTIME_LIBRARY_FILE = "libtvm_runtime.so"
 REQUIRED_FIELDS = ("format_version", "target", "required_cpu_features", "family", "library", "runtime_library", "kernels", "linears")
 KERNEL_OPS = ("quantize", "lut_table", "lut_gemv", "lut_gemm", "dot2_gemv", "dot2_gemm", "dequantize")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_manifest(artifact_dir: Path) -> dict:
