@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from bitnet_runtime import services
+
 from .errors import UserError
 from .models import Linear
 
@@ -90,10 +92,6 @@ def memory_bytes(l3: int | None) -> int:
     twice the L3, so no weight survives, within what time_evaluator accepts."""
     want = max(2 * (l3 or 0), MIN_MEMORY_BYTES)
     return min(want, MAX_MEMORY_BYTES)
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 # ----------------------------------------------------------------------------- building
@@ -467,7 +465,7 @@ def measure(
         raise UserError(f"--tokens must be at least 1, got {tokens}")
     if repeat < 1:
         raise UserError(f"--repeat must be at least 1, got {repeat}")
-    cores = usable_cores()
+    cores = services.usable_cores()
     counts = [t for t in threads if t <= cores]
     if len(counts) < len(threads):
         _progress(f"skipping thread counts above the {cores} usable cores: {[t for t in threads if t > cores]}")
@@ -504,27 +502,24 @@ def measure(
 
 
 def run(args: argparse.Namespace) -> int:
-    """The CLI entry point. Besides the CLI's options it honours, for tests and quick looks,
-    ``args.shapes`` ("NxK,...", instead of the model), ``args.threads`` (a tuple) and
-    ``args.flush_mib`` (a smaller flush/bandwidth buffer than 2x L3)."""
+    """The CLI entry point (options: see ``bitnet-compile bench --help``)."""
     from . import models
     from .target import parse_target
 
     target = parse_target(args.target)
-    shapes = getattr(args, "shapes", None)
-    if shapes:
-        linears, label = models.parse_shapes(shapes), f"shapes {shapes}"
+    if args.shapes:
+        linears, label = models.parse_shapes(args.shapes), f"shapes {args.shapes}"
     else:
         model = models.resolve(args.model)
         linears, label = model.linears(), f"{model.name} linear layers"
-    flush_mib = getattr(args, "flush_mib", None)
+    flush_mib = args.flush_mib
     report = measure(
         target,
         linears,
         label,
         tokens=args.tokens,
         repeat=args.repeat,
-        threads=tuple(getattr(args, "threads", None) or THREADS),
+        threads=args.threads,
         flush_bytes=flush_mib << 20 if flush_mib else None,
         command=shlex.join(["bitnet-compile", *sys.argv[1:]]),
     )

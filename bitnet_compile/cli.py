@@ -40,10 +40,24 @@ def _add_verify(sub) -> None:
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmark the LUT kernels against a plain int8 TVM kernel")
     p.add_argument("--target", default=DEFAULT_TARGET)
-    p.add_argument("-m", "--model", default="2b-4t", help="model whose linear shapes to time (default: 2b-4t)")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("-m", "--model", default="2b-4t", help="model whose linear shapes to time (default: 2b-4t)")
+    what.add_argument("-s", "--shapes", help="time these NxK shapes instead of a model's")
+    p.add_argument("-t", "--threads", type=_thread_counts, default=(1, 2), help="thread counts to measure, e.g. 1,2 (default)")
+    p.add_argument("--flush-mib", type=int, default=None, help="cache flush / bandwidth buffer in MiB (default: 2x the L3)")
     p.add_argument("--tokens", type=int, default=128, help="tokens for the GEMM (prompt) figures (default 128)")
     p.add_argument("--repeat", type=int, default=15, help="timed repetitions; medians are reported (default 15)")
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+
+
+def _thread_counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected thread counts like 1,2, got {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"thread counts must be >= 1, got {text!r}")
+    return counts
 
 
 def parser() -> argparse.ArgumentParser:
