@@ -44,7 +44,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 THREADS = (1, 2)
 MIN_MEMORY_BYTES = 64 << 20
-MAX_MEMORY_BYTES = (1 << 31) - (1 << 20)  # time_evaluator takes cache_flush_bytes as a C int
+MAX_MEMORY_BYTES = 2 << 30  # memory a DRAM measurement may take for its weight copies
 WARM_MS = 20  # minimum length of one in-cache repeat
 ROUNDS = 3  # passes over all measurements, each taking 1/ROUNDS of the repeats
 LIBRARY = "bench_kernels.so"
@@ -88,8 +88,8 @@ def cpu_model() -> str:
 
 
 def memory_bytes(l3: int | None) -> int:
-    """Bytes to flush before a DRAM measurement (and to stream in the bandwidth kernel):
-    twice the L3, so no weight survives, within what time_evaluator accepts."""
+    """Bytes a DRAM measurement streams through (weight copies, the bandwidth kernel's
+    buffer): twice the L3, so no weight is still cached when it comes round again."""
     want = max(2 * (l3 or 0), MIN_MEMORY_BYTES)
     return min(want, MAX_MEMORY_BYTES)
 
@@ -105,7 +105,7 @@ def families_for(target: TargetSpec) -> list[Family]:
     return [FAMILIES[name] for name in schedule_db.family_preference() if not FAMILIES[name].missing(target)]
 
 
-def build(target: TargetSpec, linears: list[Linear], out_dir: Path, tokens: int, repeat: int, flush_bytes: int) -> dict:
+def build(target: TargetSpec, linears: list[Linear], out_dir: Path, tokens: int, repeat: int, stream_bytes: int) -> dict:
     """Compile every kernel into ``out_dir/LIBRARY`` and describe the work in ``out_dir/SPEC``.
 
     Family kernels come from ``artifact.plan``, so they have exactly the names, padded shapes
@@ -133,7 +133,7 @@ def build(target: TargetSpec, linears: list[Linear], out_dir: Path, tokens: int,
         for op, name in names.items():
             funcs.setdefault(name, int8_matmul.build_primfunc(name, n, k8, gemv=op == "gemv"))
         item["kernels"][BASELINE] = {"n_padded": n, "k_padded": k8, "layout": "int8", "layout_params": {}, "kernels": names}
-    chunks, steps, lanes = bandwidth.shape_for(flush_bytes)
+    chunks, steps, lanes = bandwidth.shape_for(stream_bytes)
     funcs[BANDWIDTH_KERNEL] = bandwidth.build_primfunc(BANDWIDTH_KERNEL, chunks, steps)
     _progress(f"compiling {len(funcs)} kernels ({', '.join(f.name for f in families)} families, int8 baseline) for {target.mcpu} ({target.isa}) ...")
     start = time.perf_counter()
@@ -142,7 +142,7 @@ def build(target: TargetSpec, linears: list[Linear], out_dir: Path, tokens: int,
     spec = {
         "tokens": tokens,
         "repeat": repeat,
-        "flush_bytes": flush_bytes,
+        "stream_bytes": stream_bytes,
         "families": [f.name for f in families],
         "bandwidth": {"kernel": BANDWIDTH_KERNEL, "shape": [chunks, steps, lanes]},
         "linears": work,
@@ -165,10 +165,15 @@ class _Timings:
     one process and 36 ms in the next), so each measurement gets its repeats spread over
     ROUNDS passes through all of them, alternating the order: a slow spell then hits every
     kernel alike, and the median over all repeats ignores it unless it lasts most of the run.
+
+    "DRAM" jobs stream their weights as decoding a model does: each call gets the next of
+    enough copies of the weights to exceed twice the caches, so every call reads its weights
+    from memory and the caches hold only clean lines (a cache flush by copying a buffer would
+    leave dirty lines whose write-back the kernel would pay for).
     """
 
-    def __init__(self, mod, repeat: int, flush_bytes: int):
-        self.mod, self.flush = mod, flush_bytes
+    def __init__(self, mod, repeat: int, stream_bytes: int):
+        self.mod, self.stream_bytes = mod, stream_bytes
         self.rounds = min(ROUNDS, repeat)
         self.per_round = -(-repeat // self.rounds)
         self.jobs: list[tuple[str, str, tuple, bool]] = []
@@ -178,17 +183,32 @@ class _Timings:
         self.jobs.append((key, name, args, dram))
         self.samples[key] = []
 
+    def _streamed(self, name: str, args: tuple) -> list[float]:
+        """Seconds per call, calls rotating over copies of args[1] (the weights)."""
+        from bitnet_runtime.memory import aligned_copy
+
+        copies = max(2, -(-self.stream_bytes // args[1].nbytes))
+        rotation = [(args[0], aligned_copy(args[1]), *args[2:]) for _ in range(copies)]
+        function = self.mod[name]
+        samples = []
+        for _ in range(self.per_round):
+            start = time.perf_counter()
+            for call_args in rotation:
+                function(*call_args)
+            samples.append((time.perf_counter() - start) / copies)
+        return samples
+
     def run(self, label: str) -> dict[str, float]:
         import tvm
 
         for r in range(self.rounds):
             start = time.perf_counter()
             for key, name, args, dram in self.jobs if r % 2 == 0 else reversed(self.jobs):
-                if dram:  # one call per repeat, each after evicting the caches
-                    timer = self.mod.time_evaluator(name, tvm.cpu(), number=1, repeat=self.per_round, cache_flush_bytes=self.flush)
+                if dram:
+                    self.samples[key] += self._streamed(name, args)
                 else:  # back-to-back calls, as many as fill WARM_MS per repeat
                     timer = self.mod.time_evaluator(name, tvm.cpu(), number=1, repeat=self.per_round, min_repeat_ms=WARM_MS)
-                self.samples[key] += list(timer(*args).results)
+                    self.samples[key] += list(timer(*args).results)
             _progress(f"{label} round {r + 1}/{self.rounds} of {len(self.jobs)} measurements took {time.perf_counter() - start:.0f} s")
         return {key: float(np.median(values)) for key, values in self.samples.items()}
 
@@ -291,7 +311,7 @@ def _setup_bandwidth(mod, spec: dict, timings: _Timings) -> dict:
     name = spec["bandwidth"]["kernel"]
     mod[name](buf, out)
     _check(name, out, bandwidth.reference(buf))
-    timings.add("bandwidth/seconds", name, (buf, out), dram=True)
+    timings.add("bandwidth/seconds", name, (buf, out))  # larger than the caches and only read: always from DRAM
     return {"bytes": buf.nbytes}
 
 
@@ -306,7 +326,7 @@ def worker(directory: Path, threads: int) -> dict:
     mod = tvm.runtime.load_module(str(directory / LIBRARY))
     label = f"[{threads} thread{'s' if threads > 1 else ''}]"
     rng = np.random.default_rng(SEED)
-    timings = _Timings(mod, spec["repeat"], spec["flush_bytes"])
+    timings = _Timings(mod, spec["repeat"], spec["stream_bytes"])
     bandwidth = _setup_bandwidth(mod, spec, timings)
     linears = [_setup_linear(mod, lin, spec["tokens"], rng, timings) for lin in spec["linears"]]
     _progress(f"{label} every kernel matches numpy; timing ...")
@@ -409,9 +429,9 @@ def format_report(report: dict) -> str:
         f"- target: {t['mcpu']} ({t['triple']}), {t['isa']} kernel variants; TVM {report['versions']['tvm']}, bitnet-compile {report['versions']['bitnet_compile']}",
         f"- command: `{report['command']}`",
         f"- shapes: {report['model']}; GEMM over {tokens} tokens; medians of {repeat} repeats",
-        f"- DRAM read bandwidth (read-only TVM kernel, {report['bandwidth_bytes'] >> 20} MiB, same flush): {bw}",
-        f"- \"DRAM\": a {report['flush_bytes'] >> 20} MiB copy evicts the caches before every call (decode: weights stream "
-        f"from memory); \"cache\": back-to-back calls, >= {WARM_MS} ms per repeat",
+        f"- DRAM read bandwidth (read-only TVM kernel streaming {report['bandwidth_bytes'] >> 20} MiB): {bw}",
+        f"- \"DRAM\": calls rotate over copies of the weights totalling {report['stream_bytes'] >> 20} MiB (2x L3), as decoding "
+        f"streams a model's layers; \"cache\": back-to-back calls on one copy, >= {WARM_MS} ms per repeat",
         f"- kernels: {kinds}; int8 = the baseline, a plain int8 x int8 -> int32 TVM kernel (TE, parallel rows, "
         "LLVM vectorizes) with the weights as int8. \"vs int8\" = int8 time / kernel time, same threads and cache state",
         "- MB and GB/s count the weight bytes each kernel reads (2-bit kinds: N_padded*K_padded/4; int8: N*K, K padded to 32)",
@@ -453,7 +473,7 @@ def measure(
     tokens: int = 128,
     repeat: int = 15,
     threads: tuple[int, ...] = THREADS,
-    flush_bytes: int | None = None,
+    stream_bytes: int | None = None,
     command: str = "",
 ) -> dict:
     """Build, run one worker per thread count, and collect everything into one report dict."""
@@ -470,11 +490,11 @@ def measure(
     if len(counts) < len(threads):
         _progress(f"skipping thread counts above the {cores} usable cores: {[t for t in threads if t > cores]}")
     l3 = l3_bytes()
-    flush = flush_bytes or memory_bytes(l3)
+    stream = stream_bytes or memory_bytes(l3)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bitnet-bench-") as tmp:
         directory = Path(tmp)
-        spec = build(target, linears, directory, tokens, repeat, flush)
+        spec = build(target, linears, directory, tokens, repeat, stream)
         runs = []
         for n in counts:
             _progress(f"measuring with {n} thread{'s' if n > 1 else ''} ...")
@@ -493,7 +513,7 @@ def measure(
         "versions": {"tvm": tvm.__version__, "bitnet_compile": __version__},
         "tokens": tokens,
         "repeat": repeat,
-        "flush_bytes": flush,
+        "stream_bytes": stream,
         "families": spec["families"],
         "bandwidth_bytes": runs[0]["bandwidth"]["bytes"] if runs else 0,
         "seconds": time.perf_counter() - started,
@@ -512,7 +532,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         model = models.resolve(args.model)
         linears, label = model.linears(), f"{model.name} linear layers"
-    flush_mib = args.flush_mib
+    stream_mib = args.stream_mib
     report = measure(
         target,
         linears,
@@ -520,7 +540,7 @@ def run(args: argparse.Namespace) -> int:
         tokens=args.tokens,
         repeat=args.repeat,
         threads=args.threads,
-        flush_bytes=flush_mib << 20 if flush_mib else None,
+        stream_bytes=stream_mib << 20 if stream_mib else None,
         command=shlex.join(["bitnet-compile", *sys.argv[1:]]),
     )
     print(format_report(report), flush=True)

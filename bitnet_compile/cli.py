@@ -44,7 +44,7 @@ def _add_bench(sub) -> None:
     what.add_argument("-m", "--model", default="2b-4t", help="model whose linear shapes to time (default: 2b-4t)")
     what.add_argument("-s", "--shapes", help="time these NxK shapes instead of a model's")
     p.add_argument("-t", "--threads", type=_thread_counts, default=(1, 2), help="thread counts to measure, e.g. 1,2 (default)")
-    p.add_argument("--flush-mib", type=int, default=None, help="cache flush / bandwidth buffer in MiB (default: 2x the L3)")
+    p.add_argument("--stream-mib", type=int, default=None, help="MiB of weight copies a DRAM measurement rotates over (default: 2x the L3)")
     p.add_argument("--tokens", type=int, default=128, help="tokens for the GEMM (prompt) figures (default 128)")
     p.add_argument("--repeat", type=int, default=15, help="timed repetitions; medians are reported (default 15)")
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")

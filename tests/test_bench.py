@@ -72,7 +72,7 @@ def test_memory_bytes_bounds():
 
 def _args(tmp_path, **over) -> argparse.Namespace:
     args = dict(target="llvm -mcpu=native", model="2b-4t", tokens=3, repeat=2, json=tmp_path / "out" / "bench.json",
-                shapes="64x96,33x37", flush_mib=16, threads=(1, 2))  # fmt: skip
+                shapes="64x96,33x37", stream_mib=16, threads=(1, 2))  # fmt: skip
     return argparse.Namespace(**(args | over))
 
 
