@@ -1,0 +1,1 @@
+"""Operators, one per module: knob space, TE compute definition, schedule, and numpy reference."""
