@@ -10,6 +10,9 @@ Two forms of the same product:
   shifts, and four independent accumulators.
 - ``decoded`` (GEMM): each field is shifted down to {0, 1, 2} once and reused by many tokens,
   all four fields feeding one accumulator per token.
+
+The GEMV form prefetches its weight stream ahead (see x86_lut.py for why, and why its
+vectors are ``T.meta_var``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from tvm.script import tirx as T
 ROWS = 16  # int32 lanes of a zmm: rows per vpdpbusd
 VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
 FIELDS_INTRIN = "bitnet_dot2_fields_avx512"
+PREFETCH_BYTES = 4096  # software prefetch distance per weight stream (a task reads row_blocks streams)
 DECODED_INTRIN = "bitnet_dot2_decoded_avx512"
 
 
@@ -62,12 +66,13 @@ def _fields_impl(
     with T.sblock("root"):
         T.reads(C[0:4, 0:16], P[0:16, 0:4], A[0:4, 0:4])
         T.writes(C[0:4, 0:16])
-        p = P.vload([0, 0], "uint8x64")
+        p = T.meta_var(P.vload([0, 0], "uint8x64"))
         for f in T.unroll(4):
-            mask = T.broadcast(T.shift_left(T.uint8(3), T.Cast("uint8", f * 2)), 64)
-            field = T.reinterpret("int8x64", T.bitwise_and(p, mask))
-            acts = _broadcast_dword(A.vload([f, 0], "int8x4"))
+            mask = T.meta_var(T.broadcast(T.shift_left(T.uint8(3), T.Cast("uint8", f * 2)), 64))
+            field = T.meta_var(T.reinterpret("int8x64", T.bitwise_and(p, mask)))
+            acts = T.meta_var(_broadcast_dword(A.vload([f, 0], "int8x4")))
             C.vstore([f, 0], T.call_llvm_pure_intrin("int32x16", VPDPBUSD, C.vload([f, 0], "int32x16"), field, acts))
+        T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", P.access_ptr("r", offset=PREFETCH_BYTES), T.int32(0), T.int32(3), T.int32(1)))
 
 
 @T.prim_func(s_tir=True)
