@@ -239,7 +239,7 @@ def _cases(kind: dict, w: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, dict]:
         rows = params["rows"]
         packed = aligned_copy(layout.pack_ternary(w, rows, params["kblock"]))
         tables = aligned_copy(reference.lut_tables(_padded(q, tokens, k_p)))
-        acc1, acc = (aligned_zeros((m, n_p // rows, 2, rows // 16, 8), np.int32) for m in (1, tokens))
+        acc1, acc = (aligned_zeros(layout.acc_shape(m, n_p, rows), np.int32) for m in (1, tokens))
         return packed, {
             "gemv": (names["gemv"], (aligned_copy(tables[:1]), packed, acc1), lambda: acc1.reshape(1, n_p)[:, :n]),
             "gemm": (names["gemm"], (tables, packed, acc), lambda: acc.reshape(tokens, n_p)[:, :n]),
@@ -250,12 +250,12 @@ def _cases(kind: dict, w: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, dict]:
         packed = aligned_copy(layout_dot2.pack_ternary(w, n_p, k_p))
         acts, acts1 = _padded(q, rows, k_p), _padded(q[:1], 1, k_p)
         acc1, acc = aligned_zeros((1, n_p), np.int32), aligned_zeros((rows, n_p), np.int32)
-        chunks, blocks = k_p // layout_dot2.CHUNK, n_p // layout_dot2.ROWS
-        tiled = (rows // tile, tile)
+        acts1_view, acc1_view = layout_dot2.kernel_views(acts1, acc1)
+        acts_view, acc_view = layout_dot2.kernel_views(acts, acc, tile)
         return packed, {
-            "gemv": (names["gemv"], (acts1.reshape(1, chunks, 4, 4), packed, acc1.reshape(1, blocks, layout_dot2.ROWS)), lambda: acc1[:, :n]),
-            "gemm": (names["gemm"], (acts.reshape(*tiled, chunks, 4, 4), packed, acc.reshape(*tiled, blocks, layout_dot2.ROWS)), lambda: acc[:tokens, :n]),
-        }  # fmt: skip
+            "gemv": (names["gemv"], (acts1_view, packed, acc1_view), lambda: acc1[:, :n]),
+            "gemm": (names["gemm"], (acts_view, packed, acc_view), lambda: acc[:tokens, :n]),
+        }
     packed = _padded(w, n, k_p)  # the int8 baseline: weights as plain int8 rows
     out1, out = aligned_zeros((1, n), np.int32), aligned_zeros((tokens, n), np.int32)
     return packed, {
@@ -266,8 +266,8 @@ def _cases(kind: dict, w: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, dict]:
 
 def _setup_linear(mod, lin: dict, tokens: int, rng: np.random.Generator, timings: _Timings) -> dict:
     """Check every kernel kind of one linear shape (same weights and tokens for all) against
-    numpy, and queue its timings; returns the result skeleton that ``_fill`` completes."""
-    from bitnet_runtime import reference
+    numpy, and queue its timings; returns the result skeleton that ``worker`` fills with the timings."""
+    from bitnet_runtime import layout, reference
     from bitnet_runtime.memory import aligned_zeros
 
     n, k, key = lin["n"], lin["k"], lin["name"]
@@ -288,7 +288,7 @@ def _setup_linear(mod, lin: dict, tokens: int, rng: np.random.Generator, timings
         table = kind["kernels"].get("lut_table")
         if table:  # LUT tables: timed apart, reported in a note
             q_pad = _padded(q, tokens, kind["k_padded"])
-            tables = aligned_zeros((tokens, kind["k_padded"] // 4, 2, 16), np.int8)
+            tables = aligned_zeros(layout.table_shape(tokens, kind["k_padded"]), np.int8)
             mod[table](q_pad, tables)
             _check(table, tables, reference.lut_tables(q_pad))
             timings.add(f"{key}/table/table_1_s", table, (q_pad[:1], tables[:1]))

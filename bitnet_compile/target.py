@@ -14,13 +14,13 @@ target knowledge in code is the small ordered table `ISA_VARIANTS`.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from bitnet_compile.errors import UserError
+from bitnet_runtime.services import usable_cores
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; tvm is imported lazily
     import tvm
@@ -296,15 +296,8 @@ def _resolve(d: dict[str, Any], name: str, shown: str) -> TargetSpec:
         if variants:
             raise _fail(f"target {shown} (mcpu {mcpu}) lacks the SIMD the LUT kernels need: {variants}")
         raise _fail(f"no kernels for {arch} yet (target {shown})")
-    num_cores = int(d.get("num-cores") or _usable_cores())
+    num_cores = int(d.get("num-cores") or usable_cores())
     return TargetSpec(name, "llvm", arch, triple, mcpu, tuple(mattr), features, num_cores, isa)
-
-
-def _usable_cores() -> int:
-    """Cores this process may run on (affinity/cgroup cpusets), else os.cpu_count()."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0)) or 1
-    return os.cpu_count() or 1
 
 
 def parse_target(text: str) -> TargetSpec:

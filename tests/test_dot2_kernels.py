@@ -32,13 +32,13 @@ def module():
 def _run(mod, name: str, w: np.ndarray, q: np.ndarray) -> np.ndarray:
     (n, k), tokens = w.shape, q.shape[0]
     n_p, k_p = layout_dot2.padded_shape(n, k, 4, 2)
-    tile = 1 if name.startswith("gemv") else GEMM.token_tile
-    rows = layout.round_up(tokens, tile)
+    tile = None if name.startswith("gemv") else GEMM.token_tile
+    rows = layout.round_up(tokens, tile or 1)
     acts = aligned_zeros((rows, k_p), np.int8)
     acts[:tokens, :k] = q
     acc = aligned_zeros((rows, n_p), np.int32)
-    lead = (1,) if tile == 1 else (rows // tile, tile)
-    mod[name](acts.reshape(*lead, k_p // 16, 4, 4), aligned_copy(layout_dot2.pack_ternary(w, n_p, k_p)), acc.reshape(*lead, n_p // 16, 16))
+    acts_view, acc_view = layout_dot2.kernel_views(acts, acc, tile)
+    mod[name](acts_view, aligned_copy(layout_dot2.pack_ternary(w, n_p, k_p)), acc_view)
     return acc[:tokens, :n]
 
 

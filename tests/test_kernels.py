@@ -44,7 +44,7 @@ def _run_matmul(mod, isa: str, name: str, weights: np.ndarray, q: np.ndarray, kb
     n_p, k_p = layout.padded_shape(n, k, rows, kb)
     q_pad = np.zeros((q.shape[0], k_p), np.int8)
     q_pad[:, :k] = q
-    acc = aligned_zeros((q.shape[0], n_p // rows, 2, rows // 16, 8), np.int32)
+    acc = aligned_zeros(layout.acc_shape(q.shape[0], n_p, rows), np.int32)
     mod[name](aligned_copy(reference.lut_tables(q_pad)), aligned_copy(layout.pack_ternary(weights, rows, kb)), acc)
     return acc.reshape(q.shape[0], n_p)[:, :n]
 
@@ -134,7 +134,7 @@ def test_tables_exact(elementwise_module, k, k_padded):
     for tokens in TOKEN_COUNTS:
         q = rng.integers(-128, 128, (tokens, k_padded), dtype=np.int8)
         q[0, :4] = -128
-        tables = aligned_zeros((tokens, k_padded // 4, 2, 16), np.int8)
+        tables = aligned_zeros(layout.table_shape(tokens, k_padded), np.int8)
         elementwise_module[f"table_{k_padded}"](aligned_copy(q), tables)
         np.testing.assert_array_equal(tables, reference.lut_tables(q))
 

@@ -40,6 +40,16 @@ def padded_shape(n: int, k: int, rows: int, kblock: int) -> tuple[int, int]:
     return round_up(n, rows), round_up(groups, effective_kblock(k, kblock)) * GROUP
 
 
+def table_shape(tokens: int, k_padded: int) -> tuple[int, ...]:
+    """Shape of the tables the LUT kernels read: [tokens, groups, 2 planes, 16 entries]."""
+    return (tokens, k_padded // GROUP, 2, 16)
+
+
+def acc_shape(tokens: int, n_padded: int, rows: int) -> tuple[int, ...]:
+    """Shape of the LUT matmul's int32 output; the same memory as [tokens, n_padded]."""
+    return (tokens, n_padded // rows, 2, rows // 16, 8)
+
+
 def check_ternary(weights: np.ndarray) -> np.ndarray:
     """The packer's input contract: a 2-D integer or float matrix holding only -1, 0, +1."""
     w = np.asarray(weights)

@@ -23,6 +23,14 @@ def padded_shape(n: int, k: int, row_blocks: int, k_chunks: int) -> tuple[int, i
     return round_up(n, ROWS * row_blocks), round_up(k, CHUNK * k_chunks)
 
 
+def kernel_views(acts: np.ndarray, acc: np.ndarray, token_tile: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """int8 acts [rows, K] and int32 acc [rows, N] as the kernels take them: the GEMV
+    (``token_tile`` None, one row) as [1, ...], the GEMM as [rows / token_tile, token_tile, ...]."""
+    rows = acts.shape[0]
+    lead = (rows,) if token_tile is None else (rows // token_tile, token_tile)
+    return acts.reshape(*lead, acts.shape[1] // CHUNK, 4, 4), acc.reshape(*lead, acc.shape[1] // ROWS, ROWS)
+
+
 def pack_ternary(weights: np.ndarray, n_padded: int, k_padded: int) -> np.ndarray:
     w = check_ternary(weights)
     n, k = w.shape

@@ -32,8 +32,8 @@ class _LutMatmul:
 
     def workspace(self, tokens: int) -> dict:
         return {
-            "tables": aligned_empty((tokens, self.k_p // layout.GROUP, 2, 16), np.int8),
-            "acc": aligned_empty((tokens, self.n_p // self.rows, 2, self.rows // 16, 8), np.int32),
+            "tables": aligned_empty(layout.table_shape(tokens, self.k_p), np.int8),
+            "acc": aligned_empty(layout.acc_shape(tokens, self.n_p, self.rows), np.int32),
         }
 
     def __call__(self, packed: np.ndarray, q: np.ndarray, ws: dict, tokens: int) -> np.ndarray:
@@ -61,13 +61,12 @@ class _Dot2Matmul:
         return {"acc": aligned_empty((self.token_rows(tokens), self.n_p), np.int32)}
 
     def __call__(self, packed: np.ndarray, q: np.ndarray, ws: dict, tokens: int) -> np.ndarray:
-        rows, chunks = q.shape[0], self.k_p // layout_dot2.CHUNK
         if tokens == 1:
-            self.gemv(q.reshape(1, chunks, 4, 4), packed, ws["acc"].reshape(1, self.n_p // 16, 16))
+            acts, acc = layout_dot2.kernel_views(q, ws["acc"])
+            self.gemv(acts, packed, acc)
         else:
-            tiles = rows // self.token_tile
-            acts = q.reshape(tiles, self.token_tile, chunks, 4, 4)
-            self.gemm(acts, packed, ws["acc"].reshape(tiles, self.token_tile, self.n_p // 16, 16))
+            acts, acc = layout_dot2.kernel_views(q, ws["acc"], self.token_tile)
+            self.gemm(acts, packed, acc)
         return ws["acc"]
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .layout import GROUP
+from .layout import GROUP, table_shape
 
 ABSMAX_FLOOR = np.float32(1e-5)  # BitNet b1.58: scale = 127 / max(|x|, 1e-5)
 
@@ -33,7 +33,7 @@ def lut_tables(q: np.ndarray) -> np.ndarray:
     quads = q.reshape(m, k // GROUP, GROUP).astype(np.int16)
     select = ((np.arange(16)[:, None] >> np.arange(GROUP)[None, :]) & 1).astype(np.int16)
     entries = quads @ select.T  # [M, G, 16]
-    tables = np.empty((m, k // GROUP, 2, 16), np.int8)
+    tables = np.empty(table_shape(m, k), np.int8)
     tables[:, :, 0] = (entries & 0xFF).astype(np.uint8).view(np.int8)
     tables[:, :, 1] = (entries >> 8).astype(np.int8)
     return tables

@@ -44,7 +44,7 @@ def check_quantize(kernel: Kernel, rng: np.random.Generator) -> bool:
 
 def check_table(kernel: Kernel, rng: np.random.Generator) -> bool:
     q = _activations(rng, TOKENS, kernel.shape["k_padded"])
-    tables = aligned_zeros((TOKENS, q.shape[1] // layout.GROUP, 2, 16), np.int8)
+    tables = aligned_zeros(layout.table_shape(TOKENS, q.shape[1]), np.int8)
     kernel(aligned_copy(q), tables)
     return np.array_equal(tables, reference.lut_tables(q))
 
@@ -62,7 +62,7 @@ def check_lut_matmul(kernel: Kernel, rng: np.random.Generator) -> bool:
     tokens = 1 if kernel.op == "lut_gemv" else TOKENS
     w, q, want = _matmul_case(rng, s, tokens)
     packed = aligned_copy(layout.pack_ternary(w, rows, kernel.knobs["kblock"]))
-    acc = aligned_zeros((tokens, s["n_padded"] // rows, 2, rows // 16, 8), np.int32)
+    acc = aligned_zeros(layout.acc_shape(tokens, s["n_padded"], rows), np.int32)
     kernel(aligned_copy(reference.lut_tables(q)), packed, acc)
     return np.array_equal(acc.reshape(tokens, s["n_padded"])[:, : s["n"]], want)
 
@@ -70,17 +70,16 @@ def check_lut_matmul(kernel: Kernel, rng: np.random.Generator) -> bool:
 def check_dot2_matmul(kernel: Kernel, rng: np.random.Generator) -> bool:
     """GEMV on one token; GEMM on two token tiles, the second one partly zero padding."""
     s = kernel.shape
-    tile = 1 if kernel.op == "dot2_gemv" else kernel.knobs["token_tile"]
-    tokens = 1 if tile == 1 else tile + TOKENS
-    rows = layout.round_up(tokens, tile)
+    tile = None if kernel.op == "dot2_gemv" else kernel.knobs["token_tile"]
+    tokens = 1 if tile is None else tile + TOKENS
+    rows = layout.round_up(tokens, tile or 1)
     w, q, want = _matmul_case(rng, s, tokens)
     acts = aligned_zeros((rows, s["k_padded"]), np.int8)
     acts[:tokens] = q
     acc = aligned_zeros((rows, s["n_padded"]), np.int32)
-    chunks, blocks = s["k_padded"] // layout_dot2.CHUNK, s["n_padded"] // layout_dot2.ROWS
-    lead = (1,) if tile == 1 else (rows // tile, tile)
     packed = aligned_copy(layout_dot2.pack_ternary(w, s["n_padded"], s["k_padded"]))
-    kernel(acts.reshape(*lead, chunks, 4, 4), packed, acc.reshape(*lead, blocks, layout_dot2.ROWS))
+    acts_view, acc_view = layout_dot2.kernel_views(acts, acc, tile)
+    kernel(acts_view, packed, acc_view)
     return np.array_equal(acc[:tokens, : s["n"]], want)
 
 
