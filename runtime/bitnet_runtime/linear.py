@@ -7,6 +7,8 @@ several), dequantization. Weights are packed once at construction; working buffe
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from . import layout, layout_dot2
@@ -30,16 +32,19 @@ class _LutMatmul:
     def token_rows(self, tokens: int) -> int:
         return tokens
 
-    def workspace(self, tokens: int) -> dict:
-        return {
-            "tables": aligned_empty(layout.table_shape(tokens, self.k_p), np.int8),
-            "acc": aligned_empty(layout.acc_shape(tokens, self.n_p, self.rows), np.int32),
-        }
+    def bind(self, q: np.ndarray, tokens: int) -> Callable[[np.ndarray], np.ndarray]:
+        """The calls for one token count with their buffers fixed once: run(packed) -> int32 [tokens, n_padded]."""
+        tables = aligned_empty(layout.table_shape(tokens, self.k_p), np.int8)
+        acc = aligned_empty(layout.acc_shape(tokens, self.n_p, self.rows), np.int32)
+        acc_rows = acc.reshape(tokens, self.n_p)
+        matmul = self.gemv if tokens == 1 else self.gemm
 
-    def __call__(self, packed: np.ndarray, q: np.ndarray, ws: dict, tokens: int) -> np.ndarray:
-        self.table(q, ws["tables"])
-        (self.gemv if tokens == 1 else self.gemm)(ws["tables"], packed, ws["acc"])
-        return ws["acc"].reshape(tokens, self.n_p)
+        def run(packed: np.ndarray) -> np.ndarray:
+            self.table(q, tables)
+            matmul(tables, packed, acc)
+            return acc_rows
+
+        return run
 
 
 class _Dot2Matmul:
@@ -57,17 +62,19 @@ class _Dot2Matmul:
     def token_rows(self, tokens: int) -> int:
         return tokens if tokens == 1 else layout.round_up(tokens, self.token_tile)
 
-    def workspace(self, tokens: int) -> dict:
-        return {"acc": aligned_empty((self.token_rows(tokens), self.n_p), np.int32)}
+    def bind(self, q: np.ndarray, tokens: int) -> Callable[[np.ndarray], np.ndarray]:
+        """The call for one token count with its buffers fixed once (q has ``token_rows`` rows):
+        run(packed) -> int32 [tokens, n_padded]."""
+        acc = aligned_empty((q.shape[0], self.n_p), np.int32)
+        acts, acc_view = layout_dot2.kernel_views(q, acc, None if tokens == 1 else self.token_tile)
+        acc_rows = acc[:tokens]
+        matmul = self.gemv if tokens == 1 else self.gemm
 
-    def __call__(self, packed: np.ndarray, q: np.ndarray, ws: dict, tokens: int) -> np.ndarray:
-        if tokens == 1:
-            acts, acc = layout_dot2.kernel_views(q, ws["acc"])
-            self.gemv(acts, packed, acc)
-        else:
-            acts, acc = layout_dot2.kernel_views(q, ws["acc"], self.token_tile)
-            self.gemm(acts, packed, acc)
-        return ws["acc"]
+        def run(packed: np.ndarray) -> np.ndarray:
+            matmul(acts, packed, acc_view)
+            return acc_rows
+
+        return run
 
 
 MATMULS = {layout.VERSION: _LutMatmul, layout_dot2.VERSION: _Dot2Matmul}
@@ -78,10 +85,11 @@ class _Buffers:
 
     def __init__(self, tokens: int, shape: dict, matmul):
         self.x = aligned_empty((tokens, shape["k"]), np.float32)
-        self.q = aligned_zeros((matmul.token_rows(tokens), shape["k_padded"]), np.int8)
+        q = aligned_zeros((matmul.token_rows(tokens), shape["k_padded"]), np.int8)
+        self.q = q[:tokens]  # the quantize kernel writes the real tokens; padding rows stay zero
         self.scale = aligned_empty((tokens,), np.float32)
         self.out = aligned_empty((tokens, shape["n"]), np.float32)
-        self.matmul = matmul.workspace(tokens)
+        self.matmul = matmul.bind(q, tokens)
 
 
 class BitLinear:
@@ -119,8 +127,7 @@ class BitLinear:
         if buf is None:
             buf = self._buffers[tokens] = _Buffers(tokens, self.shape, self.matmul)
         buf.x[...] = x
-        q = buf.q[:tokens]
-        self.quantize(buf.x, q, buf.scale)
-        acc = self.matmul(self.packed, buf.q, buf.matmul, tokens)
-        self.dequantize(acc[:tokens], buf.scale, self.weight_scale, buf.out)
+        self.quantize(buf.x, buf.q, buf.scale)
+        acc = buf.matmul(self.packed)
+        self.dequantize(acc, buf.scale, self.weight_scale, buf.out)
         return buf.out.copy()
