@@ -48,7 +48,7 @@ def copy(built, tmp_path):
 
 def test_manifest_describes_the_library(built):
     manifest = json.loads((built / "manifest.json").read_text())
-    assert manifest["format_version"] == 1
+    assert manifest["format_version"] == 2
     assert manifest["library"]["sha256"] == file_sha256(built / "kernels.so")
     family = manifest["family"]
     assert {e["layout"] for e in manifest["linears"]} == {FAMILIES[family].layout}

@@ -146,6 +146,7 @@ def test_dequantize_exact(elementwise_module, k, k_padded):
     for tokens in TOKEN_COUNTS:
         acc = rng.integers(-(2**24), 2**24, (tokens, n_p), dtype=np.int32)
         act_scale = rng.uniform(0.01, 1e4, tokens).astype(np.float32)
+        weight_scale = rng.uniform(0.01, 4, n).astype(np.float32)
         out = aligned_zeros((tokens, n), np.float32)
-        elementwise_module[f"dequant_{k}"](aligned_copy(acc), aligned_copy(act_scale), aligned_copy(np.array([0.25], np.float32)), out)
-        np.testing.assert_array_equal(out, reference.dequantize(acc[:, :n], act_scale, 0.25))
+        elementwise_module[f"dequant_{k}"](aligned_copy(acc), aligned_copy(act_scale), aligned_copy(weight_scale), out)
+        np.testing.assert_array_equal(out, reference.dequantize(acc[:, :n], act_scale, weight_scale))

@@ -1,6 +1,8 @@
-"""Dequantization: float32 y[m, n] = acc[m, n] * (weight_scale / act_scale[m]).
+"""Dequantization: float32 y[m, n] = (acc[m, n] * weight_scale[n]) * (1 / act_scale[m]).
 
-Reads the matmul's padded int32 output and writes only the N real columns.
+The weight scale is per output row because fused layers (q|k|v, gate|up) concatenate
+matrices that each carry their own scale. Reads the matmul's padded int32 output and writes
+only the N real columns; the reciprocal is taken once per token, not per element.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ VECTOR = 16
 def compute(tokens, n: int, n_padded: int) -> tuple[te.Tensor, ...]:
     acc = te.placeholder((tokens, n_padded), "int32", name="acc")
     act_scale = te.placeholder((tokens,), "float32", name="act_scale")
-    weight_scale = te.placeholder((1,), "float32", name="weight_scale")
-    factor = te.compute((tokens,), lambda m: weight_scale[0] / act_scale[m], name="factor")
-    out = te.compute((tokens, n), lambda m, c: acc[m, c].astype("float32") * factor[m], name="out")
+    weight_scale = te.placeholder((n,), "float32", name="weight_scale")
+    inverse = te.compute((tokens,), lambda m: tirx.const(1.0, "float32") / act_scale[m], name="inverse")
+    out = te.compute((tokens, n), lambda m, c: (acc[m, c].astype("float32") * weight_scale[c]) * inverse[m], name="out")
     return acc, act_scale, weight_scale, out
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from . import layout, layout_dot2
 from .artifact import Artifact
 from .errors import UserError
-from .memory import aligned_copy, aligned_empty, aligned_zeros
+from .memory import aligned_copy, aligned_empty, aligned_zeros, is_aligned
 
 
 class _LutMatmul:
@@ -25,9 +25,6 @@ class _LutMatmul:
         self.rows, self.kblock = params["rows"], params["kblock"]
         self.n_p, self.k_p = entry["n_padded"], entry["k_padded"]
         self.table, self.gemv, self.gemm = (artifact.kernel(names[key]).function for key in ("lut_table", "gemv", "gemm"))
-
-    def pack(self, w: np.ndarray) -> np.ndarray:
-        return aligned_copy(layout.pack_ternary(w, self.rows, self.kblock))
 
     def token_rows(self, tokens: int) -> int:
         return tokens
@@ -55,9 +52,6 @@ class _Dot2Matmul:
         self.token_tile = entry["layout_params"]["token_tile"]
         self.n_p, self.k_p = entry["n_padded"], entry["k_padded"]
         self.gemv, self.gemm = artifact.kernel(names["gemv"]).function, artifact.kernel(names["gemm"]).function
-
-    def pack(self, w: np.ndarray) -> np.ndarray:
-        return aligned_copy(layout_dot2.pack_ternary(w, self.n_p, self.k_p))
 
     def token_rows(self, tokens: int) -> int:
         return tokens if tokens == 1 else layout.round_up(tokens, self.token_tile)
@@ -92,24 +86,55 @@ class _Buffers:
         self.matmul = matmul.bind(q, tokens)
 
 
-class BitLinear:
-    """A ternary linear layer y = x W^T * weight_scale with BitNet b1.58 activation quantization."""
+def pack_weights(entry: dict, weights: np.ndarray) -> np.ndarray:
+    """Ternary weights [n, k] in the layout of a manifest linear entry, 64-byte aligned: what
+    the conversion cache stores, so a model's second start packs nothing."""
+    w = layout.check_ternary(weights)
+    if (entry["n"], entry["k"]) != w.shape:
+        raise UserError(f"weights of shape {list(w.shape)} do not fit the artifact's {entry['n']}x{entry['k']} linear")
+    params = entry["layout_params"]
+    if entry.get("layout") == layout.VERSION:
+        return aligned_copy(layout.pack_ternary(w, params["rows"], params["kblock"]))
+    if entry.get("layout") == layout_dot2.VERSION:
+        return aligned_copy(layout_dot2.pack_ternary(w, entry["n_padded"], entry["k_padded"]))
+    raise UserError(f"artifact uses weight layout {entry.get('layout')!r}; this runtime knows {', '.join(MATMULS)}")
 
-    def __init__(self, artifact: Artifact, weights: np.ndarray, weight_scale: float):
+
+class BitLinear:
+    """A ternary linear layer y = (x W^T) * weight_scale with BitNet b1.58 activation quantization.
+
+    ``weight_scale`` is a scalar or one value per output row: fused layers (q|k|v, gate|up)
+    concatenate matrices that carry their own scales.
+    """
+
+    def __init__(self, artifact: Artifact, weights: np.ndarray, weight_scale):
         w = layout.check_ternary(weights)
-        entry = artifact.linear(*w.shape)
+        self._bind(artifact, artifact.linear(*w.shape), weight_scale)
+        self.packed = pack_weights(self._entry, w)
+
+    @classmethod
+    def from_packed(cls, artifact: Artifact, n: int, k: int, packed: np.ndarray, weight_scale) -> "BitLinear":
+        """A layer over weights already packed by ``pack_weights`` (e.g. memory-mapped from the cache)."""
+        layer = cls.__new__(cls)
+        layer._bind(artifact, artifact.linear(n, k), weight_scale)
+        if not is_aligned(packed):
+            raise UserError(f"packed weights of the {n}x{k} layer must be C-contiguous and 64-byte aligned")
+        layer.packed = packed
+        return layer
+
+    def _bind(self, artifact: Artifact, entry: dict, weight_scale) -> None:
         if entry.get("layout") not in MATMULS:
             raise UserError(f"artifact uses weight layout {entry.get('layout')!r}; this runtime knows {', '.join(MATMULS)}")
-        if not np.isfinite(weight_scale):
-            raise UserError(f"weight_scale must be a finite number, got {weight_scale!r}")
+        scale = np.broadcast_to(np.asarray(weight_scale, np.float32), (entry["n"],))
+        if not np.all(np.isfinite(scale)):
+            raise UserError(f"weight_scale of the {entry['n']}x{entry['k']} layer must be finite")
+        self._entry = entry
         self.shape = {key: entry[key] for key in ("n", "k", "n_padded", "k_padded")}
         self.quantize = artifact.kernel(entry["kernels"]["quantize"]).function
         self.dequantize = artifact.kernel(entry["kernels"]["dequantize"]).function
         self.matmul = MATMULS[entry["layout"]](artifact, entry)
-        self.packed = self.matmul.pack(w)
-        self.weight_scale = aligned_copy(np.array([weight_scale], np.float32))
+        self.weight_scale = aligned_copy(scale)
         self._buffers: dict[int, _Buffers] = {}
-
     def _check_input(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x)
         if not np.issubdtype(x.dtype, np.floating):

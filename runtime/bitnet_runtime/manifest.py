@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: dequantize takes one weight scale per output row
 MANIFEST_FILE = "manifest.json"
 LIBRARY_FILE = "kernels.so"
 RUNTIME_LIBRARY_FILE = "libtvm_runtime.so"

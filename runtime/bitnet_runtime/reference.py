@@ -44,7 +44,11 @@ def ternary_matmul(q: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return q.astype(np.int32) @ np.asarray(weights, np.int32).T
 
 
-def dequantize(acc: np.ndarray, act_scale: np.ndarray, weight_scale: float) -> np.ndarray:
-    """float32 [M, N] = acc * (weight_scale / act_scale[m]), in float32 as the kernel does it."""
-    factor = np.float32(weight_scale) / np.asarray(act_scale, np.float32)
-    return acc.astype(np.float32) * factor[:, None]
+def dequantize(acc: np.ndarray, act_scale: np.ndarray, weight_scale: np.ndarray | float) -> np.ndarray:
+    """float32 [M, N] = (acc * weight_scale[n]) * (1 / act_scale[m]), in float32 as the kernel does it.
+
+    ``weight_scale`` is one value per output row (or a scalar, broadcast to all rows)."""
+    n = acc.shape[1]
+    ws = np.broadcast_to(np.asarray(weight_scale, np.float32), (n,))
+    inverse = np.float32(1.0) / np.asarray(act_scale, np.float32)
+    return (acc.astype(np.float32) * ws[None, :]) * inverse[:, None]

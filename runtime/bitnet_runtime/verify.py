@@ -87,9 +87,9 @@ def check_dequantize(kernel: Kernel, rng: np.random.Generator) -> bool:
     s = kernel.shape
     acc = rng.integers(-(2**24), 2**24, (TOKENS, s["n_padded"]), dtype=np.int32)
     act_scale = rng.uniform(0.1, 1000, TOKENS).astype(np.float32)
-    weight_scale = np.float32(rng.uniform(0.01, 2))
+    weight_scale = rng.uniform(0.01, 2, s["n"]).astype(np.float32)
     out = aligned_zeros((TOKENS, s["n"]), np.float32)
-    kernel(aligned_copy(acc), aligned_copy(act_scale), aligned_copy(np.array([weight_scale], np.float32)), out)
+    kernel(aligned_copy(acc), aligned_copy(act_scale), aligned_copy(weight_scale), out)
     return np.array_equal(out, reference.dequantize(acc[:, : s["n"]], act_scale, weight_scale))
 
 
