@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bitnet_runtime import layout, layout_dot2
+from bitnet_runtime import layout, layout_dot2, layout_f16
 from bitnet_runtime.manifest import FORMAT_VERSION, LIBRARY_FILE, MANIFEST_FILE, RUNTIME_LIBRARY_FILE, file_sha256
 
 from . import __version__, schedule_db
@@ -27,7 +27,7 @@ from .errors import UserError
 from .intrinsics.x86_lut import VECTOR_ISAS
 from .families import Family, choose
 from .models import Linear
-from .ops import act_quant, dequant, dot2_matmul, lut_matmul, lut_table
+from .ops import act_quant, dequant, dot2_matmul, f16_gemv, lut_matmul, lut_table
 from .target import TargetSpec
 
 
@@ -42,18 +42,28 @@ class KernelPlan:
     knob_source: str = "fixed"
 
     def primfunc(self, isa: str):
-        s = self.shape
-        if self.op == "quantize":
-            return act_quant.build_primfunc(self.name, s["k"], s["k_padded"])
-        if self.op == "lut_table":
-            return lut_table.build_primfunc(self.name, s["k_padded"])
-        if self.op == "dequantize":
-            return dequant.build_primfunc(self.name, s["n"], s["n_padded"])
-        gemv = self.op.endswith("_gemv")
-        if self.op.startswith("dot2_"):
-            return dot2_matmul.build_primfunc(self.name, s["n_padded"], s["k_padded"], dot2_matmul.Dot2Knobs(**self.knobs), gemv)
-        knobs = lut_matmul.LutKnobs(**self.knobs)
-        return lut_matmul.build_primfunc(self.name, s["n_padded"], s["k_padded"], isa, knobs, gemv)
+        return BUILDERS[self.op](self, isa)
+
+
+def _lut_builder(gemv: bool):
+    return lambda p, isa: lut_matmul.build_primfunc(p.name, p.shape["n_padded"], p.shape["k_padded"], isa, lut_matmul.LutKnobs(**p.knobs), gemv)
+
+
+def _dot2_builder(gemv: bool):
+    return lambda p, isa: dot2_matmul.build_primfunc(p.name, p.shape["n_padded"], p.shape["k_padded"], dot2_matmul.Dot2Knobs(**p.knobs), gemv)
+
+
+# operator -> PrimFunc builder: what each manifest "op" is generated from
+BUILDERS = {
+    "quantize": lambda p, isa: act_quant.build_primfunc(p.name, p.shape["k"], p.shape["k_padded"]),
+    "lut_table": lambda p, isa: lut_table.build_primfunc(p.name, p.shape["k_padded"]),
+    "dequantize": lambda p, isa: dequant.build_primfunc(p.name, p.shape["n"], p.shape["n_padded"]),
+    "lut_gemv": _lut_builder(True),
+    "lut_gemm": _lut_builder(False),
+    "dot2_gemv": _dot2_builder(True),
+    "dot2_gemm": _dot2_builder(False),
+    "f16_gemv": lambda p, isa: f16_gemv.build_primfunc(p.name, p.shape["n_padded"], p.shape["k"], f16_gemv.F16Knobs(**p.knobs)),
+}
 
 
 def _lut_linear(lin: Linear, isa: str) -> tuple[dict, dict, list[KernelPlan]]:
@@ -110,6 +120,26 @@ def plan(linears: list[Linear], isa: str, layout_version: str) -> tuple[list[Ker
     return list(kernels.values()), entries
 
 
+def _f16_output(vocab: int, hidden: int, target: TargetSpec) -> tuple[dict, list[KernelPlan]]:
+    knobs, source = schedule_db.knobs_for("f16_gemv", target.isa)
+    shape = {"n": vocab, "k": hidden, "n_padded": layout_f16.padded_rows(vocab), "k_padded": hidden}
+    name = f"f16_gemv_n{vocab}_k{hidden}"
+    return {"layout": layout_f16.VERSION, "kernels": {"gemv": name}}, [KernelPlan(name, "f16_gemv", shape, knobs, source)]
+
+
+# output-layer format -> planner: (manifest entry of the format, kernels it needs)
+OUTPUT_PLANNERS = {"f16": _f16_output}
+
+
+def plan_output_layer(vocab: int, hidden: int, target: TargetSpec) -> tuple[dict, list[KernelPlan]]:
+    """The output layer's manifest entry, every format in it, and the kernels they need."""
+    formats, kernels = {}, []
+    for fmt, planner in OUTPUT_PLANNERS.items():
+        formats[fmt], plans = planner(vocab, hidden, target)
+        kernels += plans
+    return {"n": vocab, "k": hidden, "formats": formats}, kernels
+
+
 def tvm_runtime_library() -> Path:
     """TVM's libtvm_runtime.so from the compiler's installation, shipped inside the artifact."""
     import tvm
@@ -144,14 +174,24 @@ def compile_kernels(kernels: list[KernelPlan], target: TargetSpec):
 
 
 def build(
-    target: TargetSpec, linears: list[Linear], out_dir: Path, family: Family | None = None, model_name: str | None = None
+    target: TargetSpec,
+    linears: list[Linear],
+    out_dir: Path,
+    family: Family | None = None,
+    model_name: str | None = None,
+    output_layer: tuple[int, int] | None = None,
 ) -> Path:
-    """Write a complete artifact to ``out_dir`` (family: the preferred one the target runs);
-    files appear only once fully written."""
+    """Write a complete artifact to ``out_dir`` (family: the preferred one the target runs;
+    output_layer: (vocab, hidden) for a model's logits kernels); files appear only once fully
+    written."""
     import tvm
 
     family = family or choose(target, "auto", schedule_db.family_preference())
     kernels, entries = plan(linears, target.isa, family.layout)
+    output_entry = None
+    if output_layer:
+        output_entry, output_kernels = plan_output_layer(*output_layer, target)
+        kernels += [k for k in output_kernels if k.name not in {p.name for p in kernels}]
     executable = compile_kernels(kernels, target)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST_FILE).unlink(missing_ok=True)  # an artifact without manifest is incomplete
@@ -176,6 +216,7 @@ def build(
         "runtime_library": {"file": RUNTIME_LIBRARY_FILE, "sha256": file_sha256(out_dir / RUNTIME_LIBRARY_FILE)},
         "kernels": [{"name": k.name, "op": k.op, "shape": k.shape, "knobs": k.knobs, "knob_source": k.knob_source} for k in kernels],
         "linears": entries,
+        "output_layer": output_entry,
     }
     man_tmp = out_dir / (MANIFEST_FILE + ".tmp")
     man_tmp.write_text(json.dumps(manifest, indent=2) + "\n")

@@ -89,7 +89,8 @@ def run_compile(args: argparse.Namespace) -> int:
     shapes = ", ".join(f"{lin.name} {lin.n}x{lin.k}" for lin in linears)
     print(f"target {target.mcpu} ({target.triple}, {target.isa}, {target.num_cores} cores); kernel family {family.name} ({family.summary})", file=sys.stderr)
     print(f"linears: {shapes}", file=sys.stderr)
-    manifest = artifact.build(target, linears, out, family, model_name=label if args.model else None)
+    output_layer = (shape.vocab, shape.hidden) if args.model else None
+    manifest = artifact.build(target, linears, out, family, model_name=label if args.model else None, output_layer=output_layer)
     for path in sorted(out.iterdir()):
         if path.is_file():
             print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")

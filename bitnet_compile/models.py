@@ -2,13 +2,14 @@
 
 A BitNet b1.58 decoder layer has four ternary matmuls once Q/K/V and gate/up are fused:
 qkv [(heads + 2 * kv_heads) * head_dim, hidden], o [hidden, heads * head_dim],
-gate_up [2 * ffn, hidden], down [hidden, ffn]. Every layer has the same shapes, so the
-artifact holds one kernel set per distinct shape.
+gate_up [2 * ffn, hidden], down [hidden, ffn] (unfused where each projection normalizes its
+own input; ``bitnet_runtime.model_config`` decides, so compiler and runtime agree). Every
+layer has the same shapes, so the artifact holds one kernel set per distinct shape, plus the
+output layer's kernels for [vocab, hidden].
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,63 +25,53 @@ class Linear:
 
 @dataclass(frozen=True)
 class ModelShape:
+    """What the compiler needs of a model: its ternary matmuls and its output layer's size."""
+
     name: str
+    linear_shapes: tuple[tuple[str, int, int], ...]  # (name, out, in), as the runtime runs them
+    vocab: int
     hidden: int
-    ffn: int
-    heads: int
-    kv_heads: int
-    head_dim: int
 
     def linears(self) -> list[Linear]:
-        q = self.heads * self.head_dim
-        kv = self.kv_heads * self.head_dim
-        return [
-            Linear("qkv", q + 2 * kv, self.hidden),
-            Linear("o", self.hidden, q),
-            Linear("gate_up", 2 * self.ffn, self.hidden),
-            Linear("down", self.hidden, self.ffn),
-        ]
+        return [Linear(name, n, k) for name, n, k in self.linear_shapes]
+
+
+def _preset(name: str, hidden: int, ffn: int, heads: int, kv_heads: int, head_dim: int, vocab: int) -> ModelShape:
+    q, kv = heads * head_dim, kv_heads * head_dim
+    shapes = (("qkv", q + 2 * kv, hidden), ("o", hidden, q), ("gate_up", 2 * ffn, hidden), ("down", hidden, ffn))
+    return ModelShape(name, shapes, vocab, hidden)
 
 
 PRESETS = {
-    "microsoft/bitnet-b1.58-2B-4T": ModelShape("microsoft/bitnet-b1.58-2B-4T", 2560, 6912, 20, 5, 128),
-    "1bitLLM/bitnet_b1_58-large": ModelShape("1bitLLM/bitnet_b1_58-large", 1536, 4096, 16, 16, 96),
+    "microsoft/bitnet-b1.58-2B-4T": _preset("microsoft/bitnet-b1.58-2B-4T", 2560, 6912, 20, 5, 128, 128256),
+    "1bitLLM/bitnet_b1_58-large": _preset("1bitLLM/bitnet_b1_58-large", 1536, 4096, 16, 16, 96, 32002),
 }
 ALIASES = {"2b-4t": "microsoft/bitnet-b1.58-2B-4T", "large": "1bitLLM/bitnet_b1_58-large"}
 
 
-def from_config(path: Path) -> ModelShape:
-    """Read the shape fields of a Hugging Face config.json (BitNet / Llama style)."""
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"cannot read model config {path}: {err}") from None
-    try:
-        hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-        return ModelShape(
-            name=str(cfg.get("_name_or_path") or path.parent.name),
-            hidden=hidden,
-            ffn=int(cfg["intermediate_size"]),
-            heads=heads,
-            kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or hidden // heads),
-        )
-    except (KeyError, TypeError, ValueError) as err:
-        raise UserError(f"{path} is not a usable model config: missing or bad field {err}") from None
+def from_model_dir(model_dir: Path) -> ModelShape:
+    """The shapes of a Hugging Face model directory, read as the runtime will run it."""
+    from bitnet_runtime.model_config import load_config
+
+    config = load_config(model_dir)
+    return ModelShape(config.name, tuple(config.linear_shapes()), config.vocab, config.hidden)
 
 
 def resolve(model: str) -> ModelShape:
-    """A preset name, one of its aliases, a config.json, or a directory holding one."""
+    """A preset name or alias, a model directory, its config.json, or a hub id (from the
+    Hugging Face cache, or downloaded where the hub is reachable)."""
+    from bitnet_runtime.checkpoint import locate
+
     name = ALIASES.get(model.lower(), model)
     if name in PRESETS:
         return PRESETS[name]
     path = Path(model)
-    if path.is_dir():
-        path = path / "config.json"
-    if path.is_file():
-        return from_config(path)
+    if path.is_file() and path.name == "config.json":
+        return from_model_dir(path.parent)
+    if path.is_dir() or model.count("/") == 1:
+        return from_model_dir(locate(model))
     known = ", ".join(list(PRESETS) + list(ALIASES))
-    raise UserError(f"unknown model {model!r}: give a config.json, a directory holding one, or a preset ({known})")
+    raise UserError(f"unknown model {model!r}: give a model directory, its config.json, a hub id, or a preset ({known})")
 
 
 def parse_shapes(text: str) -> list[Linear]:

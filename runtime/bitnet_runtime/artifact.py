@@ -99,10 +99,18 @@ class Artifact:
             self._kernels[name] = Kernel(name, entry["op"], entry["shape"], entry.get("knobs", {}), self.module[name])
         return self._kernels[name]
 
+    def output_layer(self, n: int, k: int) -> dict:
+        """The manifest entry of the [vocab, hidden] output layer: its formats and their kernels."""
+        entry = self.manifest.get("output_layer")
+        if not entry or (entry["n"], entry["k"]) != (n, k):
+            have = f"one for {entry['n']}x{entry['k']}" if entry else "none"
+            raise UserError(f"artifact has no output layer kernels for vocab {n} x hidden {k} ({have}): compile the artifact for this model")
+        return entry
+
     def linear(self, n: int, k: int) -> dict:
         """The manifest entry (padded shape, kernel names) for an [n, k] weight matrix."""
         for entry in self.manifest["linears"]:
             if entry["n"] == n and entry["k"] == k:
                 return entry
         have = sorted({f"{e['n']}x{e['k']}" for e in self.manifest["linears"]})
-        raise UserError(f"artifact has no kernels for a {n}x{k} linear layer; it has {', '.join(have)}")
+        raise UserError(f"artifact has no kernels for a {n}x{k} linear layer (it has {', '.join(have)}): compile the artifact for this model")

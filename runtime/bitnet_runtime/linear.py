@@ -145,7 +145,9 @@ class BitLinear:
             raise UserError(f"activations must have shape [tokens, {self.shape['k']}], got {list(np.shape(x))}")
         return x
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """y for x [tokens, in], in this layer's own buffer: valid until its next call with
+        the same token count (the model's hot path, which copies nothing)."""
         x = self._check_input(x)
         tokens = x.shape[0]
         buf = self._buffers.get(tokens)
@@ -155,4 +157,7 @@ class BitLinear:
         self.quantize(buf.x, buf.q, buf.scale)
         acc = buf.matmul(self.packed)
         self.dequantize(acc, buf.scale, self.weight_scale, buf.out)
-        return buf.out.copy()
+        return buf.out
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.forward(x).copy()

@@ -52,3 +52,54 @@ def dequantize(acc: np.ndarray, act_scale: np.ndarray, weight_scale: np.ndarray 
     ws = np.broadcast_to(np.asarray(weight_scale, np.float32), (n,))
     inverse = np.float32(1.0) / np.asarray(act_scale, np.float32)
     return (acc.astype(np.float32) * ws[None, :]) * inverse[:, None]
+
+
+# ----------------------------------------------------------------------------- output layer
+# Output-layer GEMVs (logits = hidden @ E^T, one token): float16 weights in layout
+# f16-tiles-v1 ([tiles, K, 64]) and int8 weights in layout i8-tiles-v1 ([tiles, K/4, 64, 4]).
+# Both work tile chunk by tile chunk, so the 128256-row vocabulary never needs a float64 or
+# int32 copy of the whole matrix on the device.
+
+F16_GEMV_RTOL = 1e-5  # |kernel - exact| <= F16_GEMV_RTOL * sum_k |x[k] w[n, k]| (+ F16_GEMV_ATOL)
+F16_GEMV_ATOL = 1e-30
+_OUTPUT_TILES_PER_STEP = 16
+
+
+def f16_gemv(x: np.ndarray, packed: np.ndarray, with_bound: bool = False):
+    """float32 [1, N_padded]: x [K] (or [1, K]) times the float16 tiles [N_padded/64, K, 64],
+    computed exactly (float64, correctly rounded to float32 at the end). The kernel sums in
+    float32 in k order (possibly with fused multiply-adds), so it equals this only within
+    ``f16_gemv_tolerance``. ``with_bound`` also returns sum_k |x[k] w[n, k]| (float64 [1, N_padded])."""
+    x64 = np.asarray(x, np.float64).reshape(-1)
+    tiles, k, rows = packed.shape
+    out, bound = np.empty((tiles, rows), np.float64), np.empty((tiles, rows), np.float64)
+    for start in range(0, tiles, _OUTPUT_TILES_PER_STEP):
+        w = packed[start : start + _OUTPUT_TILES_PER_STEP].astype(np.float64)
+        out[start : start + len(w)] = x64 @ w
+        if with_bound:
+            bound[start : start + len(w)] = np.abs(x64) @ np.abs(w)
+    result = out.astype(np.float32).reshape(1, -1)
+    return (result, bound.reshape(1, -1)) if with_bound else result
+
+
+def f16_gemv_close(got: np.ndarray, x: np.ndarray, packed: np.ndarray) -> bool:
+    """Whether a kernel's float32 output (any shape holding N_padded values) is within the
+    stated tolerance of the exact product."""
+    want, bound = f16_gemv(x, packed, with_bound=True)
+    got = np.asarray(got, np.float64).reshape(want.shape)
+    return bool(np.all(np.abs(got - want) <= F16_GEMV_RTOL * bound + F16_GEMV_ATOL))
+
+
+def i8_gemv(q: np.ndarray, packed: np.ndarray) -> np.ndarray:
+    """int32 [1, N_padded] = q [K_padded] (or [1, K_padded]) int8 times the int8 weight tiles
+    [N_padded/64, K_padded/4, 64, 4], exactly (float64 products and sums are exact here:
+    |sum| <= 128 * 128 * K < 2**53). The kernel must equal it bit for bit."""
+    q64 = np.asarray(q, np.float64).reshape(-1)
+    tiles, chunks, rows, width = packed.shape
+    if q64.size != chunks * width:
+        raise ValueError(f"activations have {q64.size} values, the weights {chunks * width} columns")
+    out = np.empty((tiles, rows), np.float64)
+    for start in range(0, tiles, _OUTPUT_TILES_PER_STEP):
+        w = packed[start : start + _OUTPUT_TILES_PER_STEP].astype(np.float64)  # [t, c, r, j]
+        out[start : start + len(w)] = np.einsum("tcrj,cj->tr", w, q64.reshape(chunks, width), optimize=True)
+    return out.astype(np.int64).astype(np.int32).reshape(1, -1)

@@ -1,0 +1,95 @@
+"""Layout ``f16-tiles-v1`` of the float16 output-layer GEMV (logits = hidden @ E^T).
+
+The token embedding E [vocab, hidden] is stored once, as float16, and serves both the output
+layer (the GEMV kernel streams it) and the embedding lookup (``gather_rows``), so a model
+keeps one copy of its largest matrix (128256 x 2560: 656 MB in float16, half of float32).
+
+Rows in tiles of ROWS = 64, storage ``[N_padded / 64, K, 64]`` float16: at each k the kernel
+reads the 64 weights of a tile as 128 contiguous bytes (two zmm, vcvtph2ps to four zmm of
+float32) and multiplies them by the one activation x[k], so the 64 outputs of a tile
+accumulate in four zmm registers (eight ymm on AVX2) and a tile is one contiguous stream.
+Padded rows (N_padded - N of them) are zero, so their outputs are 0. K is not padded.
+
+Kernel arguments: ``x`` float32 [1, K], ``packed`` [N_padded / 64, K, 64] float16, ``out``
+float32 [N_padded / 64, 64] (the same memory as [1, N_padded]; ``out_view``).
+
+Packing from a checkpoint: ``pack_rows`` converts ROWS rows at a time (``chunk_rows`` at most
+per step), so it never holds a float32 copy of the whole matrix and works on a memory-mapped
+source, float32/float16 or bfloat16 stored as uint16 bit patterns (``bf16=True``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import UserError
+from .memory import aligned_empty
+
+VERSION = "f16-tiles-v1"
+ROWS = 64  # rows per tile: 64 float32 accumulators = 4 zmm
+CHUNK_ROWS = 4096  # rows converted per packing step (4096 x 2560 float32 = 40 MB)
+F16_MAX = float(np.finfo(np.float16).max)
+
+
+def padded_rows(n: int) -> int:
+    """N as the kernel sees it: whole tiles of ROWS."""
+    return -(-n // ROWS) * ROWS
+
+
+def packed_shape(n: int, k: int) -> tuple[int, int, int]:
+    return (padded_rows(n) // ROWS, k, ROWS)
+
+
+def out_view(out: np.ndarray) -> np.ndarray:
+    """The kernel's view [N_padded / 64, 64] of a float32 [1, N_padded] (or [N_padded]) output."""
+    return out.reshape(-1, ROWS)
+
+
+def rows_as_float32(w: np.ndarray, start: int, stop: int, bf16: bool = False) -> np.ndarray:
+    """Rows [start, stop) of a 2-D weight matrix as float32 (bf16: uint16 bit patterns of bfloat16)."""
+    block = np.asarray(w[start:stop])
+    if bf16:
+        if block.dtype != np.uint16:
+            raise UserError(f"bf16=True expects the uint16 bit patterns of bfloat16, got dtype {block.dtype}")
+        return (block.astype(np.uint32) << 16).view(np.float32)
+    if not np.issubdtype(block.dtype, np.floating):
+        raise UserError(f"weights must be a float matrix (or bf16=True with uint16 bit patterns), got dtype {block.dtype}")
+    return block.astype(np.float32, copy=False)
+
+
+def check_matrix(w) -> tuple[int, int]:
+    shape = getattr(w, "shape", None)
+    if shape is None or len(shape) != 2 or shape[0] < 1 or shape[1] < 1:
+        raise UserError(f"weights must be a non-empty 2-D [rows, cols] matrix, got shape {shape}")
+    return int(shape[0]), int(shape[1])
+
+
+def pack_rows(w, bf16: bool = False, chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
+    """float [N, K] (any float dtype, or bfloat16 bits as uint16 with ``bf16``) -> 64-byte aligned
+    float16 [N_padded / 64, K, 64], padded rows zero. Values beyond float16 range are an error."""
+    n, k = check_matrix(w)
+    chunk_rows = max(ROWS, chunk_rows // ROWS * ROWS)
+    packed = aligned_empty(packed_shape(n, k), np.float16)
+    for start in range(0, padded_rows(n), chunk_rows):
+        stop = min(start + chunk_rows, padded_rows(n))
+        rows = rows_as_float32(w, start, min(stop, n), bf16)
+        if not np.isfinite(rows).all() or (rows.size and np.abs(rows).max() > F16_MAX):
+            raise UserError(f"weights in rows {start}..{min(stop, n) - 1} are not finite or exceed float16 range ({F16_MAX})")
+        tiles = np.zeros((stop - start, k), np.float16)
+        tiles[: rows.shape[0]] = rows
+        packed[start // ROWS : stop // ROWS] = tiles.reshape(-1, ROWS, k).transpose(0, 2, 1)
+    return packed
+
+
+def unpack_rows(packed: np.ndarray, n: int | None = None) -> np.ndarray:
+    """Inverse of ``pack_rows``: float16 [n, K] (all N_padded rows by default)."""
+    tiles, k, _ = packed.shape
+    return packed.transpose(0, 2, 1).reshape(tiles * ROWS, k)[: tiles * ROWS if n is None else n]
+
+
+def gather_rows(packed: np.ndarray, ids) -> np.ndarray:
+    """Embedding lookup from the packed copy: float32 [len(ids), K] = E[ids] (ids < N)."""
+    ids = np.asarray(ids, np.int64).reshape(-1)
+    if ids.size and (ids.min() < 0 or ids.max() >= packed.shape[0] * ROWS):
+        raise UserError(f"token ids must lie in [0, {packed.shape[0] * ROWS}), got {ids.min()}..{ids.max()}")
+    return packed[ids // ROWS, :, ids % ROWS].astype(np.float32)

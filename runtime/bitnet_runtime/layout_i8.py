@@ -1,0 +1,108 @@
+"""Layout ``i8-tiles-v1`` of the int8 output-layer GEMV (logits = hidden @ E^T, quantized).
+
+Each row n of E [vocab, hidden] is quantized symmetrically on its own: ``scale[n] = max|E[n]| /
+127``, ``w[n, k] = clamp(round_half_even(E[n, k] / scale[n]), -127, 127)`` (an all-zero row gets
+scale 0 and weights 0). The kernel returns the int32 ``acc[n] = sum_k q[k] * w[n, k]`` of the
+int8 activations q (from the quantize kernel), and the existing dequantize kernel applies
+``scale`` per row: ``logits = acc * scale[n] / act_scale``.
+
+Storage ``[N_padded / 64, K_padded / 4, 64, 4]`` int8: rows in tiles of 64, K in chunks of
+4; byte j of row i in chunk c holds ``w[64 t + i, 4 c + j]``. One chunk of a tile is 256
+contiguous bytes = four zmm of 16 rows x 4 weights, exactly what four vpdpbusd meet with
+the broadcast activation dword q[4c : 4c + 4]; a tile streams contiguously. Padded rows and
+columns are zero.
+
+vpdpbusd multiplies unsigned by signed bytes, so the kernel feeds it the activations shifted
+to unsigned (q + 128, a flip of the sign bit) and subtracts ``correction[n] = 128 * sum_k
+w[n, k]`` (int32 [N_padded], computed here at pack time) from each row: exact in int32.
+
+Kernel arguments: ``q`` int8 [1, K_padded / 4, 4] (the same memory as [1, K_padded]),
+``packed``, ``correction`` int32 [N_padded / 64, 64], ``out`` int32 [N_padded / 64, 64] (the
+same memory as [1, N_padded], the dequantize kernel's ``acc``); see ``kernel_views``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import UserError
+from .layout_f16 import CHUNK_ROWS, check_matrix, rows_as_float32
+from .memory import aligned_copy, aligned_empty, aligned_zeros
+
+VERSION = "i8-tiles-v1"
+ROWS = 64  # rows per tile: 4 zmm of int32 accumulators
+CHUNK = 4  # weights of a row per chunk: one vpdpbusd dword
+SHIFT = 128  # activations enter vpdpbusd as q + SHIFT (unsigned)
+QMAX = 127
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def padded_shape(n: int, k: int) -> tuple[int, int]:
+    """(N_padded, K_padded): N to whole tiles of 64, K to whole chunks of 4."""
+    return round_up(n, ROWS), round_up(k, CHUNK)
+
+
+def packed_shape(n: int, k: int) -> tuple[int, int, int, int]:
+    n_p, k_p = padded_shape(n, k)
+    return (n_p // ROWS, k_p // CHUNK, ROWS, CHUNK)
+
+
+def kernel_views(q: np.ndarray, correction: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """int8 q [1, K_padded], int32 correction [N_padded] and out [1, N_padded] as the kernel takes them."""
+    return q.reshape(1, -1, CHUNK), correction.reshape(-1, ROWS), out.reshape(-1, ROWS)
+
+
+def quantize_block(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 rows [r, K] -> (int8 [r, K], float32 scale [r]) by per-row absmax."""
+    absmax = np.abs(rows).max(axis=1)
+    scale = (absmax / np.float32(QMAX)).astype(np.float32)
+    inverse = np.divide(np.float32(QMAX), absmax, out=np.zeros_like(absmax), where=absmax > 0)
+    q = np.clip(np.rint(rows * inverse[:, None]), -QMAX, QMAX).astype(np.int8)
+    return q, scale
+
+
+def pack_block(w: np.ndarray, k_padded: int) -> np.ndarray:
+    """int8 rows [64 * tiles, K] -> tiles [tiles, K_padded / 4, 64, 4] (zero columns past K)."""
+    r, k = w.shape
+    full = np.zeros((r, k_padded), np.int8)
+    full[:, :k] = w
+    return full.reshape(r // ROWS, ROWS, k_padded // CHUNK, CHUNK).transpose(0, 2, 1, 3)
+
+
+def correction(packed: np.ndarray) -> np.ndarray:
+    """int32 [N_padded] = SHIFT * (sum of each row's weights), the term the kernel subtracts."""
+    tiles = packed.shape[0]
+    out = np.empty((tiles, ROWS), np.int32)
+    for start in range(0, tiles, 64):
+        out[start : start + 64] = packed[start : start + 64].sum(axis=(1, 3), dtype=np.int32) * SHIFT
+    return aligned_copy(out.reshape(-1))
+
+
+def quantize_rows(w, bf16: bool = False, chunk_rows: int = CHUNK_ROWS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """float [N, K] (any float dtype, or bfloat16 bits as uint16 with ``bf16``; a np.memmap is
+    read ``chunk_rows`` rows at a time) -> (packed int8 [N_padded/64, K_padded/4, 64, 4],
+    scale float32 [N], correction int32 [N_padded]), all 64-byte aligned."""
+    n, k = check_matrix(w)
+    n_p, k_p = padded_shape(n, k)
+    chunk_rows = max(ROWS, chunk_rows // ROWS * ROWS)
+    packed = aligned_empty(packed_shape(n, k), np.int8)
+    scale = aligned_zeros((n,), np.float32)
+    for start in range(0, n_p, chunk_rows):
+        stop = min(start + chunk_rows, n_p)
+        rows = rows_as_float32(w, start, min(stop, n), bf16)
+        if not np.isfinite(rows).all():
+            raise UserError(f"weights in rows {start}..{min(stop, n) - 1} are not finite")
+        q = np.zeros((stop - start, k), np.int8)
+        q[: rows.shape[0]], scale[start : start + rows.shape[0]] = quantize_block(rows)
+        packed[start // ROWS : stop // ROWS] = pack_block(q, k_p)
+    return packed, scale, correction(packed)
+
+
+def unpack_rows(packed: np.ndarray, n: int | None = None, k: int | None = None) -> np.ndarray:
+    """Inverse of the packing: int8 [n, k] (all padded rows and columns by default)."""
+    tiles, chunks, _, _ = packed.shape
+    full = packed.transpose(0, 2, 1, 3).reshape(tiles * ROWS, chunks * CHUNK)
+    return full[: tiles * ROWS if n is None else n, : chunks * CHUNK if k is None else k]

@@ -1,0 +1,161 @@
+"""Memory-mapped reading of safetensors checkpoints, single files and sharded ones.
+
+Written here rather than taken from the ``safetensors`` package because its numpy front end
+cannot return bfloat16 (the dtype of every BitNet checkpoint's embedding and norms) and the
+runtime must not need torch. Tensors come back as read-only views of the mapped file, so a
+2.4B-parameter model costs no memory until its pages are touched; bfloat16 comes back as its
+uint16 bit patterns (``to_float32`` widens it). Every header field is checked against the
+file size first, so a truncated or corrupted file is a UserError, never a bus error.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+
+# safetensors dtype -> numpy storage dtype (bfloat16 stored as its bit pattern)
+DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
+}
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+MAX_HEADER = 100 << 20  # the format's own limit
+
+
+class SafetensorsFile:
+    """One .safetensors file: its header parsed and checked, its data mapped read-only."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            with self.path.open("rb") as f:
+                size = self.path.stat().st_size
+                if size < 8:
+                    raise UserError(f"{self.path} is truncated: {size} bytes, not a safetensors file")
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                if header_len > min(MAX_HEADER, size - 8):
+                    raise UserError(f"{self.path} is corrupted or truncated: header of {header_len} bytes in a {size}-byte file")
+                header = self._parse_header(f.read(header_len))
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        except OSError as err:
+            raise UserError(f"cannot read {self.path}: {err.strerror or err}") from None
+        self._base = 8 + header_len
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.entries = header
+        self._check_entries(size - self._base)
+
+    def _parse_header(self, raw: bytes) -> dict:
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise UserError(f"{self.path} is corrupted: its header is not JSON ({err})") from None
+        if not isinstance(header, dict):
+            raise UserError(f"{self.path} is corrupted: its header is not a JSON object")
+        return header
+
+    def _check_entries(self, data_size: int) -> None:
+        for name, e in self.entries.items():
+            try:
+                dtype, shape, (start, end) = DTYPES[e["dtype"]], [int(d) for d in e["shape"]], e["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise UserError(f"{self.path} is corrupted: bad header entry for {name!r}") from None
+            want = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            if not (0 <= start <= end) or end - start != want:
+                raise UserError(f"{self.path} is corrupted: {name} has {end - start} bytes for shape {shape} {e['dtype']}")
+            if end > data_size:
+                raise UserError(f"{self.path} is truncated: {name} ends at byte {end} of a {data_size}-byte data section")
+
+    def dtype(self, name: str) -> str:
+        return self.entries[name]["dtype"]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name]["shape"])
+
+    def tensor(self, name: str) -> np.ndarray:
+        """A read-only view into the mapped file (bfloat16 as uint16 bit patterns)."""
+        e = self.entries[name]
+        start, end = e["data_offsets"]
+        dtype = DTYPES[e["dtype"]]
+        count = (end - start) // np.dtype(dtype).itemsize
+        if count == 0:
+            return np.zeros(e["shape"], dtype)
+        return np.frombuffer(self._map, dtype, count, self._base + start).reshape(e["shape"])
+
+
+class Checkpoint:
+    """All tensors of a model directory: ``model.safetensors`` or the shards an index names."""
+
+    def __init__(self, model_dir: Path):
+        self.dir = Path(model_dir)
+        self.files = self._open_files()
+        self._where = {name: f for f in self.files for name in f.entries}
+
+    def _open_files(self) -> list[SafetensorsFile]:
+        index = self.dir / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                shards = sorted(set(weight_map.values()))
+            except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+                raise UserError(f"{index} is corrupted: {err}") from None
+            missing = [s for s in shards if not (self.dir / s).is_file()]
+            if missing:
+                raise UserError(f"{self.dir} is incomplete: shard(s) {', '.join(missing)} named by {INDEX_FILE} are missing")
+            return [SafetensorsFile(self.dir / s) for s in shards]
+        if (self.dir / SINGLE_FILE).is_file():
+            return [SafetensorsFile(self.dir / SINGLE_FILE)]
+        found = sorted(p.name for p in self.dir.glob("*.safetensors"))
+        if len(found) == 1:
+            return [SafetensorsFile(self.dir / found[0])]
+        raise UserError(f"no weights in {self.dir}: expected {SINGLE_FILE} or {INDEX_FILE} (PyTorch .bin checkpoints are not supported)")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def _file(self, name: str) -> SafetensorsFile:
+        if name not in self._where:
+            raise UserError(f"{self.dir}: tensor {name} is missing from the checkpoint")
+        return self._where[name]
+
+    def dtype(self, name: str) -> str:
+        return self._file(name).dtype(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._file(name).shape(name)
+
+    def tensor(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        """The raw stored tensor; with ``shape``, a UserError unless it has exactly that shape."""
+        f = self._file(name)
+        if shape is not None and f.shape(name) != tuple(shape):
+            raise UserError(f"{self.dir}: {name} has shape {list(f.shape(name))} but config.json implies {list(shape)}")
+        return f.tensor(name)
+
+    def float32(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        return to_float32(self.tensor(name, shape), self.dtype(name))
+
+    def fingerprint(self) -> list:
+        """What identifies these weights cheaply: per file its name, size, mtime and header."""
+        out = []
+        for f in self.files:
+            st = f.path.stat()
+            out.append([f.path.name, st.st_size, st.st_mtime_ns, json.dumps(f.entries, sort_keys=True)])
+        return out
+
+
+def to_float32(array: np.ndarray, dtype: str) -> np.ndarray:
+    """A float32 copy of a stored tensor; bfloat16 bit patterns are widened exactly."""
+    if dtype == "BF16":
+        return (np.asarray(array, np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return np.asarray(array).astype(np.float32)

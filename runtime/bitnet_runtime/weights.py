@@ -1,0 +1,143 @@
+"""A model's weights in the artifact's kernel layouts: converted once, cached, memory-mapped.
+
+Converting a checkpoint (unpacking or ternarizing each linear, packing it for the kernels,
+tiling the embedding for the output-layer GEMV) takes seconds to minutes; the result is kept
+under the cache directory, keyed by the checkpoint's identity (file names, sizes, mtimes and
+safetensors headers, not a hash of gigabytes) and by every layout parameter of the artifact,
+so a new artifact or a changed checkpoint converts again and nothing else does. Each array is
+one ``.npy`` file (numpy pads its header to 64 bytes, so a mapping is aligned as the kernels
+need); ``meta.json`` is written last, and a directory without it is ignored and rebuilt, so
+a crash mid-conversion loses nothing but time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import checkpoint, layout_f16, layout_i8
+from .artifact import Artifact
+from .errors import UserError
+from .linear import pack_weights
+from .model_config import ModelConfig
+from .safetensors_file import Checkpoint
+
+CONVERTER_VERSION = 1
+META_FILE = "meta.json"
+
+
+def cache_root() -> Path:
+    """BITNET_CACHE, else $XDG_CACHE_HOME/bitnet-compile, else ~/.cache/bitnet-compile."""
+    if os.environ.get("BITNET_CACHE"):
+        return Path(os.environ["BITNET_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "bitnet-compile"
+
+
+def cache_key(ckpt: Checkpoint, config_text: str, artifact: Artifact, config: ModelConfig) -> str:
+    layouts = [{k: e[k] for k in ("n", "k", "n_padded", "k_padded", "layout", "layout_params")} for e in _entries(artifact, config).values()]
+    ident = [CONVERTER_VERSION, config_text, ckpt.fingerprint(), layouts, layout_f16.VERSION]
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _entries(artifact: Artifact, config: ModelConfig) -> dict[str, dict]:
+    return {g.name: artifact.linear(g.n, g.k) for g in config.linear_groups()}
+
+
+def _progress(items, desc: str):
+    if not sys.stderr.isatty():
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="layer", leave=False)
+
+
+class ModelWeights:
+    """The converted arrays of one model for one artifact, read from the cache."""
+
+    def __init__(self, model_dir: Path, config: ModelConfig, artifact: Artifact, echo: Callable[[str], None] = lambda s: None):
+        self.config = config
+        ckpt = Checkpoint(model_dir)
+        key = cache_key(ckpt, (Path(model_dir) / "config.json").read_text(), artifact, config)
+        self.dir = cache_root() / "converted" / key
+        self._ckpt = ckpt
+        if not (self.dir / META_FILE).is_file():
+            echo(f"converting {model_dir} into the artifact's layouts (once; cached in {self.dir})")
+            _convert(ckpt, config, artifact, self.dir)
+        else:
+            echo(f"using converted weights from {self.dir}")
+
+    def array(self, name: str) -> np.ndarray:
+        """A copy-on-write mapping: writeable (DLPack refuses read-only arrays), never written."""
+        path = self.dir / f"{name}.npy"
+        try:
+            return np.load(path, mmap_mode="c")
+        except (OSError, ValueError) as err:
+            raise UserError(f"converted weights in {self.dir} are damaged ({path.name}: {err}); delete the directory to convert again") from None
+
+    def output_i8(self) -> tuple[np.ndarray, np.ndarray]:
+        """The int8 output layer (rows, per-row scale), made on first use and cached beside the rest."""
+        if not (self.dir / "output_i8.npy").is_file():
+            rows, scale = layout_i8.quantize_rows(*_output_source(self._ckpt, self.config))
+            _save(self.dir, "output_i8", rows)
+            _save(self.dir, "output_i8_scale", scale)
+        return self.array("output_i8"), self.array("output_i8_scale")
+
+
+def _output_source(ckpt: Checkpoint, config: ModelConfig) -> tuple[np.ndarray, bool]:
+    """The output layer matrix as stored (bfloat16 as uint16 bits, flagged) and checked."""
+    return _float_matrix(ckpt, "model.embed_tokens.weight" if config.tied else "lm_head.weight", config)
+
+
+def _float_matrix(ckpt: Checkpoint, name: str, config: ModelConfig) -> tuple[np.ndarray, bool]:
+    source = ckpt.tensor(name, (config.vocab, config.hidden))
+    dtype = ckpt.dtype(name)
+    if dtype not in ("BF16", "F16", "F32"):
+        raise UserError(f"{ckpt.dir}: {name} is {dtype}; a float output layer is expected")
+    return source, dtype == "BF16"
+
+
+def _save(directory: Path, name: str, array: np.ndarray) -> None:
+    tmp = directory / f"{name}.tmp.npy"
+    np.save(tmp, array)
+    os.replace(tmp, directory / f"{name}.npy")
+
+
+def _convert(ckpt: Checkpoint, config: ModelConfig, artifact: Artifact, out: Path) -> None:
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    entries = _entries(artifact, config)
+    for i in _progress(range(config.layers), "converting"):
+        for group in config.linear_groups():
+            w, scale = checkpoint.group_weights(ckpt, config, i, group)
+            _save(tmp, f"layers.{i}.{group.name}", pack_weights(entries[group.name], w))
+            _save(tmp, f"layers.{i}.{group.name}.scale", scale)
+            if config.quant.use_rms_norm:
+                module = checkpoint.layer_prefix(i) + group.modules[0]
+                _save(tmp, f"layers.{i}.{group.name}.norm", checkpoint.norm_weight(ckpt, module + ".rms_norm", group.k))
+        for name, key, size in _layer_norms(config):
+            _save(tmp, f"layers.{i}.{key}", checkpoint.norm_weight(ckpt, checkpoint.layer_prefix(i) + name, size))
+    _save(tmp, "norm", checkpoint.norm_weight(ckpt, "model.norm", config.hidden))
+    embed, bf16 = _float_matrix(ckpt, "model.embed_tokens.weight", config)
+    _save(tmp, "embed", layout_f16.pack_rows(embed, bf16=bf16))
+    if not config.tied:
+        output, bf16 = _float_matrix(ckpt, "lm_head.weight", config)
+        _save(tmp, "output", layout_f16.pack_rows(output, bf16=bf16))
+    (tmp / META_FILE).write_text(json.dumps({"converter": CONVERTER_VERSION, "source": str(ckpt.dir), "config": config.name}, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
+def _layer_norms(config: ModelConfig) -> list[tuple[str, str, int]]:
+    """(checkpoint name, cache key, size) of a layer's RMSNorm weights."""
+    norms = [("input_layernorm", "input_norm", config.hidden), ("post_attention_layernorm", "post_norm", config.hidden)]
+    if config.sub_norms:
+        norms += [(config.sub_norms[0], "attn_sub_norm", config.hidden), (config.sub_norms[1], "ffn_sub_norm", config.ffn)]
+    return norms
