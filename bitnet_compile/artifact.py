@@ -222,3 +222,4 @@ def build(
     man_tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(man_tmp, out_dir / MANIFEST_FILE)
     return out_dir / MANIFEST_FILE
+

@@ -2,7 +2,11 @@
 
     bitnet-compile [--target T] (--model M | --shapes NxK,...) [-o DIR]   compile an artifact
     bitnet-compile verify DIR [-t N]                                    check it against numpy
-    bitnet-compile bench [--target T] [--model M]                       kernel benchmark
+    bitnet-compile run -m M -p PROMPT [-a DIR]                          generate text
+    bitnet-compile chat -m M [-a DIR]                                   interactive chat
+    bitnet-compile bench -m M [-a DIR]                                  end-to-end tokens/s
+    bitnet-compile bench-kernels [--target T] [--model M]               kernel benchmark
+    bitnet-compile dummy PRESET -o DIR                                  dummy model for benchmarks
 
 User mistakes print one ``error:`` line and exit with status 2; nothing else is caught.
 """
@@ -16,7 +20,7 @@ from pathlib import Path
 
 from .errors import UserError
 
-SUBCOMMANDS = ("compile", "verify", "bench")
+SUBCOMMANDS = ("compile", "verify", "run", "chat", "bench", "bench-kernels", "dummy")
 DEFAULT_TARGET = "llvm -mcpu=native"
 
 
@@ -37,8 +41,51 @@ def _add_verify(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _add_model_target(p) -> None:
+    p.add_argument("--target", default=DEFAULT_TARGET, help="target to compile for when no --artifact is given (default: this CPU)")
+    p.add_argument("-f", "--family", default="auto", help="kernel family when compiling (default: auto)")
+
+
+def _add_run(sub) -> None:
+    from bitnet_runtime import cli_text
+
+    p = sub.add_parser("run", help="generate text from a prompt")
+    cli_text.add_model_options(p, artifact_required=False)
+    _add_model_target(p)
+    cli_text.add_run_options(p)
+    cli_text.add_sampling_options(p)
+
+
+def _add_chat(sub) -> None:
+    from bitnet_runtime import cli_text
+
+    p = sub.add_parser("chat", help="interactive chat with the model's chat template")
+    cli_text.add_model_options(p, artifact_required=False)
+    _add_model_target(p)
+    cli_text.add_chat_options(p)
+    cli_text.add_sampling_options(p)
+
+
+def _add_model_bench(sub) -> None:
+    from .model_bench import add_options
+
+    p = sub.add_parser("bench", help="end-to-end decode and prompt tokens/s of a model at 1 and 2 threads")
+    add_options(p)
+    _add_model_target(p)
+
+
+def _add_dummy(sub) -> None:
+    from .dummy_models import PRESETS
+
+    p = sub.add_parser("dummy", help="write a dummy BitNet checkpoint (random ternary weights, 2B-4T format) for benchmarks")
+    p.add_argument("preset", help=f"model shape: {', '.join(PRESETS)}")
+    p.add_argument("-o", "--output", type=Path, required=True, help="model directory to write")
+    p.add_argument("--layers", type=int, default=None, help="keep only this many layers (a short version of a big preset)")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="benchmark the LUT kernels against a plain int8 TVM kernel")
+    p = sub.add_parser("bench-kernels", help="benchmark the kernel families against a plain int8 TVM kernel")
     p.add_argument("--target", default=DEFAULT_TARGET)
     what = p.add_mutually_exclusive_group()
     what.add_argument("-m", "--model", default="2b-4t", help="model whose linear shapes to time (default: 2b-4t)")
@@ -65,7 +112,11 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     _add_compile(sub)
     _add_verify(sub)
+    _add_run(sub)
+    _add_chat(sub)
+    _add_model_bench(sub)
     _add_bench(sub)
+    _add_dummy(sub)
     return p
 
 
@@ -110,6 +161,42 @@ def run_bench(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _artifact_for(args: argparse.Namespace) -> Path:
+    """The given artifact, or one compiled for this model and target (cached)."""
+    if args.artifact:
+        return args.artifact
+    from .model_artifact import for_model
+    from .target import parse_target
+
+    return for_model(args.model, parse_target(args.target), args.family)
+
+
+def run_text(args: argparse.Namespace) -> int:
+    from bitnet_runtime import cli_text
+
+    return cli_text.run(args, _artifact_for(args))
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    from bitnet_runtime import cli_text
+
+    return cli_text.chat(args, _artifact_for(args))
+
+
+def run_model_bench(args: argparse.Namespace) -> int:
+    from .model_bench import run
+
+    return run(args, _artifact_for(args))
+
+
+def run_dummy(args: argparse.Namespace) -> int:
+    from .dummy_models import write_dummy_model
+
+    out = write_dummy_model(args.preset, args.output, seed=args.seed, layers=args.layers)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
@@ -119,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         argv.insert(0, "compile")
     args = parser().parse_args(argv)
     try:
-        return {"compile": run_compile, "verify": run_verify, "bench": run_bench}[args.command](args)
+        commands = {"compile": run_compile, "verify": run_verify, "run": run_text, "chat": run_chat, "bench": run_model_bench, "bench-kernels": run_bench, "dummy": run_dummy}
+        return commands[args.command](args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

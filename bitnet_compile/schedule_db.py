@@ -5,6 +5,7 @@ yet; tuned per-shape records come with the tuner.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from functools import cache
 from pathlib import Path
@@ -33,3 +34,8 @@ def knobs_for(op: str, isa: str) -> tuple[dict, str]:
         return dict(_defaults()[op][isa]), "default"
     except KeyError:
         raise UserError(f"no schedule defaults for kernel {op!r} on ISA {isa!r} in {SCHEDULES_DIR}/defaults.json") from None
+
+
+def fingerprint() -> str:
+    """Changes whenever any knob value does: part of cached artifacts' keys."""
+    return hashlib.sha256(json.dumps(_defaults(), sort_keys=True).encode()).hexdigest()[:16]

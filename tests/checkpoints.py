@@ -31,7 +31,8 @@ def _torch():
 
 
 def _random_state(model_cls, config, seed: int) -> dict:
-    """A random state dict with well-separated logits (embedding std 1) and norms near 1."""
+    """A random state dict with well-separated logits, norms near 1, and
+    linears large enough (std 0.2) that the layers, not the embedding alone, pick the next token."""
     torch = _torch()
     torch.manual_seed(seed)
     model = model_cls(config)
@@ -39,9 +40,13 @@ def _random_state(model_cls, config, seed: int) -> dict:
     gen = torch.Generator().manual_seed(seed + 1)
     for name, value in state.items():
         if name.endswith("embed_tokens.weight") or name == "lm_head.weight":
-            state[name] = torch.randn(value.shape, generator=gen)
+            # a tied embedding as large as the layers' outputs would make every token predict itself
+            std = 0.2 if config.tie_word_embeddings else 1.0
+            state[name] = std * torch.randn(value.shape, generator=gen)
         elif value.ndim == 1:
             state[name] = 1 + 0.2 * torch.randn(value.shape, generator=gen)
+        elif name.endswith("_proj.weight"):
+            state[name] = 0.2 * torch.randn(value.shape, generator=gen)
     return state
 
 
@@ -194,5 +199,6 @@ def reference_logits(model, ids: list[int]) -> np.ndarray:
 def reference_greedy(model, ids: list[int], new_tokens: int) -> list[int]:
     torch = _torch()
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+        prompt = torch.tensor([ids])  # an explicit mask: generate would take BOS (id 0 = pad here) for padding
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
     return out[0, len(ids):].tolist()

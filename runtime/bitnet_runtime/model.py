@@ -132,6 +132,7 @@ class Model:
 
     def __init__(self, artifact: Artifact, weights: ModelWeights, output: str = "f16", context: int | None = None):
         c = self.config = weights.config
+        self.artifact, self.weights = artifact, weights
         self.context_length = min(context or c.max_positions, c.max_positions)
         self.layers = [Layer(artifact, weights, c, i, self.context_length) for i in range(c.layers)]
         self.norm = weights.array("norm")
@@ -154,6 +155,10 @@ class Model:
 
     def forward(self, ids: list[int]) -> np.ndarray:
         """Append tokens at the current position; the logits after the last one."""
+        return self.output(self.hidden(ids))
+
+    def hidden(self, ids: list[int]) -> np.ndarray:
+        """Append tokens at the current position; the final-normed hidden state of the last one."""
         if not ids:
             raise UserError("no tokens to process")
         if self.pos + len(ids) > self.context_length:
@@ -165,4 +170,4 @@ class Model:
         for layer in self.layers:
             x = layer(x, self.pos, cos, sin)
         self.pos += len(ids)
-        return self.output(rms_norm(x[-1], self.norm, self.config.rms_eps))
+        return rms_norm(x[-1], self.norm, self.config.rms_eps)
