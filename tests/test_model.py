@@ -122,3 +122,156 @@ def test_text_generation_end_to_end(zoo, artifact_dir):
     result = llm.generate("the quick brown fox", 12, on_text=pieces.append)
     assert result.prompt_ids[0] == llm.tokenizer.bos_id and len(result.token_ids) <= 12
     assert "".join(pieces) == result.text
+
+
+# ---- bad input: every case is one clear UserError, never a crash ----
+
+
+def _copy(zoo, tmp_path, name="bitnet-packed") -> Path:
+    import shutil
+
+    return Path(shutil.copytree(zoo[name], tmp_path / "model"))
+
+
+def _fails(zoo, artifact_dir, model_dir, message: str) -> None:
+    from bitnet_runtime.api import LLM
+    from bitnet_runtime.errors import UserError
+
+    with pytest.raises(UserError, match=message):
+        LLM(model_dir, artifact_dir, echo=lambda line: None).generate("hello", 4)
+
+
+def _edit_json(path: Path, **changes) -> None:
+    import json
+
+    path.write_text(json.dumps(json.loads(path.read_text()) | changes))
+
+
+def test_missing_model_directory(zoo, artifact_dir, tmp_path):
+    _fails(zoo, artifact_dir, tmp_path / "nope", "neither a directory nor a hub id")
+
+
+def test_directory_without_config(zoo, artifact_dir, tmp_path):
+    _fails(zoo, artifact_dir, tmp_path, "has no config.json")
+
+
+def test_missing_weights(zoo, artifact_dir, tmp_path):
+    d = _copy(zoo, tmp_path)
+    (d / "model.safetensors").unlink()
+    _fails(zoo, artifact_dir, d, "no weights in")
+
+
+def test_truncated_safetensors(zoo, artifact_dir, tmp_path):
+    d = _copy(zoo, tmp_path)
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+    _fails(zoo, artifact_dir, d, "truncated")
+
+
+def test_corrupted_safetensors_header(zoo, artifact_dir, tmp_path):
+    d = _copy(zoo, tmp_path)
+    data = bytearray((d / "model.safetensors").read_bytes())
+    data[8:40] = b"\xff" * 32
+    (d / "model.safetensors").write_bytes(bytes(data))
+    _fails(zoo, artifact_dir, d, "corrupted")
+
+
+def test_missing_shard(zoo, artifact_dir, tmp_path):
+    d = _copy(zoo, tmp_path, "bitnet-sharded")
+    next(d.glob("model-00002-*.safetensors")).unlink()
+    _fails(zoo, artifact_dir, d, "shard")
+
+
+def test_shapes_that_disagree_with_config(zoo, artifact_dir, tmp_path):
+    d = _copy(zoo, tmp_path)
+    _edit_json(d / "config.json", intermediate_size=128)
+    # the artifact has no kernels for the new shape either: extend it so the checkpoint check is reached
+    from bitnet_runtime.errors import UserError
+
+    with pytest.raises(UserError, match="config.json implies|compile the artifact for this model"):
+        from bitnet_runtime.api import LLM
+
+        LLM(d, artifact_dir, echo=lambda line: None)
+
+
+def test_shape_mismatch_reported_by_the_reader(zoo, tmp_path):
+    from bitnet_runtime import checkpoint
+    from bitnet_runtime.errors import UserError
+    from bitnet_runtime.model_config import load_config
+    from bitnet_runtime.safetensors_file import Checkpoint
+
+    d = _copy(zoo, tmp_path)
+    _edit_json(d / "config.json", intermediate_size=128)
+    config = load_config(d)
+    with pytest.raises(UserError, match="config.json implies"):
+        checkpoint.group_weights(Checkpoint(d), config, 0, config.linear_groups()[2])
+
+
+def test_invalid_packed_value(zoo, tmp_path):
+    from bitnet_runtime import checkpoint
+    from bitnet_runtime.errors import UserError
+
+    with pytest.raises(UserError, match="corrupted"):
+        checkpoint.unpack_rows(np.full((2, 4), 0xFF, np.uint8), 8)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}, "unsupported architecture"),
+    ({"hidden_act": "gelu"}, "unsupported hidden_act"),
+    ({"quantization_config": {"quant_method": "gptq"}}, "unsupported quant_method"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "unsupported rope scaling"),
+    ({"num_key_value_heads": 3}, "inconsistent sizes"),
+])
+def test_unsupported_configs(zoo, artifact_dir, tmp_path, change, message):
+    d = _copy(zoo, tmp_path)
+    _edit_json(d / "config.json", **change)
+    _fails(zoo, artifact_dir, d, message)
+
+
+def test_missing_tokenizer(zoo, artifact_dir, tmp_path):
+    d = _copy(zoo, tmp_path)
+    (d / "tokenizer.json").unlink()
+    _fails(zoo, artifact_dir, d, "tokenizer.json")
+
+
+def test_prompt_longer_than_the_context(zoo, artifact_dir):
+    from bitnet_runtime.errors import UserError
+
+    llm = _llm(zoo, artifact_dir, "bitnet-packed", context=8)
+    with pytest.raises(UserError, match="context holds only 8"):
+        llm.generate(list(range(1, 12)), 4)
+
+
+def test_hub_id_offline_and_not_cached_names_the_id(zoo, artifact_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    _fails(zoo, artifact_dir, "someone/bitnet-model", "someone/bitnet-model: HF_HUB_OFFLINE is set")
+
+
+def test_hub_id_from_the_cache_offline(zoo, artifact_dir, tmp_path):
+    """A snapshot in huggingface_hub's cache layout is found by its id with the hub offline
+    (a fresh process: huggingface_hub reads its cache location once, at import)."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    repo = tmp_path / "hub" / "models--someone--bitnet-model"
+    shutil.copytree(zoo["bitnet-packed"], repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
+    cmd = [sys.executable, "-m", "bitnet_compile.cli", "run", "-m", "someone/bitnet-model", "-a", str(artifact_dir), "-p", "hello", "-n", "4", "--json"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(result.stdout)["ids"]) == 4
+
+
+def test_artifact_for_another_model(zoo, tmp_path):
+    from bitnet_runtime.errors import UserError
+
+    other = tmp_path / "artifact"
+    build(parse_target("llvm -mcpu=native"), [models.Linear("x", 16, 16)], other)
+    with pytest.raises(UserError, match="compile the artifact for this model"):
+        _llm(zoo, other, "bitnet-packed")
