@@ -35,7 +35,8 @@ def test_compile_native_verbatim_then_verify(tmp_path):
         (["--target", "llvm -mcpu=notacpu", "--shapes", "8x8"], "notacpu"),
         (["--target", "x86-avx2", "--shapes", "0x8"], "bad shape"),
         (["--target", "x86-avx2", "--shapes", "8by8"], "bad shape"),
-        (["--target", "x86-avx2", "--model", "no/such-model"], "unknown model"),
+        (["--target", "x86-avx2", "--model", "no/such-model"], "no/such-model"),
+        (["--target", "x86-avx2", "--model", "not-a-model"], "unknown model"),
         (["verify", "/nonexistent/artifact"], "does not exist"),
         (["--target", "x86-avx2", "--family", "dot2", "--shapes", "8x8"], "needs"),
         (["--target", "x86-avx2", "--family", "nope", "--shapes", "8x8"], "unknown kernel family"),
@@ -53,7 +54,8 @@ def test_model_config_json_gives_its_linears(tmp_path):
     from bitnet_compile import models
 
     cfg = tmp_path / "config.json"
-    cfg.write_text(json.dumps({"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "num_key_value_heads": 2}))
+    fields = {"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 1, "vocab_size": 100}
+    cfg.write_text(json.dumps({"model_type": "bitnet", "quantization_config": {"quant_method": "bitnet"}, **fields}))
     shapes = [(lin.name, lin.n, lin.k) for lin in models.resolve(str(tmp_path)).linears()]
     assert shapes == [("qkv", 128, 64), ("o", 64, 64), ("gate_up", 192, 64), ("down", 64, 96)]
     two_b = {(lin.n, lin.k) for lin in models.resolve("microsoft/bitnet-b1.58-2B-4T").linears()}
