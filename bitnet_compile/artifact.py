@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bitnet_runtime import layout, layout_dot2, layout_f16
+from bitnet_runtime import layout, layout_dot2, layout_f16, layout_i8
 from bitnet_runtime.manifest import FORMAT_VERSION, LIBRARY_FILE, MANIFEST_FILE, RUNTIME_LIBRARY_FILE, file_sha256
 
 from . import __version__, schedule_db
@@ -27,7 +27,7 @@ from .errors import UserError
 from .intrinsics.x86_lut import VECTOR_ISAS
 from .families import Family, choose
 from .models import Linear
-from .ops import act_quant, dequant, dot2_matmul, f16_gemv, lut_matmul, lut_table
+from .ops import act_quant, dequant, dot2_matmul, f16_gemv, i8_gemv, lut_matmul, lut_table
 from .target import TargetSpec
 
 
@@ -63,6 +63,7 @@ BUILDERS = {
     "dot2_gemv": _dot2_builder(True),
     "dot2_gemm": _dot2_builder(False),
     "f16_gemv": lambda p, isa: f16_gemv.build_primfunc(p.name, p.shape["n_padded"], p.shape["k"], f16_gemv.F16Knobs(**p.knobs)),
+    "i8_gemv": lambda p, isa: i8_gemv.build_primfunc(p.name, p.shape["n_padded"], p.shape["k_padded"], p.shape["variant"], i8_gemv.I8Knobs(**p.knobs)),
 }
 
 
@@ -127,8 +128,23 @@ def _f16_output(vocab: int, hidden: int, target: TargetSpec) -> tuple[dict, list
     return {"layout": layout_f16.VERSION, "kernels": {"gemv": name}}, [KernelPlan(name, "f16_gemv", shape, knobs, source)]
 
 
+def _i8_output(vocab: int, hidden: int, target: TargetSpec) -> tuple[dict, list[KernelPlan]]:
+    """int8 rows: the hidden state quantized like a BitLinear input, an int8 GEMV, and the
+    per-row scale applied by the dequantize kernel."""
+    knobs, source = schedule_db.knobs_for("i8_gemv", target.isa)
+    n_p, k_p = layout_i8.padded_shape(vocab, hidden)
+    shape = {"n": vocab, "k": hidden, "n_padded": n_p, "k_padded": k_p}
+    names = {"quantize": f"quantize_k{hidden}_p{k_p}", "gemv": f"i8_gemv_n{vocab}_k{hidden}", "dequantize": f"dequantize_n{vocab}_p{n_p}"}
+    plans = [
+        KernelPlan(names["quantize"], "quantize", shape),
+        KernelPlan(names["gemv"], "i8_gemv", shape | {"variant": i8_gemv.variant_for(target.isa, target.features)}, knobs, source),
+        KernelPlan(names["dequantize"], "dequantize", shape),
+    ]
+    return {"layout": layout_i8.VERSION, "n_padded": n_p, "k_padded": k_p, "kernels": names}, plans
+
+
 # output-layer format -> planner: (manifest entry of the format, kernels it needs)
-OUTPUT_PLANNERS = {"f16": _f16_output}
+OUTPUT_PLANNERS = {"f16": _f16_output, "i8": _i8_output}
 
 
 def plan_output_layer(vocab: int, hidden: int, target: TargetSpec) -> tuple[dict, list[KernelPlan]]:

@@ -8,16 +8,21 @@ purely bandwidth-bound, so the goal is to read the weights at the machine's DRAM
 
 Compute: per tile of 64 rows, out[t, l] = sum_k float32(w[t, k, l]) * x[k]. Schedule: tiles in
 parallel (TVM hands each thread a contiguous range of tiles, so each thread streams one
-contiguous region); per tile the 64 accumulators live in registers (``local``), the lane loop
-is vectorized, which LLVM turns into vcvtph2ps (with the load folded in) and vfmadd231ps:
-four zmm (eight ymm on AVX2, F16C) per k. ``k_unroll`` unrolls the k loop (it does not change
-the numbers). The k order per output is sequential, and LLVM may fuse the multiply-add, so
-results are close to, not bit-equal with, the reference (see reference.F16_GEMV_RTOL).
+contiguous region); per tile the k loop (unrolled by ``k_unroll``) outside, the 64 lanes
+inside, the 64 float32 accumulators in registers: vcvtph2ps (load folded in) and vfmadd231ps
+on four zmm (eight ymm on AVX2, which has F16C) per k. With ``prefetch`` (default) the k step
+is a small tensor intrinsic that also prefetches both cache lines of the tile's stream
+PREFETCH_BYTES ahead; without it the lane loop is plainly vectorized (same instructions, no
+prefetch). With the prefetch in the loop LLVM also stores the accumulators to their
+(L1-resident) local buffer each step, which costs nothing measurable when streaming from
+DRAM. The k order per output is sequential and the multiply-adds may be fused, so results
+are close to, not bit-equal with, the exact reference (reference.F16_GEMV_RTOL).
 
-Measured (128256 x 2560, 657 MB, from DRAM, 2-core Xeon): 1 thread 67 ms (9.8 GB/s, 89% of
-ops/bandwidth.py's read rate), 2 threads 33 ms (20 GB/s, 95%), without software prefetch: a
-tile is one contiguous 320 KB stream, which the hardware prefetcher follows. k_unroll 1, 2, 4
-and 8 were equal within the (large, shared-machine) noise.
+Measured (128256 x 2560, 657 MB, from DRAM, rotating two copies; 2-core Xeon, median of 5
+rounds): with prefetch 1 thread 56 ms (11.7 GB/s, ~100% of ops/bandwidth.py's read rate), 2
+threads 31 ms (21.3 GB/s, 99%); without it 65 ms (90%) and 36 ms (85%): the hardware
+prefetcher alone leaves the stream waiting on memory. k_unroll 1, 2, 4 and 8 were equal
+within noise.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from dataclasses import dataclass
 
 import tvm
 from tvm import te
+from tvm.s_tir import TensorIntrin
+from tvm.script import tirx as T
 
 from bitnet_runtime import reference as _reference
 from bitnet_runtime.layout_f16 import ROWS
@@ -33,13 +40,52 @@ from bitnet_runtime.layout_f16 import ROWS
 from ..errors import UserError
 
 reference = _reference.f16_gemv
+PREFETCH_BYTES = 4096  # software prefetch distance of a tile's weight stream
+INTRIN = "bitnet_f16_fma_prefetch"
+
+
+@T.prim_func(s_tir=True)
+def _desc(
+    W: T.Buffer((ROWS,), "float16", offset_factor=1),
+    X: T.Buffer((1,), "float32", offset_factor=1),
+    C: T.Buffer((ROWS,), "float32", offset_factor=1, scope="local"),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:ROWS], W[0:ROWS], X[0:1])
+        T.writes(C[0:ROWS])
+        for lane in T.serial(ROWS):
+            with T.sblock("update"):
+                vl = T.axis.remap("S", [lane])
+                C[vl] = C[vl] + T.Cast("float32", W[vl]) * X[0]
+
+
+@T.prim_func(s_tir=True)
+def _impl(
+    W: T.Buffer((ROWS,), "float16", offset_factor=1),
+    X: T.Buffer((1,), "float32", offset_factor=1),
+    C: T.Buffer((ROWS,), "float32", offset_factor=1, scope="local"),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:ROWS], W[0:ROWS], X[0:1])
+        T.writes(C[0:ROWS])
+        weights = T.meta_var(T.Cast("float32x64", W.vload([0], "float16x64")))
+        C.vstore([0], C.vload([0], "float32x64") + weights * T.broadcast(X[0], ROWS))
+        for line in T.unroll(2):  # one k step is 128 bytes: both its cache lines (offsets in float16 elements)
+            ahead = T.meta_var(W.access_ptr("r", offset=(PREFETCH_BYTES + 64 * line) // 2))
+            T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", ahead, T.int32(0), T.int32(3), T.int32(1)))
+
+
+TensorIntrin.register(INTRIN, _desc, _impl, override=True)
 
 
 @dataclass(frozen=True)
 class F16Knobs:
-    """k_unroll: k steps unrolled in the inner loop (at most; the largest divisor of K up to it)."""
+    """k_unroll: k steps unrolled in the inner loop (at most; the largest divisor of K up to it).
+    prefetch: each k step also prefetches the tile's stream PREFETCH_BYTES ahead (a tensorized
+    step); without it the lane loop is simply vectorized."""
 
     k_unroll: int = 2
+    prefetch: bool = True
 
     def check(self) -> None:
         if self.k_unroll < 1:
@@ -69,8 +115,12 @@ def schedule(func: tvm.tirx.PrimFunc, k: int, knobs: F16Knobs) -> tvm.s_tir.Sche
     sch.reverse_compute_at(acc, t)
     r, r_inner = sch.split(r, [None, unroll])
     sch.reorder(r, r_inner, lane)
-    sch.vectorize(lane)
-    sch.decompose_reduction(out, r)
+    if knobs.prefetch:
+        sch.decompose_reduction(out, r)
+        sch.tensorize(lane, INTRIN)
+    else:
+        sch.vectorize(lane)
+        sch.decompose_reduction(out, r)
     if unroll > 1:
         sch.unroll(r_inner)
     sch.vectorize(sch.get_loops(acc)[-1])

@@ -27,7 +27,7 @@ import numpy as np
 
 from .errors import UserError
 from .layout_f16 import CHUNK_ROWS, check_matrix, rows_as_float32
-from .memory import aligned_copy, aligned_empty, aligned_zeros
+from .memory import aligned_empty, aligned_zeros
 
 VERSION = "i8-tiles-v1"
 ROWS = 64  # rows per tile: 4 zmm of int32 accumulators
@@ -55,13 +55,28 @@ def kernel_views(q: np.ndarray, correction: np.ndarray, out: np.ndarray) -> tupl
     return q.reshape(1, -1, CHUNK), correction.reshape(-1, ROWS), out.reshape(-1, ROWS)
 
 
+def kernel_arrays(arrays: tuple[np.ndarray, np.ndarray, np.ndarray], shape: dict | None = None) -> tuple:
+    """``quantize_rows``' (packed, scale, correction) as (packed, per-row scale for the dequantize
+    kernel, the extra GEMV arguments after ``packed``: (correction [N_padded/64, 64],)).
+    ``shape``, a manifest shape with n_padded and k_padded, is checked against the arrays."""
+    packed, scale, corr = arrays
+    if shape is not None and packed.shape != (shape["n_padded"] // ROWS, shape["k_padded"] // CHUNK, ROWS, CHUNK):
+        want = f"n_padded={shape['n_padded']} k_padded={shape['k_padded']}"
+        raise UserError(f"int8 output weights of shape {packed.shape} do not fit the kernel's {want}")
+    return packed, scale, (corr.reshape(-1, ROWS),)
+
+
 def quantize_block(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float32 rows [r, K] -> (int8 [r, K], float32 scale [r]) by per-row absmax."""
-    absmax = np.abs(rows).max(axis=1)
+    """float32 rows [r, K] -> (int8 [r, K], float32 scale [r]) by per-row absmax (one float32
+    temporary the size of ``rows``; ``rows`` itself is left alone: it may be the caller's)."""
+    absmax = np.maximum(rows.max(axis=1), -rows.min(axis=1))
     scale = (absmax / np.float32(QMAX)).astype(np.float32)
-    inverse = np.divide(np.float32(QMAX), absmax, out=np.zeros_like(absmax), where=absmax > 0)
-    q = np.clip(np.rint(rows * inverse[:, None]), -QMAX, QMAX).astype(np.int8)
-    return q, scale
+    floor = np.float32(1e-30)  # 127 / absmax must stay finite (a row this small quantizes to 0)
+    inverse = np.divide(np.float32(QMAX), np.maximum(absmax, floor), out=np.zeros_like(absmax), where=absmax > 0)
+    scaled = rows * inverse[:, None]
+    np.rint(scaled, out=scaled)
+    np.clip(scaled, -QMAX, QMAX, out=scaled)
+    return scaled.astype(np.int8), scale
 
 
 def pack_block(w: np.ndarray, k_padded: int) -> np.ndarray:
@@ -74,11 +89,12 @@ def pack_block(w: np.ndarray, k_padded: int) -> np.ndarray:
 
 def correction(packed: np.ndarray) -> np.ndarray:
     """int32 [N_padded] = SHIFT * (sum of each row's weights), the term the kernel subtracts."""
-    tiles = packed.shape[0]
-    out = np.empty((tiles, ROWS), np.int32)
-    for start in range(0, tiles, 64):
-        out[start : start + 64] = packed[start : start + 64].sum(axis=(1, 3), dtype=np.int32) * SHIFT
-    return aligned_copy(out.reshape(-1))
+    tiles, chunks = packed.shape[:2]
+    out = aligned_empty((tiles, ROWS), np.int32)
+    for start in range(0, tiles, 64):  # summing over chunks first (axis 1) is what numpy does fast
+        block = packed[start : start + 64].reshape(-1, chunks, ROWS * CHUNK)
+        out[start : start + 64] = np.add.reduce(block, axis=1, dtype=np.int32).reshape(-1, ROWS, CHUNK).sum(axis=2) * SHIFT
+    return out.reshape(-1)
 
 
 def quantize_rows(w, bf16: bool = False, chunk_rows: int = CHUNK_ROWS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -93,7 +109,7 @@ def quantize_rows(w, bf16: bool = False, chunk_rows: int = CHUNK_ROWS) -> tuple[
     for start in range(0, n_p, chunk_rows):
         stop = min(start + chunk_rows, n_p)
         rows = rows_as_float32(w, start, min(stop, n), bf16)
-        if not np.isfinite(rows).all():
+        if rows.size and not (np.isfinite(rows.min()) and np.isfinite(rows.max())):
             raise UserError(f"weights in rows {start}..{min(stop, n) - 1} are not finite")
         q = np.zeros((stop - start, k), np.int8)
         q[: rows.shape[0]], scale[start : start + rows.shape[0]] = quantize_block(rows)

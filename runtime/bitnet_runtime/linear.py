@@ -113,10 +113,16 @@ class BitLinear:
         self.packed = pack_weights(self._entry, w)
 
     @classmethod
-    def from_packed(cls, artifact: Artifact, n: int, k: int, packed: np.ndarray, weight_scale) -> "BitLinear":
-        """A layer over weights already packed by ``pack_weights`` (e.g. memory-mapped from the cache)."""
+    def from_packed(cls, artifact: Artifact, n: int, k: int, packed: np.ndarray, weight_scale, buffers: dict | None = None) -> "BitLinear":
+        """A layer over weights already packed by ``pack_weights`` (e.g. memory-mapped from the cache).
+
+        ``buffers``: working memory shared with other layers of the same shape (a model's 30
+        q|k|v layers need one set, not 30); ``forward``'s result then lives until the next
+        call of any layer sharing it."""
         layer = cls.__new__(cls)
         layer._bind(artifact, artifact.linear(n, k), weight_scale)
+        if buffers is not None:
+            layer._buffers = buffers
         if not is_aligned(packed):
             raise UserError(f"packed weights of the {n}x{k} layer must be C-contiguous and 64-byte aligned")
         layer.packed = packed

@@ -84,12 +84,13 @@ class KVCache:
 class Layer:
     """One decoder layer: its ternary linears, norms and KV cache."""
 
-    def __init__(self, artifact: Artifact, weights: ModelWeights, config: ModelConfig, index: int, context: int):
+    def __init__(self, artifact: Artifact, weights: ModelWeights, config: ModelConfig, index: int, context: int, buffers: dict):
         self.c = config
         prefix = f"layers.{index}."
         self.linears = {}
         for g in config.linear_groups():
-            layer = BitLinear.from_packed(artifact, g.n, g.k, weights.array(prefix + g.name), weights.array(prefix + g.name + ".scale"))
+            shared = buffers.setdefault(g.name, {})  # every layer's outputs are consumed before the next layer runs
+            layer = BitLinear.from_packed(artifact, g.n, g.k, weights.array(prefix + g.name), weights.array(prefix + g.name + ".scale"), shared)
             norm = weights.array(prefix + g.name + ".norm") if config.quant.use_rms_norm else None
             self.linears[g.name] = (layer, norm)
         self.input_norm, self.post_norm = weights.array(prefix + "input_norm"), weights.array(prefix + "post_norm")
@@ -134,7 +135,8 @@ class Model:
         c = self.config = weights.config
         self.artifact, self.weights = artifact, weights
         self.context_length = min(context or c.max_positions, c.max_positions)
-        self.layers = [Layer(artifact, weights, c, i, self.context_length) for i in range(c.layers)]
+        buffers: dict = {}
+        self.layers = [Layer(artifact, weights, c, i, self.context_length, buffers) for i in range(c.layers)]
         self.norm = weights.array("norm")
         self.embed = weights.array("embed")
         self.output = make_output_layer(artifact, weights, output)

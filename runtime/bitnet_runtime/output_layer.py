@@ -16,7 +16,7 @@ import numpy as np
 from . import layout_f16, layout_i8
 from .artifact import Artifact
 from .errors import UserError
-from .memory import aligned_copy, aligned_empty, aligned_zeros
+from .memory import aligned_empty, aligned_zeros
 from .weights import ModelWeights
 
 OUTPUT_FORMATS = ("f16", "i8")
@@ -45,17 +45,19 @@ class I8Output:
         self.quantize = artifact.kernel(kernels["quantize"]).function
         self.gemv = artifact.kernel(kernels["gemv"]).function
         self.dequantize = artifact.kernel(kernels["dequantize"]).function
-        self.rows, self.scale, self.extra = layout_i8.kernel_arrays(weights.output_i8(fmt), fmt)
+        self.rows, scale, (correction,) = layout_i8.kernel_arrays(weights.output_i8(), fmt)
+        self.scale = scale[: self.n]
         self.x = aligned_empty((1, entry["k"]), np.float32)
         self.q = aligned_zeros((1, self.k_p), np.int8)
         self.act_scale = aligned_empty((1,), np.float32)
         self.acc = aligned_empty((1, fmt["n_padded"]), np.int32)
+        self.q_view, self.correction, self.acc_view = layout_i8.kernel_views(self.q, correction, self.acc)
         self.out = aligned_empty((1, self.n), np.float32)
 
     def __call__(self, h: np.ndarray) -> np.ndarray:
         self.x[0] = h
         self.quantize(self.x, self.q, self.act_scale)
-        self.gemv(self.q, self.rows, *self.extra, self.acc)
+        self.gemv(self.q_view, self.rows, self.correction, self.acc_view)
         self.dequantize(self.acc, self.act_scale, self.scale, self.out)
         return self.out[0].copy()
 

@@ -67,9 +67,9 @@ _OUTPUT_TILES_PER_STEP = 16
 
 def f16_gemv(x: np.ndarray, packed: np.ndarray, with_bound: bool = False):
     """float32 [1, N_padded]: x [K] (or [1, K]) times the float16 tiles [N_padded/64, K, 64],
-    computed exactly (float64, correctly rounded to float32 at the end). The kernel sums in
-    float32 in k order (possibly with fused multiply-adds), so it equals this only within
-    ``f16_gemv_tolerance``. ``with_bound`` also returns sum_k |x[k] w[n, k]| (float64 [1, N_padded])."""
+    computed in float64 (exact products, sums good to ~1e-16) and rounded to float32 once.
+    The kernel sums in float32 in k order (possibly with fused multiply-adds), so it equals
+    this only within ``f16_gemv_close``. ``with_bound`` also returns sum_k |x[k] w[n, k]| (float64 [1, N_padded])."""
     x64 = np.asarray(x, np.float64).reshape(-1)
     tiles, k, rows = packed.shape
     out, bound = np.empty((tiles, rows), np.float64), np.empty((tiles, rows), np.float64)

@@ -2,8 +2,10 @@
 reference on random full-range inputs, on the device the artifact was copied to.
 
 Integer kernels must match exactly; so must the float ones, which repeat the reference's
-float32 operations in the same order. Inputs include the extremes (-128 everywhere against
-all-(+1) and all-(-1) rows) that would expose an int16 overflow.
+float32 operations in the same order, except the float16 output-layer GEMV, whose float32
+sums may use fused multiply-adds: it must be within a stated tolerance (TOLERANT_OPS).
+Inputs include the extremes (-128 everywhere against all-(+1) and all-(-1) rows) that would
+expose an int16 overflow.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ import time
 
 import numpy as np
 
-from . import layout, layout_dot2, reference
+from . import layout, layout_dot2, layout_f16, layout_i8, reference
 from .artifact import Artifact, Kernel
-from .memory import aligned_copy, aligned_zeros
+from .memory import aligned_copy, aligned_empty, aligned_zeros
 
 TOKENS = 3  # GEMM and the token-parallel kernels run on this many tokens
 
@@ -93,6 +95,79 @@ def check_dequantize(kernel: Kernel, rng: np.random.Generator) -> bool:
     return np.array_equal(out, reference.dequantize(acc[:, : s["n"]], act_scale, weight_scale))
 
 
+_OUTPUT_TILES_PER_STEP = 64  # tiles of random weights generated at a time (a vocabulary is 2000+ tiles)
+
+
+def _random_bits(rng: np.random.Generator, like: np.ndarray) -> np.ndarray:
+    """Uniformly random bits shaped and typed like ``like`` (whose size is a multiple of 8 bytes)."""
+    words = rng.integers(0, 2**64 - 1, like.nbytes // 8, dtype=np.uint64, endpoint=True)
+    return words.view(like.dtype).reshape(like.shape)
+
+
+def _f16_tiles(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
+    """Random float16 tiles [N_padded/64, K, 64], padded rows zero: every finite magnitude
+    below 2 (subnormals included, log-uniform-like), either sign, drawn as bit patterns
+    (random bits with exponent bit 4 cleared)."""
+    packed = aligned_empty(layout_f16.packed_shape(n, k), np.float16)
+    bits = packed.view(np.uint16)
+    for start in range(0, packed.shape[0], _OUTPUT_TILES_PER_STEP):
+        chunk = bits[start : start + _OUTPUT_TILES_PER_STEP]
+        np.bitwise_and(_random_bits(rng, chunk), np.uint16(0xBFFF), out=chunk)
+    if n % layout_f16.ROWS:
+        packed[-1, :, n % layout_f16.ROWS :] = 0
+    return packed
+
+
+def check_f16_gemv(kernel: Kernel, rng: np.random.Generator) -> bool:
+    """Shape keys: n, k (k_padded == k). Not bit-exact: within reference.F16_GEMV_RTOL of
+    sum_k |x[k] w[n, k]|, since LLVM may fuse multiply-adds. Padded rows must come out 0."""
+    s = kernel.shape
+    packed = _f16_tiles(rng, s["n"], s["k"])
+    x = aligned_copy((rng.standard_normal((1, s["k"])) * rng.uniform(0.1, 10)).astype(np.float32))
+    out = aligned_zeros((1, packed.shape[0] * layout_f16.ROWS), np.float32)
+    out[:] = np.nan
+    kernel(x, packed, layout_f16.out_view(out))
+    return reference.f16_gemv_close(out, x, packed) and not out[0, s["n"] :].any()
+
+
+def _i8_tiles(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
+    """Random int8 weight tiles in [-127, 127] with zero padding; row 0 all +127, row n-1 all
+    -127 (the largest sums against activations of -128)."""
+    packed = aligned_empty(layout_i8.packed_shape(n, k), np.int8)
+    for start in range(0, packed.shape[0], _OUTPUT_TILES_PER_STEP):
+        chunk = packed[start : start + _OUTPUT_TILES_PER_STEP]
+        np.maximum(_random_bits(rng, chunk), np.int8(-127), out=chunk)
+    packed[0, :, 0, :] = 127
+    last_t, last_i = divmod(n - 1, layout_i8.ROWS)
+    packed[last_t, :, last_i, :] = -127
+    if n % layout_i8.ROWS:
+        packed[-1, :, n % layout_i8.ROWS :, :] = 0
+    if k % layout_i8.CHUNK:  # columns k.. of the last chunk
+        packed[:, -1, :, k % layout_i8.CHUNK :] = 0
+    return packed
+
+
+def check_i8_gemv(kernel: Kernel, rng: np.random.Generator) -> bool:
+    """Shape keys: n, k, n_padded, k_padded (layout_i8.padded_shape). Bit-exact, on
+    activations of -128 everywhere and on full-range random ones (zero past k)."""
+    s = kernel.shape
+    packed = _i8_tiles(rng, s["n"], s["k"])
+    corr = layout_i8.correction(packed)
+    out = aligned_zeros((1, s["n_padded"]), np.int32)
+    for q_real in (np.full((1, s["k"]), -128, np.int8), rng.integers(-128, 128, (1, s["k"]), dtype=np.int8)):
+        q = aligned_zeros((1, s["k_padded"]), np.int8)
+        q[:, : s["k"]] = q_real
+        out[:] = -1
+        q_view, corr_view, out_view = layout_i8.kernel_views(q, corr, out)
+        kernel(q_view, packed, corr_view, out_view)
+        if not np.array_equal(out, reference.i8_gemv(q, packed)):
+            return False
+    return True
+
+
+TOLERANT_OPS = {"f16_gemv": f"close (within {reference.F16_GEMV_RTOL:g} x sum|x w|)"}  # checked to a tolerance, not exactly
+
+
 def check_kernel(artifact: Artifact, name: str, rng: np.random.Generator) -> bool:
     kernel = artifact.kernel(name)
     if kernel.op == "quantize":
@@ -103,6 +178,10 @@ def check_kernel(artifact: Artifact, name: str, rng: np.random.Generator) -> boo
         return check_dequantize(kernel, rng)
     if kernel.op.startswith("dot2_"):
         return check_dot2_matmul(kernel, rng)
+    if kernel.op == "f16_gemv":
+        return check_f16_gemv(kernel, rng)
+    if kernel.op == "i8_gemv":
+        return check_i8_gemv(kernel, rng)
     return check_lut_matmul(kernel, rng)
 
 
@@ -115,6 +194,7 @@ def verify(artifact: Artifact, seed: int = 0, names: list[str] | None = None, ec
         start = time.perf_counter()
         ok = check_kernel(artifact, name, rng)
         failed += not ok
-        echo(f"{'ok  ' if ok else 'FAIL'}  {name:<34} {'exact' if ok else 'MISMATCH against the numpy reference'}  ({time.perf_counter() - start:.2f} s)")
+        verdict = TOLERANT_OPS.get(artifact.kernel(name).op, "exact") if ok else "MISMATCH against the numpy reference"
+        echo(f"{'ok  ' if ok else 'FAIL'}  {name:<34} {verdict}  ({time.perf_counter() - start:.2f} s)")
     echo(f"{len(names) - failed} passed, {failed} failed")
     return failed == 0

@@ -81,13 +81,15 @@ class ModelWeights:
         except (OSError, ValueError) as err:
             raise UserError(f"converted weights in {self.dir} are damaged ({path.name}: {err}); delete the directory to convert again") from None
 
-    def output_i8(self) -> tuple[np.ndarray, np.ndarray]:
-        """The int8 output layer (rows, per-row scale), made on first use and cached beside the rest."""
-        if not (self.dir / "output_i8.npy").is_file():
-            rows, scale = layout_i8.quantize_rows(*_output_source(self._ckpt, self.config))
-            _save(self.dir, "output_i8", rows)
-            _save(self.dir, "output_i8_scale", scale)
-        return self.array("output_i8"), self.array("output_i8_scale")
+    def output_i8(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The int8 output layer (rows, per-row scale, correction term), made on first use and
+        cached beside the rest (the correction file is written last: its presence means done)."""
+        names = ("output_i8", "output_i8_scale", "output_i8_correction")
+        if not (self.dir / f"{names[-1]}.npy").is_file():
+            source, bf16 = _output_source(self._ckpt, self.config)
+            for name, array in zip(names, layout_i8.quantize_rows(source, bf16=bf16)):
+                _save(self.dir, name, array)
+        return tuple(self.array(name) for name in names)
 
 
 def _output_source(ckpt: Checkpoint, config: ModelConfig) -> tuple[np.ndarray, bool]:
