@@ -63,7 +63,8 @@ def _bandwidth_library(target_json: dict, nbytes: int, out_dir: Path) -> list[in
 
     chunks, steps, lanes = bandwidth.shape_for(nbytes)
     func = bandwidth.build_primfunc("bandwidth_read", chunks, steps)
-    target = parse_target(json.dumps({k: target_json[k] for k in ("kind", "mcpu", "mattr", "num_cores") if k in target_json} | {"mtriple": target_json["triple"]}))
+    t = target_json
+    target = parse_target(json.dumps({"kind": t["kind"], "mtriple": t["triple"], "mcpu": t["mcpu"], "mattr": t["mattr"], "num-cores": t["num_cores"]}))
     tvm.compile(tvm.IRModule({"bandwidth_read": func}), target=target.tvm_target()).export_library(str(out_dir / BANDWIDTH_FILE))
     return [chunks, steps, lanes]
 
