@@ -69,10 +69,15 @@ def _bandwidth_library(target_json: dict, nbytes: int, out_dir: Path) -> list[in
     return [chunks, steps, lanes]
 
 
-def _prepare(spec: dict) -> None:
-    """Convert the weights once, in a process of its own, so no measured run pays for it."""
-    code = "import sys, json; from bitnet_runtime.api import LLM; s = json.loads(sys.argv[1]); LLM(s['model'], s['artifact'], echo=lambda l: print(l, file=sys.stderr))"
-    subprocess.run([sys.executable, "-c", code, json.dumps(spec)], check=True)
+def _prepare(spec: dict, formats: list[str]) -> None:
+    """Convert the weights (each output-layer format) once, in a process of its own, so no
+    measured run pays for it."""
+    code = (
+        "import sys, json; from bitnet_runtime.api import LLM; s = json.loads(sys.argv[1])\n"
+        "for f in s['formats']: LLM(s['model'], s['artifact'], output=f, echo=lambda l: print(l, file=sys.stderr))"
+    )
+    if subprocess.run([sys.executable, "-c", code, json.dumps(spec | {"formats": formats})]).returncode != 0:
+        raise UserError("loading the model for the benchmark failed (see above)")
 
 
 def _worker_run(spec: dict, threads: int, fmt: str) -> dict:
@@ -103,7 +108,7 @@ def run(args: argparse.Namespace, artifact_dir: Path) -> int:
         shape = _bandwidth_library(manifest["target"], nbytes, Path(tmp))
         spec = {"model": str(model_dir), "artifact": str(artifact_dir), "tokens": args.tokens, "repeat": args.repeat,
                 "bandwidth": {"library": str(Path(tmp) / BANDWIDTH_FILE), "shape": shape}}
-        _prepare(spec)
+        _prepare(spec, formats)
         runs = []
         for fmt in formats:
             for t in threads:
@@ -227,13 +232,14 @@ def worker(spec: dict) -> dict:
         start = time.perf_counter()
         model.prefill(prompt)
         prompt_speed.append(n / (time.perf_counter() - start))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the f16 copy and bandwidth buffer below
     agreement = _agreement(model, spec, short, n) if spec["format"] == "i8" else None
     bandwidth = _bandwidth(spec["bandwidth"])
     bytes_per_token = _weight_bytes(model)
     decode_tok_s = float(np.median(decode))
     return {
         "threads": spec["threads"], "format": spec["format"], "decode_tok_s": decode_tok_s, "prompt_tok_s": float(np.median(prompt_speed)),
-        "python_s_per_token": _python_seconds(model, short, min(n, 32)), "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "python_s_per_token": _python_seconds(model, short, min(n, 32)), "peak_rss_bytes": peak,
         "bytes_per_token": bytes_per_token, "bandwidth_gb_s": bandwidth, "fraction_of_limit": decode_tok_s * bytes_per_token / (bandwidth * 1e9),
         "top1_agreement": agreement,
     }
