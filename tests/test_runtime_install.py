@@ -47,3 +47,25 @@ def test_runtime_only_environment_verifies_an_artifact(runtime_python, tmp_path)
     assert result.returncode == 0, result.stderr
     kernels = len(json.loads((out / "manifest.json").read_text())["kernels"])
     assert f"{kernels} passed, 0 failed" in result.stdout
+
+
+def test_runtime_only_environment_runs_a_model(runtime_python, tmp_path):
+    """The whole edge story: a checkpoint and an artifact compiled elsewhere, text generated
+    with the runtime alone."""
+    from bitnet_compile import models
+    from bitnet_compile.dummy_models import write_dummy_model
+
+    model = write_dummy_model("tiny", tmp_path / "model", progress=False)
+    shape = models.from_model_dir(model)
+    out = tmp_path / "artifact"
+    artifact.build(parse_target("llvm -mcpu=native"), shape.linears(), out, output_layer=(shape.vocab, shape.hidden))
+    result = subprocess.run(
+        [str(runtime_python), "-m", "bitnet_runtime", "run", "-a", str(out), "-m", str(model), "-p", "hello", "-n", "5", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd="/",
+        env={"BITNET_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(result.stdout)["ids"]) == 5

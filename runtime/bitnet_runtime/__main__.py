@@ -1,10 +1,16 @@
-"""Device-side command line: ``python -m bitnet_runtime verify DIR [--threads N] [--seed S]``."""
+"""Device-side command line, no compiler needed:
+
+    python -m bitnet_runtime verify DIR [--threads N] [--seed S]
+    python -m bitnet_runtime run -a DIR -m MODEL -p PROMPT [...]
+    python -m bitnet_runtime chat -a DIR -m MODEL [...]
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from . import cli_text
 from .errors import UserError
 
 
@@ -15,12 +21,25 @@ def main(argv: list[str] | None = None) -> int:
     verify_cmd.add_argument("artifact", help="artifact directory (holds manifest.json)")
     verify_cmd.add_argument("-t", "--threads", type=int, default=None, help="kernel threads (default: all cores)")
     verify_cmd.add_argument("--seed", type=int, default=0, help="random inputs seed (default 0)")
+    run_cmd = sub.add_parser("run", help="generate text from a prompt")
+    cli_text.add_model_options(run_cmd, artifact_required=True)
+    cli_text.add_run_options(run_cmd)
+    cli_text.add_sampling_options(run_cmd)
+    chat_cmd = sub.add_parser("chat", help="interactive chat with the model's chat template")
+    cli_text.add_model_options(chat_cmd, artifact_required=True)
+    cli_text.add_chat_options(chat_cmd)
+    cli_text.add_sampling_options(chat_cmd)
     args = parser.parse_args(argv)
     try:
-        return run_verify(args.artifact, args.threads, args.seed)
+        if args.command == "verify":
+            return run_verify(args.artifact, args.threads, args.seed)
+        return {"run": cli_text.run, "chat": cli_text.chat}[args.command](args, args.artifact)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 def run_verify(artifact_dir: str, threads: int | None, seed: int) -> int:
