@@ -275,3 +275,12 @@ def test_artifact_for_another_model(zoo, tmp_path):
     build(parse_target("llvm -mcpu=native"), [models.Linear("x", 16, 16)], other)
     with pytest.raises(UserError, match="compile the artifact for this model"):
         _llm(zoo, other, "bitnet-packed")
+
+
+def test_conversion_key_ignores_knobs_that_do_not_change_the_packing():
+    from bitnet_runtime.weights import _packing
+
+    entry = {"n": 64, "k": 64, "n_padded": 64, "k_padded": 64, "layout": "dot2-v1", "layout_params": {"token_tile": 8}}
+    assert _packing(entry) == _packing(entry | {"layout_params": {"token_tile": 4}})
+    lut = {"n": 64, "k": 64, "n_padded": 64, "k_padded": 64, "layout": "lut4-v1", "layout_params": {"rows": 64, "kblock": 16}}
+    assert _packing(lut) != _packing(lut | {"layout_params": {"rows": 64, "kblock": 32}})

@@ -22,6 +22,7 @@ import numpy as np
 from .errors import UserError
 
 VERSION = "lut4-v1"
+PACKING_PARAMS = ("rows", "kblock")  # the layout_params that change the packed bytes
 GROUP = 4  # weights per table lookup
 
 

@@ -14,6 +14,7 @@ import numpy as np
 from .layout import check_ternary, round_up
 
 VERSION = "dot2-v1"
+PACKING_PARAMS: tuple[str, ...] = ()  # token_tile shapes the GEMM call, not the packed bytes
 ROWS = 16
 CHUNK = 16  # weights of a row per chunk (4 fields x 4 bytes)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from . import layout_f16
 from .artifact import Artifact
 from .errors import UserError
 from .linear import BitLinear
@@ -171,7 +170,7 @@ class Model:
             raise UserError(f"{self.pos + len(ids)} tokens exceed the context of {self.context_length}")
         if min(ids) < 0 or max(ids) >= self.config.vocab:
             raise UserError(f"token ids must be in [0, {self.config.vocab}), got {min(ids)}..{max(ids)}")
-        x = layout_f16.gather_rows(self.embed, np.asarray(ids))
+        x = self.embed[ids].astype(np.float32)
         cos, sin = self.cos[self.pos : self.pos + len(ids)], self.sin[self.pos : self.pos + len(ids)]
         for layer in self.layers:
             x = layer(x, self.pos, cos, sin)

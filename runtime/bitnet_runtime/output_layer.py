@@ -69,5 +69,5 @@ def make_output_layer(artifact: Artifact, weights: ModelWeights, fmt: str):
     if fmt not in OUTPUT_FORMATS or fmt not in entry["formats"]:
         raise UserError(f"output layer format {fmt!r} is not in this artifact (it has {', '.join(entry['formats'])})")
     if fmt == "f16":
-        return F16Output(artifact, entry, weights.array("embed" if c.tied else "output"))
+        return F16Output(artifact, entry, weights.array("output"))
     return I8Output(artifact, entry, weights)

@@ -1,7 +1,7 @@
 """A model's weights in the artifact's kernel layouts: converted once, cached, memory-mapped.
 
 Converting a checkpoint (unpacking or ternarizing each linear, packing it for the kernels,
-tiling the embedding for the output-layer GEMV) takes seconds to minutes; the result is kept
+tiling the output layer for its GEMV, the embedding in float16 rows for lookups) takes seconds to minutes; the result is kept
 under the cache directory, keyed by the checkpoint's identity (file names, sizes, mtimes and
 safetensors headers, not a hash of gigabytes) and by every layout parameter of the artifact,
 so a new artifact or a changed checkpoint converts again and nothing else does. Each array is
@@ -22,14 +22,14 @@ from typing import Callable
 
 import numpy as np
 
-from . import checkpoint, layout_f16, layout_i8
+from . import checkpoint, layout, layout_dot2, layout_f16, layout_i8
 from .artifact import Artifact
 from .errors import UserError
 from .linear import pack_weights
 from .model_config import ModelConfig
 from .safetensors_file import Checkpoint
 
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 3
 META_FILE = "meta.json"
 
 
@@ -40,9 +40,19 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "bitnet-compile"
 
 
+PACKING_PARAMS = {layout.VERSION: layout.PACKING_PARAMS, layout_dot2.VERSION: layout_dot2.PACKING_PARAMS}
+
+
+def _packing(entry: dict) -> dict:
+    """What of a linear's manifest entry decides its packed bytes (a new GEMM knob must not
+    force a new conversion)."""
+    params = {k: entry["layout_params"][k] for k in PACKING_PARAMS.get(entry["layout"], entry["layout_params"])}
+    return {k: entry[k] for k in ("n", "k", "n_padded", "k_padded", "layout")} | {"params": params}
+
+
 def cache_key(ckpt: Checkpoint, config_text: str, artifact: Artifact, config: ModelConfig) -> str:
-    layouts = [{k: e[k] for k in ("n", "k", "n_padded", "k_padded", "layout", "layout_params")} for e in _entries(artifact, config).values()]
-    ident = [CONVERTER_VERSION, config_text, ckpt.fingerprint(), layouts, layout_f16.VERSION]
+    layouts = [_packing(e) for e in _entries(artifact, config).values()]
+    ident = [CONVERTER_VERSION, config_text, ckpt.fingerprint(), layouts, layout_f16.VERSION, layout_i8.VERSION]
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -67,6 +77,7 @@ class ModelWeights:
         key = cache_key(ckpt, (Path(model_dir) / "config.json").read_text(), artifact, config)
         self.dir = cache_root() / "converted" / key
         self._ckpt = ckpt
+        self._arrays: dict[str, np.ndarray] = {}
         if not (self.dir / META_FILE).is_file():
             echo(f"converting {model_dir} into the artifact's layouts (once; cached in {self.dir})")
             _convert(ckpt, config, artifact, self.dir)
@@ -74,7 +85,13 @@ class ModelWeights:
             echo(f"using converted weights from {self.dir}")
 
     def array(self, name: str) -> np.ndarray:
-        """A copy-on-write mapping: writeable (DLPack refuses read-only arrays), never written."""
+        """A copy-on-write mapping: writeable (DLPack refuses read-only arrays), never written;
+        one per file, as two mappings of the same pages would both count as resident."""
+        if name not in self._arrays:
+            self._arrays[name] = self._load(name)
+        return self._arrays[name]
+
+    def _load(self, name: str) -> np.ndarray:
         path = self.dir / f"{name}.npy"
         try:
             return np.load(path, mmap_mode="c")
@@ -111,6 +128,22 @@ def _save(directory: Path, name: str, array: np.ndarray) -> None:
     os.replace(tmp, directory / f"{name}.npy")
 
 
+def _save_rows_f16(directory: Path, name: str, source: np.ndarray, bf16: bool) -> None:
+    """The embedding row-major in float16 for lookups: a token touches its own 5 KB, where
+    the output layer's 64-row tiles would map in 64 rows' worth for each lookup."""
+    tmp = directory / f"{name}.tmp.npy"
+    rows = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=source.shape)
+    for start in range(0, source.shape[0], layout_f16.CHUNK_ROWS):
+        stop = min(start + layout_f16.CHUNK_ROWS, source.shape[0])
+        block = layout_f16.rows_as_float32(source, start, stop, bf16)
+        if not np.isfinite(block).all() or np.abs(block).max(initial=0) > layout_f16.F16_MAX:
+            raise UserError(f"embedding rows {start}..{stop - 1} are not finite or exceed float16 range")
+        rows[start:stop] = block
+    rows.flush()
+    del rows
+    os.replace(tmp, directory / f"{name}.npy")
+
+
 def _convert(ckpt: Checkpoint, config: ModelConfig, artifact: Artifact, out: Path) -> None:
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -127,11 +160,9 @@ def _convert(ckpt: Checkpoint, config: ModelConfig, artifact: Artifact, out: Pat
         for name, key, size in _layer_norms(config):
             _save(tmp, f"layers.{i}.{key}", checkpoint.norm_weight(ckpt, checkpoint.layer_prefix(i) + name, size))
     _save(tmp, "norm", checkpoint.norm_weight(ckpt, "model.norm", config.hidden))
-    embed, bf16 = _float_matrix(ckpt, "model.embed_tokens.weight", config)
-    _save(tmp, "embed", layout_f16.pack_rows(embed, bf16=bf16))
-    if not config.tied:
-        output, bf16 = _float_matrix(ckpt, "lm_head.weight", config)
-        _save(tmp, "output", layout_f16.pack_rows(output, bf16=bf16))
+    _save_rows_f16(tmp, "embed", *_float_matrix(ckpt, "model.embed_tokens.weight", config))
+    output, bf16 = _output_source(ckpt, config)
+    _save(tmp, "output", layout_f16.pack_rows(output, bf16=bf16))
     (tmp / META_FILE).write_text(json.dumps({"converter": CONVERTER_VERSION, "source": str(ckpt.dir), "config": config.name}, indent=2))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
