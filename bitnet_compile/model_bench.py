@@ -80,9 +80,22 @@ def _prepare(spec: dict, formats: list[str]) -> None:
         raise UserError("loading the model for the benchmark failed (see above)")
 
 
+# A device has no torch; tvm_ffi imports it whenever it is installed (here: the tests'
+# reference), which would add its libraries to the measured memory and start-up.
+WITHOUT_TORCH = (
+    "import sys, importlib.abc, runpy\n"
+    "class _NoTorch(importlib.abc.MetaPathFinder):\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name == 'torch' or name.startswith('torch.'):\n"
+    "            raise ImportError('not on the device')\n"
+    "sys.meta_path.insert(0, _NoTorch())\n"
+    "runpy.run_module('bitnet_compile.model_bench', run_name='__main__')\n"
+)
+
+
 def _worker_run(spec: dict, threads: int, fmt: str) -> dict:
     env = dict(os.environ, TVM_NUM_THREADS=str(threads))
-    cmd = [sys.executable, "-m", "bitnet_compile.model_bench", "--worker", json.dumps(spec | {"threads": threads, "format": fmt})]
+    cmd = [sys.executable, "-c", WITHOUT_TORCH, "--worker", json.dumps(spec | {"threads": threads, "format": fmt})]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]

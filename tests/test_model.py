@@ -284,3 +284,12 @@ def test_conversion_key_ignores_knobs_that_do_not_change_the_packing():
     assert _packing(entry) == _packing(entry | {"layout_params": {"token_tile": 4}})
     lut = {"n": 64, "k": 64, "n_padded": 64, "k_padded": 64, "layout": "lut4-v1", "layout_params": {"rows": 64, "kblock": 16}}
     assert _packing(lut) != _packing(lut | {"layout_params": {"rows": 64, "kblock": 32}})
+
+
+def test_row_reader_reads_rows_without_mapping(tmp_path):
+    from bitnet_runtime.weights import RowReader
+
+    matrix = np.random.default_rng(0).standard_normal((37, 24)).astype(np.float16)
+    np.save(tmp_path / "m.npy", matrix)
+    rows = RowReader(tmp_path / "m.npy")
+    np.testing.assert_array_equal(rows[[5, 0, 36, 5]], matrix[[5, 0, 36, 5]])

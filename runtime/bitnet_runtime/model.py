@@ -141,7 +141,7 @@ class Model:
         buffers: dict = {}
         self.layers = [Layer(artifact, weights, c, i, self.context_length, buffers) for i in range(c.layers)]
         self.norm = weights.array("norm")
-        self.embed = weights.array("embed")
+        self.embed = weights.rows("embed")
         self.output = make_output_layer(artifact, weights, output)
         angles = np.arange(self.context_length, dtype=np.float32)[:, None] * c.inv_freq()[None, :]
         angles = np.concatenate((angles, angles), axis=1)
