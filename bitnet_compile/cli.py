@@ -162,7 +162,12 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def _artifact_for(args: argparse.Namespace) -> Path:
-    """The given artifact, or one compiled for this model and target (cached)."""
+    """The given artifact, or one compiled for this model and target (cached). A preset
+    alias (2b-4t, large) means its hub id: running needs the weights, not just the shapes."""
+    from .models import ALIASES
+
+    if not Path(args.model).exists():
+        args.model = ALIASES.get(args.model.lower(), args.model)
     if args.artifact:
         return args.artifact
     from .model_artifact import for_model
