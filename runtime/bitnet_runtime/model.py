@@ -104,23 +104,33 @@ class Layer:
             x = rms_norm(x, norm, self.c.quant.rms_norm_eps)
         return layer.forward(x)
 
-    def _split(self, fused: str, parts: tuple[str, ...], x: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
-        if fused in self.linears:
-            return np.split(self._linear(fused, x), np.cumsum(sizes)[:-1], axis=1)
-        return [self._linear(p, x) for p in parts]
+    def _qkv(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(q|k side by side [T, heads + kv_heads, d], so one rotary call serves both; v [T, kv_dim])."""
+        c = self.c
+        if "qkv" in self.linears:
+            y = self._linear("qkv", h)
+            return y[:, : c.q_dim + c.kv_dim].reshape(h.shape[0], -1, c.head_dim), y[:, c.q_dim + c.kv_dim :]
+        qk = np.concatenate((self._linear("q", h), self._linear("k", h)), axis=1)
+        return qk.reshape(h.shape[0], -1, c.head_dim), self._linear("v", h)
+
+    def _gate_up(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if "gate_up" in self.linears:
+            y = self._linear("gate_up", h)
+            return y[:, : self.c.ffn], y[:, self.c.ffn :]
+        return self._linear("gate", h), self._linear("up", h)
 
     def __call__(self, x: np.ndarray, pos: int, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         c, t = self.c, x.shape[0]
         h = rms_norm(x, self.input_norm, c.rms_eps)
-        q, k, v = self._split("qkv", ("q", "k", "v"), h, [c.q_dim, c.kv_dim, c.kv_dim])
-        q = rotate(q.reshape(t, c.heads, c.head_dim), cos, sin)
-        self.cache.store(rotate(k.reshape(t, c.kv_heads, c.head_dim), cos, sin), v.reshape(t, c.kv_heads, c.head_dim), pos)
-        a = self.cache.attend(q, pos)
+        qk, v = self._qkv(h)
+        qk = rotate(qk, cos, sin)
+        self.cache.store(qk[:, c.heads :], v.reshape(t, c.kv_heads, c.head_dim), pos)
+        a = self.cache.attend(qk[:, : c.heads], pos)
         if self.sub_norms:
             a = rms_norm(a, self.sub_norms[0], c.rms_eps)
         x = x + self._linear("o", a)
         h = rms_norm(x, self.post_norm, c.rms_eps)
-        gate, up = self._split("gate_up", ("gate", "up"), h, [c.ffn, c.ffn])
+        gate, up = self._gate_up(h)
         m = self.act(gate) * up
         if self.sub_norms:
             m = rms_norm(m, self.sub_norms[1], c.rms_eps)
