@@ -159,11 +159,9 @@ def _weight_bytes(model) -> int:
     """Bytes a decode step reads: every packed linear, its scales and the output layer."""
     total = 0
     for layer in model.layers:
-        for linear, norm in layer.linears.values():
+        for linear, _ in layer.linears.values():
             total += linear.packed.nbytes + linear.weight_scale.nbytes
-    out = model.output
-    total += sum(a.nbytes for a in (getattr(out, "tiles", None), getattr(out, "rows", None), getattr(out, "scale", None)) if a is not None)
-    return total
+    return total + model.output.nbytes
 
 
 def _timed(fn, box: list):
@@ -214,7 +212,7 @@ def _bandwidth(spec: dict) -> float:
     return buf.nbytes / float(np.median(times)) / 1e9
 
 
-def _agreement(model, spec: dict, prompt: list[int], tokens: int) -> float:
+def _agreement(model, prompt: list[int], tokens: int) -> float:
     """Top-1 agreement of the i8 output layer with f16 on the hidden states of a greedy f16 decode."""
     from bitnet_runtime.output_layer import make_output_layer
 
@@ -246,7 +244,7 @@ def worker(spec: dict) -> dict:
         model.prefill(prompt)
         prompt_speed.append(n / (time.perf_counter() - start))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the f16 copy and bandwidth buffer below
-    agreement = _agreement(model, spec, short, n) if spec["format"] == "i8" else None
+    agreement = _agreement(model, short, n) if spec["format"] == "i8" else None
     bandwidth = _bandwidth(spec["bandwidth"])
     bytes_per_token = _weight_bytes(model)
     decode_tok_s = float(np.median(decode))

@@ -23,6 +23,8 @@ OUTPUT_FORMATS = ("f16", "i8")
 
 
 class F16Output:
+    """logits = tiles @ h in float32, one f16_gemv call."""
+
     def __init__(self, artifact: Artifact, entry: dict, tiles: np.ndarray):
         self.n = entry["n"]
         self.kernel = artifact.kernel(entry["formats"]["f16"]["kernels"]["gemv"]).function
@@ -31,6 +33,11 @@ class F16Output:
         self.out = aligned_empty((layout_f16.padded_rows(self.n),), np.float32)
         self.out_tiles = layout_f16.out_view(self.out)
 
+    @property
+    def nbytes(self) -> int:
+        """Weight bytes one call reads."""
+        return self.tiles.nbytes
+
     def __call__(self, h: np.ndarray) -> np.ndarray:
         self.x[0] = h
         self.kernel(self.x, self.tiles, self.out_tiles)
@@ -38,6 +45,8 @@ class F16Output:
 
 
 class I8Output:
+    """logits = (int8 rows @ quantize(h)) * row scale / activation scale: three kernel calls."""
+
     def __init__(self, artifact: Artifact, entry: dict, weights: ModelWeights):
         fmt = entry["formats"]["i8"]
         kernels = fmt["kernels"]
@@ -53,6 +62,11 @@ class I8Output:
         self.acc = aligned_empty((1, fmt["n_padded"]), np.int32)
         self.q_view, self.correction, self.acc_view = layout_i8.kernel_views(self.q, correction, self.acc)
         self.out = aligned_empty((1, self.n), np.float32)
+
+    @property
+    def nbytes(self) -> int:
+        """Weight bytes one call reads: the rows, their scales and correction terms."""
+        return self.rows.nbytes + self.scale.nbytes + self.correction.nbytes
 
     def __call__(self, h: np.ndarray) -> np.ndarray:
         self.x[0] = h
