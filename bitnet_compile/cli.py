@@ -108,7 +108,7 @@ def _thread_counts(text: str) -> tuple[int, ...]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bitnet-compile", description="Compile ternary (BitNet b1.58) LUT kernels with TVM.")
+    p = argparse.ArgumentParser(prog="bitnet-compile", description="Compile ternary (BitNet b1.58) kernels with TVM, and run models on them.")
     sub = p.add_subparsers(dest="command", required=True)
     _add_compile(sub)
     _add_verify(sub)
