@@ -75,9 +75,14 @@ def _add_model_bench(sub) -> None:
 
 
 def _add_dummy(sub) -> None:
-    from .dummy_models import PRESETS
+    from .dummy_models import PRESETS, preset_table
 
-    p = sub.add_parser("dummy", help="write a dummy BitNet checkpoint (random ternary weights, 2B-4T format) for benchmarks")
+    p = sub.add_parser(
+        "dummy",
+        help="write a dummy BitNet checkpoint (random ternary weights, 2B-4T format) for benchmarks",
+        epilog="presets:\n" + preset_table(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("preset", help=f"model shape: {', '.join(PRESETS)}")
     p.add_argument("-o", "--output", type=Path, required=True, help="model directory to write")
     p.add_argument("--layers", type=int, default=None, help="keep only this many layers (a short version of a big preset)")

@@ -31,7 +31,6 @@ weights are 1 + 0.05 N(0, 1); the embedding is N(0, 0.02^2) (``initializer_range
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -624,38 +623,10 @@ def write_dummy_model(preset_name_or_preset: str | DummyPreset, out_dir: Path, s
     return out_dir
 
 
-# --------------------------------------------------------------------------------------------
-# python -m bitnet_compile.dummy_models PRESET OUT_DIR
-# --------------------------------------------------------------------------------------------
-
-def _preset_table() -> str:
+def preset_table() -> str:
+    """The presets' shapes as text, for ``bitnet-compile dummy --help``."""
     rows = [f"  {'name':7} {'hidden':>6} {'ffn':>6} {'layers':>6} {'heads':>5} {'kv':>3} {'vocab':>6}"]
     for p in PRESETS.values():
         rows.append(f"  {p.name:7} {p.hidden_size:6} {p.intermediate_size:6} {p.num_hidden_layers:6} "
                     f"{p.num_attention_heads:5} {p.num_key_value_heads:3} {p.vocab_size:6}")
     return "\n".join(rows)
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m bitnet_compile.dummy_models",
-        description="Write a dummy BitNet b1.58 checkpoint in the microsoft/bitnet-b1.58-2B-4T format.",
-        epilog="presets:\n" + _preset_table(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("preset")
-    ap.add_argument("out_dir", type=Path)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--layers", type=int, default=None, help="keep only the first N layers")
-    ap.add_argument("--max-shard-size", type=int, default=MAX_SHARD_SIZE, help="bytes per safetensors file")
-    args = ap.parse_args(argv)
-    try:
-        path = write_dummy_model(args.preset, args.out_dir, seed=args.seed, layers=args.layers,
-                                 max_shard_size=args.max_shard_size)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -283,10 +283,3 @@ def test_a_crash_leaves_no_complete_looking_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk on fire"):
         dm.write_dummy_model("tiny", tmp_path / "m", progress=False)
     assert list((tmp_path / "m").iterdir()) == []
-
-
-def test_command_line(tmp_path, capsys):
-    assert dm.main(["nope", str(tmp_path / "x")]) == 2
-    assert "error: unknown dummy model preset" in capsys.readouterr().err
-    assert dm.main(["tiny", str(tmp_path / "x"), "--layers", "1", "--seed", "3"]) == 0
-    assert json.loads((tmp_path / "x" / "config.json").read_text())["num_hidden_layers"] == 1
