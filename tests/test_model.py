@@ -293,3 +293,30 @@ def test_row_reader_reads_rows_without_mapping(tmp_path):
     np.save(tmp_path / "m.npy", matrix)
     rows = RowReader(tmp_path / "m.npy")
     np.testing.assert_array_equal(rows[[5, 0, 36, 5]], matrix[[5, 0, 36, 5]])
+
+
+def test_interrupted_conversion_is_redone(zoo, artifact_dir, tmp_path, monkeypatch):
+    """A crash mid-conversion (here: in the second layer) leaves nothing that is used later."""
+    from bitnet_runtime import checkpoint, weights
+    from bitnet_runtime.api import LLM
+
+    monkeypatch.setenv("BITNET_CACHE", str(tmp_path / "cache"))
+    d = _copy(zoo, tmp_path)
+    real = checkpoint.group_weights
+    calls = []
+
+    def crash(ckpt, config, layer, group):
+        calls.append(layer)
+        if layer == 1:
+            raise KeyboardInterrupt
+        return real(ckpt, config, layer, group)
+
+    monkeypatch.setattr(checkpoint, "group_weights", crash)
+    with pytest.raises(KeyboardInterrupt):
+        LLM(d, artifact_dir, echo=lambda line: None)
+    monkeypatch.setattr(checkpoint, "group_weights", real)
+    lines = []
+    result = LLM(d, artifact_dir, echo=lines.append).generate(PROMPT, 4)
+    assert "converting" in lines[0] and len(result.token_ids) == 4
+    converted = list((tmp_path / "cache" / "converted").iterdir())
+    assert len(converted) == 1 and (converted[0] / weights.META_FILE).is_file()

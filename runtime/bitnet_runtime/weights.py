@@ -176,9 +176,16 @@ def _save_rows_f16(directory: Path, name: str, source: np.ndarray, bf16: bool) -
 
 
 def _convert(ckpt: Checkpoint, config: ModelConfig, artifact: Artifact, out: Path) -> None:
-    tmp = out.with_name(out.name + ".partial")
+    """Into a directory of this process's own, renamed into place when complete: a crash
+    leaves a ``.partial-*`` directory that a later conversion sweeps away, and two processes
+    converting at once each finish, the second to finish keeping the first one's result."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(out.name + ".partial-*"):
+        if not _pid_alive(stale.name.rsplit("-", 1)[-1]):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp.mkdir()
     entries = _entries(artifact, config)
     for i in _progress(range(config.layers), "converting"):
         for group in config.linear_groups():
@@ -195,8 +202,21 @@ def _convert(ckpt: Checkpoint, config: ModelConfig, artifact: Artifact, out: Pat
     output, bf16 = _output_source(ckpt, config)
     _save(tmp, "output", layout_f16.pack_rows(output, bf16=bf16))
     (tmp / META_FILE).write_text(json.dumps({"converter": CONVERTER_VERSION, "source": str(ckpt.dir), "config": config.name}, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
+    if (out / META_FILE).is_file():  # another process finished first: its result is as good
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    shutil.rmtree(out, ignore_errors=True)  # an incomplete directory without meta.json
     os.replace(tmp, out)
+
+
+def _pid_alive(text: str) -> bool:
+    try:
+        os.kill(int(text), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _layer_norms(config: ModelConfig) -> list[tuple[str, str, int]]:
