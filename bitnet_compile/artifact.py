@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bitnet_runtime import layout, layout_dot2, layout_f16, layout_i8
+from bitnet_runtime.progress import progress
 from bitnet_runtime.manifest import FORMAT_VERSION, LIBRARY_FILE, MANIFEST_FILE, RUNTIME_LIBRARY_FILE, file_sha256
 
 from . import __version__, schedule_db
@@ -166,21 +167,12 @@ def tvm_runtime_library() -> Path:
     return path
 
 
-def _progress(items, desc: str):
-    """A progress bar when a person is watching, plain iteration in logs and tests."""
-    if not sys.stderr.isatty():
-        return items
-    from tqdm import tqdm
-
-    return tqdm(items, desc=desc, unit="kernel", leave=False)
-
-
 def compile_kernels(kernels: list[KernelPlan], target: TargetSpec):
     """Schedule every kernel (with progress), then compile them together into one module."""
     import tvm
 
     funcs = {}
-    for k in _progress(kernels, "scheduling"):
+    for k in progress(kernels, "scheduling", "kernel"):
         funcs[k.name] = k.primfunc(target.isa)
     print(f"compiling {len(funcs)} kernels for {target.mcpu} ({target.isa}) with LLVM ...", file=sys.stderr, flush=True)
     start = time.perf_counter()

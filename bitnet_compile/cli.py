@@ -46,24 +46,12 @@ def _add_model_target(p) -> None:
     p.add_argument("-f", "--family", default="auto", help="kernel family when compiling (default: auto)")
 
 
-def _add_run(sub) -> None:
+def _add_text(sub) -> None:
+    """``run`` and ``chat``: the runtime's commands, plus what to compile for when no artifact is given."""
     from bitnet_runtime import cli_text
 
-    p = sub.add_parser("run", help="generate text from a prompt")
-    cli_text.add_model_options(p, artifact_required=False)
-    _add_model_target(p)
-    cli_text.add_run_options(p)
-    cli_text.add_sampling_options(p)
-
-
-def _add_chat(sub) -> None:
-    from bitnet_runtime import cli_text
-
-    p = sub.add_parser("chat", help="interactive chat with the model's chat template")
-    cli_text.add_model_options(p, artifact_required=False)
-    _add_model_target(p)
-    cli_text.add_chat_options(p)
-    cli_text.add_sampling_options(p)
+    for name in cli_text.COMMANDS:
+        _add_model_target(cli_text.add_command(sub, name, artifact_required=False))
 
 
 def _add_model_bench(sub) -> None:
@@ -117,8 +105,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     _add_compile(sub)
     _add_verify(sub)
-    _add_run(sub)
-    _add_chat(sub)
+    _add_text(sub)
     _add_model_bench(sub)
     _add_bench(sub)
     _add_dummy(sub)

@@ -75,7 +75,6 @@ def _packed(state: dict, linear_class: str) -> dict:
 
 
 def _save(model_dir: Path, state: dict, config: dict, shards: int = 1) -> Path:
-    torch = _torch()
     from safetensors.torch import save_file
 
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -93,7 +92,6 @@ def _save(model_dir: Path, state: dict, config: dict, shards: int = 1) -> Path:
         (model_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     (model_dir / "config.json").write_text(json.dumps(config, indent=2))
     (model_dir / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": [1, 2]}))
-    del torch
     return model_dir
 
 

@@ -200,19 +200,6 @@ def test_f16_pack_round_trip(n, k):
         np.testing.assert_array_equal(layout_f16.pack_rows(w, chunk_rows=chunk_rows), packed)
 
 
-def test_f16_gather_rows_is_exact():
-    n, k = 200, 37
-    w = _weights(np.random.default_rng(5), n, k)
-    packed = layout_f16.pack_rows(w)
-    ids = [0, 63, 64, 65, 127, 128, n - 1, 5, 5]
-    got = layout_f16.gather_rows(packed, ids)
-    assert got.dtype == np.float32 and got.shape == (len(ids), k)
-    np.testing.assert_array_equal(got, w.astype(np.float16).astype(np.float32)[ids])
-    np.testing.assert_array_equal(layout_f16.gather_rows(packed, np.array([[3]])), w[3:4].astype(np.float16).astype(np.float32))
-    with pytest.raises(UserError):
-        layout_f16.gather_rows(packed, [layout_f16.padded_rows(n)])
-
-
 def test_f16_pack_rejects_bad_input():
     for bad in (1e6, np.nan, -np.inf):
         with pytest.raises(UserError, match="float16 range"):
@@ -281,7 +268,7 @@ def test_chunked_packing_from_memmap_bf16(tmp_path):
     want = layout_i8.quantize_rows(as_f32)
     for got, expected in zip((packed8, scale, corr), want):
         np.testing.assert_array_equal(got, expected)
-    np.testing.assert_array_equal(layout_f16.gather_rows(packed, [7, 3999]), as_f32[[7, 3999]].astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(layout_f16.unpack_rows(packed)[[7, 3999]], as_f32[[7, 3999]].astype(np.float16))
 
 
 # ----------------------------------------------------------------------------- builders

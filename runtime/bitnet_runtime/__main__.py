@@ -21,14 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     verify_cmd.add_argument("artifact", help="artifact directory (holds manifest.json)")
     verify_cmd.add_argument("-t", "--threads", type=int, default=None, help="kernel threads (default: all cores)")
     verify_cmd.add_argument("--seed", type=int, default=0, help="random inputs seed (default 0)")
-    run_cmd = sub.add_parser("run", help="generate text from a prompt")
-    cli_text.add_model_options(run_cmd, artifact_required=True)
-    cli_text.add_run_options(run_cmd)
-    cli_text.add_sampling_options(run_cmd)
-    chat_cmd = sub.add_parser("chat", help="interactive chat with the model's chat template")
-    cli_text.add_model_options(chat_cmd, artifact_required=True)
-    cli_text.add_chat_options(chat_cmd)
-    cli_text.add_sampling_options(chat_cmd)
+    for name in cli_text.COMMANDS:
+        cli_text.add_command(sub, name, artifact_required=True)
     args = parser.parse_args(argv)
     try:
         if args.command == "verify":

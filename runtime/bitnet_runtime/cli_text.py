@@ -43,6 +43,19 @@ def add_chat_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="system prompt")
 
 
+COMMANDS = {"run": ("generate text from a prompt", add_run_options), "chat": ("interactive chat with the model's chat template", add_chat_options)}
+
+
+def add_command(sub, name: str, artifact_required: bool) -> argparse.ArgumentParser:
+    """The ``run`` or ``chat`` subcommand with all its options (both command lines use this)."""
+    help, add_options = COMMANDS[name]
+    p = sub.add_parser(name, help=help)
+    add_model_options(p, artifact_required)
+    add_options(p)
+    add_sampling_options(p)
+    return p
+
+
 def sampling(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
@@ -50,8 +63,6 @@ def sampling(args: argparse.Namespace) -> SamplingParams:
 def load(args: argparse.Namespace, artifact: Path):
     from .api import LLM
 
-    if args.threads is not None and args.threads < 1:
-        raise UserError(f"--threads must be at least 1, got {args.threads}")
     return LLM(args.model, artifact, output=args.output_layer, context=args.context, threads=args.threads)
 
 

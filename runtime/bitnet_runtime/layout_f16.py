@@ -1,8 +1,8 @@
 """Layout ``f16-tiles-v1`` of the float16 output-layer GEMV (logits = hidden @ E^T).
 
-The token embedding E [vocab, hidden] is stored once, as float16, and serves both the output
-layer (the GEMV kernel streams it) and the embedding lookup (``gather_rows``), so a model
-keeps one copy of its largest matrix (128256 x 2560: 656 MB in float16, half of float32).
+The output layer's matrix (the tied embedding E [vocab, hidden], or lm_head) as float16:
+128256 x 2560 is 656 MB, half of float32. Lookups do not use these tiles: a lookup would map
+in 64 rows of a tile for one (``weights`` keeps row-major float16 rows for them).
 
 Rows in tiles of ROWS = 64, storage ``[N_padded / 64, K, 64]`` float16: at each k the kernel
 reads the 64 weights of a tile as 128 contiguous bytes (two zmm, vcvtph2ps to four zmm of
@@ -85,11 +85,3 @@ def unpack_rows(packed: np.ndarray, n: int | None = None) -> np.ndarray:
     """Inverse of ``pack_rows``: float16 [n, K] (all N_padded rows by default)."""
     tiles, k, _ = packed.shape
     return packed.transpose(0, 2, 1).reshape(tiles * ROWS, k)[: tiles * ROWS if n is None else n]
-
-
-def gather_rows(packed: np.ndarray, ids) -> np.ndarray:
-    """Embedding lookup from the packed copy: float32 [len(ids), K] = E[ids] (ids < N)."""
-    ids = np.asarray(ids, np.int64).reshape(-1)
-    if ids.size and (ids.min() < 0 or ids.max() >= packed.shape[0] * ROWS):
-        raise UserError(f"token ids must lie in [0, {packed.shape[0] * ROWS}), got {ids.min()}..{ids.max()}")
-    return packed[ids // ROWS, :, ids % ROWS].astype(np.float32)

@@ -123,9 +123,13 @@ def _llama3_inv_freq(inv: np.ndarray, s: dict) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path, missing_ok: bool = False) -> dict:
+    """A JSON object from a model directory's file; missing (where allowed: {}) or broken files
+    are user errors."""
+    if missing_ok and not path.is_file():
+        return {}
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{path} is missing") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -187,14 +191,14 @@ def _eos_ids(value) -> tuple[int, ...]:
 def load_config(model_dir: Path) -> ModelConfig:
     """The checked config of a model directory (config.json, and generation_config.json's EOS ids)."""
     path = Path(model_dir) / "config.json"
-    cfg = _read_json(path)
+    cfg = read_json(path)
     architecture = _architecture(cfg)
     try:
         hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
         act = cfg.get("hidden_act", "silu")
         theta, scaling = _rope(cfg)
         gen = Path(model_dir) / "generation_config.json"
-        eos = _eos_ids(_read_json(gen).get("eos_token_id")) if gen.is_file() else ()
+        eos = _eos_ids(read_json(gen, missing_ok=True).get("eos_token_id"))
         config = ModelConfig(
             architecture=architecture,
             hidden=hidden,

@@ -23,6 +23,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
 from bitnet_runtime.errors import UserError
+from bitnet_runtime.model_config import read_json
 
 # The named special tokens transformers hands to every chat template (its SPECIAL_TOKENS_ATTRIBUTES).
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -62,7 +63,7 @@ class Tokenizer:
             backend = HFTokenizer.from_file(str(tokenizer_file))
         except Exception as exc:  # tokenizers raises a bare Exception on malformed files
             raise UserError(f"cannot read {tokenizer_file}: {exc}") from None
-        config = _read_json(root / "tokenizer_config.json")
+        config = read_json(root / "tokenizer_config.json", missing_ok=True)
         return cls(backend, config, _model_config(root), _chat_template(root, config), str(root))
 
     @property
@@ -138,19 +139,6 @@ class Tokenizer:
         return {i for i in ids if isinstance(i, int)}
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from ``path``; a missing file is an empty one, a broken file a user error."""
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"cannot read {path}: {exc}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} does not hold a JSON object")
-    return data
-
-
 def _ids(value: Any) -> set[int]:
     """Token ids as configs write them: one int, a list of them, or nothing."""
     values = value if isinstance(value, list) else [value]
@@ -160,7 +148,7 @@ def _ids(value: Any) -> set[int]:
 def _model_config(root: Path) -> dict[str, Any]:
     """config.json overlaid with generation_config.json (what transformers' generate reads wins),
     keeping the EOS ids of both: checkpoints declare their end-of-turn token in either."""
-    model, generation = _read_json(root / "config.json"), _read_json(root / "generation_config.json")
+    model, generation = read_json(root / "config.json", missing_ok=True), read_json(root / "generation_config.json", missing_ok=True)
     eos = _ids(model.get("eos_token_id")) | _ids(generation.get("eos_token_id"))
     return {**model, **generation, "eos_token_id": sorted(eos)}
 

@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -27,6 +26,7 @@ from .artifact import Artifact
 from .errors import UserError
 from .linear import pack_weights
 from .model_config import ModelConfig
+from .progress import progress
 from .safetensors_file import Checkpoint
 
 CONVERTER_VERSION = 3
@@ -58,14 +58,6 @@ def cache_key(ckpt: Checkpoint, config_text: str, artifact: Artifact, config: Mo
 
 def _entries(artifact: Artifact, config: ModelConfig) -> dict[str, dict]:
     return {g.name: artifact.linear(g.n, g.k) for g in config.linear_groups()}
-
-
-def _progress(items, desc: str):
-    if not sys.stderr.isatty():
-        return items
-    from tqdm import tqdm
-
-    return tqdm(items, desc=desc, unit="layer", leave=False)
 
 
 class ModelWeights:
@@ -187,7 +179,7 @@ def _convert(ckpt: Checkpoint, config: ModelConfig, artifact: Artifact, out: Pat
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     entries = _entries(artifact, config)
-    for i in _progress(range(config.layers), "converting"):
+    for i in progress(range(config.layers), "converting", "layer"):
         for group in config.linear_groups():
             w, scale = checkpoint.group_weights(ckpt, config, i, group)
             _save(tmp, f"layers.{i}.{group.name}", pack_weights(entries[group.name], w))
