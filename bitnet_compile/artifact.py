@@ -68,13 +68,15 @@ BUILDERS = {
 }
 
 
-def _lut_linear(lin: Linear, isa: str) -> tuple[dict, dict, list[KernelPlan]]:
+def _lut_linear(lin: Linear, target: TargetSpec) -> tuple[dict, dict, list[KernelPlan]]:
     """lut4-v1: the GEMM takes the GEMV's kblock, since kblock fixes the padded K and so the
-    packed weights, and one packed copy serves decode and prompt alike."""
-    rows = VECTOR_ISAS[isa].rows
-    gemv, gemv_src = schedule_db.knobs_for("lut_gemv", isa)
-    gemm, gemm_src = schedule_db.knobs_for("lut_gemm", isa)
+    packed weights, and one packed copy serves decode and prompt alike (a tuned GEMM record
+    contributes its best trial with that kblock)."""
+    rows = VECTOR_ISAS[target.isa].rows
+    gemv, gemv_src = schedule_db.knobs_for("lut_gemv", target, lin.n, lin.k)
     kblock = layout.effective_kblock(lin.k, gemv["kblock"])
+    same_k = lambda knobs: layout.effective_kblock(lin.k, knobs["kblock"]) == kblock  # noqa: E731
+    gemm, gemm_src = schedule_db.knobs_for("lut_gemm", target, lin.n, lin.k, accept=same_k)
     n_p, k_p = layout.padded_shape(lin.n, lin.k, rows, kblock)
     shape = {"n": lin.n, "k": lin.k, "n_padded": n_p, "k_padded": k_p}
     params = {"rows": rows, "kblock": kblock}
@@ -87,10 +89,14 @@ def _lut_linear(lin: Linear, isa: str) -> tuple[dict, dict, list[KernelPlan]]:
     return params, names, plans
 
 
-def _dot2_linear(lin: Linear, isa: str) -> tuple[dict, dict, list[KernelPlan]]:
-    """dot2-v1: N padded for both kernels' row blocks, K for the GEMV's unrolled chunks."""
-    gemv, gemv_src = schedule_db.knobs_for("dot2_gemv", isa)
-    gemm, gemm_src = schedule_db.knobs_for("dot2_gemm", isa)
+def _dot2_linear(lin: Linear, target: TargetSpec) -> tuple[dict, dict, list[KernelPlan]]:
+    """dot2-v1: the GEMV (decode, the bulk of a model's time) decides the padding of N and K;
+    the GEMM takes its tuned knobs whose row blocks divide that padding, else its defaults,
+    and N is then padded for both kernels' row blocks."""
+    gemv, gemv_src = schedule_db.knobs_for("dot2_gemv", target, lin.n, lin.k)
+    gemv_blocks = layout_dot2.padded_shape(lin.n, lin.k, gemv.get("row_blocks", 1), 1)[0] // layout_dot2.ROWS
+    fits = lambda knobs: gemv_blocks % knobs.get("row_blocks", 1) == 0  # noqa: E731
+    gemm, gemm_src = schedule_db.knobs_for("dot2_gemm", target, lin.n, lin.k, accept=fits)
     row_blocks = math.lcm(gemv.get("row_blocks", 1), gemm.get("row_blocks", 1))
     n_p, k_p = layout_dot2.padded_shape(lin.n, lin.k, row_blocks, gemv.get("k_unroll", 1))
     shape = {"n": lin.n, "k": lin.k, "n_padded": n_p, "k_padded": k_p}
@@ -106,12 +112,12 @@ def _dot2_linear(lin: Linear, isa: str) -> tuple[dict, dict, list[KernelPlan]]:
 LINEAR_PLANNERS = {"lut4-v1": _lut_linear, "dot2-v1": _dot2_linear}
 
 
-def plan(linears: list[Linear], isa: str, layout_version: str) -> tuple[list[KernelPlan], list[dict]]:
+def plan(linears: list[Linear], target: TargetSpec, layout_version: str) -> tuple[list[KernelPlan], list[dict]]:
     """Kernels for the distinct shapes among ``linears``, and each linear's manifest entry."""
     kernels: dict[str, KernelPlan] = {}
     entries = []
     for lin in linears:
-        params, names, plans = LINEAR_PLANNERS[layout_version](lin, isa)
+        params, names, plans = LINEAR_PLANNERS[layout_version](lin, target)
         shape = plans[0].shape
         n_p, k_p = shape["n_padded"], shape["k_padded"]
         names = {"quantize": f"quantize_k{lin.k}_p{k_p}", **names, "dequantize": f"dequantize_n{lin.n}_p{n_p}"}
@@ -123,7 +129,7 @@ def plan(linears: list[Linear], isa: str, layout_version: str) -> tuple[list[Ker
 
 
 def _f16_output(vocab: int, hidden: int, target: TargetSpec) -> tuple[dict, list[KernelPlan]]:
-    knobs, source = schedule_db.knobs_for("f16_gemv", target.isa)
+    knobs, source = schedule_db.knobs_for("f16_gemv", target, vocab, hidden)
     shape = {"n": vocab, "k": hidden, "n_padded": layout_f16.padded_rows(vocab), "k_padded": hidden}
     name = f"f16_gemv_n{vocab}_k{hidden}"
     return {"layout": layout_f16.VERSION, "kernels": {"gemv": name}}, [KernelPlan(name, "f16_gemv", shape, knobs, source)]
@@ -132,7 +138,7 @@ def _f16_output(vocab: int, hidden: int, target: TargetSpec) -> tuple[dict, list
 def _i8_output(vocab: int, hidden: int, target: TargetSpec) -> tuple[dict, list[KernelPlan]]:
     """int8 rows: the hidden state quantized like a BitLinear input, an int8 GEMV, and the
     per-row scale applied by the dequantize kernel."""
-    knobs, source = schedule_db.knobs_for("i8_gemv", target.isa)
+    knobs, source = schedule_db.knobs_for("i8_gemv", target, vocab, hidden)
     n_p, k_p = layout_i8.padded_shape(vocab, hidden)
     shape = {"n": vocab, "k": hidden, "n_padded": n_p, "k_padded": k_p}
     names = {"quantize": f"quantize_k{hidden}_p{k_p}", "gemv": f"i8_gemv_n{vocab}_k{hidden}", "dequantize": f"dequantize_n{vocab}_p{n_p}"}
@@ -195,7 +201,7 @@ def build(
     import tvm
 
     family = family or choose(target, "auto", schedule_db.family_preference())
-    kernels, entries = plan(linears, target.isa, family.layout)
+    kernels, entries = plan(linears, target, family.layout)
     output_entry = None
     if output_layer:
         output_entry, output_kernels = plan_output_layer(*output_layer, target)

@@ -37,61 +37,20 @@ from bitnet_runtime import services
 
 from .errors import UserError
 from .models import Linear
+from .tuning.measure import WARM_MS, cpu_model, l3_bytes, time_cached, time_streamed, weight_rotation
+from .tuning.measure import stream_bytes as default_stream_bytes
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from .families import Family
     from .target import TargetSpec
 
 THREADS = (1, 2)
-MIN_MEMORY_BYTES = 64 << 20
-MAX_MEMORY_BYTES = 2 << 30  # memory a DRAM measurement may take for its weight copies
-WARM_MS = 20  # minimum length of one in-cache repeat
 ROUNDS = 3  # passes over all measurements, each taking 1/ROUNDS of the repeats
 LIBRARY = "bench_kernels.so"
 SPEC = "spec.json"
 BANDWIDTH_KERNEL = "bandwidth_read"
 SEED = 0
 BASELINE = "int8"
-
-
-# ----------------------------------------------------------------------------- the machine
-
-
-def l3_bytes() -> int | None:
-    """Largest level-3 cache size sysfs reports for cpu0, or None where there is none."""
-    sizes = []
-    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
-        try:
-            if (index / "level").read_text().strip() != "3":
-                continue
-            text = (index / "size").read_text().strip().upper()
-        except OSError:
-            continue
-        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-        try:
-            sizes.append(int(text.rstrip("KMG")) * scale)
-        except ValueError:
-            continue
-    return max(sizes) if sizes else None
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
-def memory_bytes(l3: int | None) -> int:
-    """Bytes a DRAM measurement streams through (weight copies, the bandwidth kernel's
-    buffer): twice the L3, so no weight is still cached when it comes round again."""
-    want = max(2 * (l3 or 0), MIN_MEMORY_BYTES)
-    return min(want, MAX_MEMORY_BYTES)
 
 
 # ----------------------------------------------------------------------------- building
@@ -122,7 +81,7 @@ def build(target: TargetSpec, linears: list[Linear], out_dir: Path, tokens: int,
     funcs: dict = {}
     work = [{"name": lin.name, "n": lin.n, "k": lin.k, "kernels": {}} for lin in linears]
     for family in families:
-        plans, entries = artifact.plan(linears, target.isa, family.layout)
+        plans, entries = artifact.plan(linears, target, family.layout)
         funcs |= {p.name: p.primfunc(target.isa) for p in plans if p.op not in ("quantize", "dequantize") and p.name not in funcs}
         for item, entry in zip(work, entries):
             keep = ("n_padded", "k_padded", "layout", "layout_params", "kernels")
@@ -185,30 +144,17 @@ class _Timings:
 
     def _streamed(self, name: str, args: tuple) -> list[float]:
         """Seconds per call, calls rotating over copies of args[1] (the weights)."""
-        from bitnet_runtime.memory import aligned_copy
-
-        copies = max(2, -(-self.stream_bytes // args[1].nbytes))
-        rotation = [(args[0], aligned_copy(args[1]), *args[2:]) for _ in range(copies)]
-        function = self.mod[name]
-        samples = []
-        for _ in range(self.per_round):
-            start = time.perf_counter()
-            for call_args in rotation:
-                function(*call_args)
-            samples.append((time.perf_counter() - start) / copies)
-        return samples
+        rotation = weight_rotation(args, 1, max(self.stream_bytes, 2 * args[1].nbytes))
+        return time_streamed(self.mod[name], rotation, self.per_round)
 
     def run(self, label: str) -> dict[str, float]:
-        import tvm
-
         for r in range(self.rounds):
             start = time.perf_counter()
             for key, name, args, dram in self.jobs if r % 2 == 0 else reversed(self.jobs):
                 if dram:
                     self.samples[key] += self._streamed(name, args)
                 else:  # back-to-back calls, as many as fill WARM_MS per repeat
-                    timer = self.mod.time_evaluator(name, tvm.cpu(), number=1, repeat=self.per_round, min_repeat_ms=WARM_MS)
-                    self.samples[key] += list(timer(*args).results)
+                    self.samples[key] += time_cached(self.mod, name, args, self.per_round)
             _progress(f"{label} round {r + 1}/{self.rounds} of {len(self.jobs)} measurements took {time.perf_counter() - start:.0f} s")
         return {key: float(np.median(values)) for key, values in self.samples.items()}
 
@@ -490,7 +436,7 @@ def measure(
     if len(counts) < len(threads):
         _progress(f"skipping thread counts above the {cores} usable cores: {[t for t in threads if t > cores]}")
     l3 = l3_bytes()
-    stream = stream_bytes or memory_bytes(l3)
+    stream = stream_bytes or default_stream_bytes(l3)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bitnet-bench-") as tmp:
         directory = Path(tmp)

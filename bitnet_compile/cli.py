@@ -7,6 +7,8 @@
     bitnet-compile bench -m M [-a DIR]                                  end-to-end tokens/s
     bitnet-compile bench-kernels [--target T] [--model M]               kernel benchmark
     bitnet-compile dummy PRESET -o DIR                                  dummy model for benchmarks
+    bitnet-compile tune [--target T] (--model M | --shapes NxK,...)     autotune kernel schedules
+    bitnet-compile schedules list|show|compare|plot|source|space        study the tuning records
 
 User mistakes print one ``error:`` line and exit with status 2; nothing else is caught.
 """
@@ -14,13 +16,14 @@ User mistakes print one ``error:`` line and exit with status 2; nothing else is 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
 
 from .errors import UserError
 
-SUBCOMMANDS = ("compile", "verify", "run", "chat", "bench", "bench-kernels", "dummy")
+SUBCOMMANDS = ("compile", "verify", "run", "chat", "bench", "bench-kernels", "dummy", "tune", "schedules")
 DEFAULT_TARGET = "llvm -mcpu=native"
 
 
@@ -32,6 +35,7 @@ def _add_compile(sub) -> None:
     what.add_argument("-s", "--shapes", help="linear shapes as NxK[,NxK...] (out x in features)")
     p.add_argument("-o", "--output", type=Path, default=None, help="artifact directory (default: artifacts/<model>-<family>-<isa>)")
     p.add_argument("-f", "--family", default="auto", help="kernel family: auto (default: dot2 where AVX-512 VNNI exists, else lut), lut, dot2")
+    _add_records_option(p)
 
 
 def _add_verify(sub) -> None:
@@ -100,6 +104,25 @@ def _thread_counts(text: str) -> tuple[int, ...]:
     return counts
 
 
+def _add_tune(sub) -> None:
+    from .tuning.command import add_options
+
+    p = sub.add_parser("tune", help="autotune the kernels' schedule knobs (optuna), writing records compile picks up")
+    add_options(p)
+    _add_records_option(p)
+
+
+def _add_schedules(sub) -> None:
+    from .tuning.views import add_commands
+
+    p = sub.add_parser("schedules", help="research views of the tuning records: list, show, compare, plot, source, space")
+    add_commands(p, _add_records_option)
+
+
+def _add_records_option(p) -> None:
+    p.add_argument("--records", type=Path, default=None, help="tuning records directory (default: schedules/records, or $BITNET_RECORDS)")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bitnet-compile", description="Compile ternary (BitNet b1.58) kernels with TVM, and run models on them.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -109,6 +132,8 @@ def parser() -> argparse.ArgumentParser:
     _add_model_bench(sub)
     _add_bench(sub)
     _add_dummy(sub)
+    _add_tune(sub)
+    _add_schedules(sub)
     return p
 
 
@@ -186,6 +211,18 @@ def run_model_bench(args: argparse.Namespace) -> int:
     return run(args, _artifact_for(args))
 
 
+def run_tune(args: argparse.Namespace) -> int:
+    from .tuning.command import run
+
+    return run(args)
+
+
+def run_schedules(args: argparse.Namespace) -> int:
+    from .tuning.views import run
+
+    return run(args)
+
+
 def run_dummy(args: argparse.Namespace) -> int:
     from .dummy_models import write_dummy_model
 
@@ -202,8 +239,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help"):
         argv.insert(0, "compile")
     args = parser().parse_args(argv)
+    if getattr(args, "records", None):  # read by every lookup of tuned knobs, in this process and its workers
+        from .tuning.records import RECORDS_ENV
+
+        os.environ[RECORDS_ENV] = str(args.records.resolve())
     try:
-        commands = {"compile": run_compile, "verify": run_verify, "run": run_text, "chat": run_chat, "bench": run_model_bench, "bench-kernels": run_bench, "dummy": run_dummy}
+        commands = {"compile": run_compile, "verify": run_verify, "run": run_text, "chat": run_chat, "bench": run_model_bench, "bench-kernels": run_bench, "dummy": run_dummy,
+                    "tune": run_tune, "schedules": run_schedules}
         return commands[args.command](args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

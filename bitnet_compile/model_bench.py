@@ -29,7 +29,8 @@ import numpy as np
 
 from bitnet_runtime.errors import UserError
 
-from .bench import cpu_model, l3_bytes, memory_bytes
+from .tuning.measure import cpu_model, l3_bytes, stream_bytes
+from .isolation import module_command
 
 BANDWIDTH_FILE = "bandwidth.so"
 
@@ -80,22 +81,9 @@ def _prepare(spec: dict, formats: list[str]) -> None:
         raise UserError("loading the model for the benchmark failed (see above)")
 
 
-# A device has no torch; tvm_ffi imports it whenever it is installed (here: the tests'
-# reference), which would add its libraries to the measured memory and start-up.
-WITHOUT_TORCH = (
-    "import sys, importlib.abc, runpy\n"
-    "class _NoTorch(importlib.abc.MetaPathFinder):\n"
-    "    def find_spec(self, name, path=None, target=None):\n"
-    "        if name == 'torch' or name.startswith('torch.'):\n"
-    "            raise ImportError('not on the device')\n"
-    "sys.meta_path.insert(0, _NoTorch())\n"
-    "runpy.run_module('bitnet_compile.model_bench', run_name='__main__')\n"
-)
-
-
 def _worker_run(spec: dict, threads: int, fmt: str) -> dict:
     env = dict(os.environ, TVM_NUM_THREADS=str(threads))
-    cmd = [sys.executable, "-c", WITHOUT_TORCH, "--worker", json.dumps(spec | {"threads": threads, "format": fmt})]
+    cmd = module_command("bitnet_compile.model_bench", "--worker", json.dumps(spec | {"threads": threads, "format": fmt}))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
@@ -117,7 +105,7 @@ def run(args: argparse.Namespace, artifact_dir: Path) -> int:
     manifest = read_manifest(Path(artifact_dir))
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        nbytes = memory_bytes(l3_bytes())
+        nbytes = stream_bytes(l3_bytes())
         shape = _bandwidth_library(manifest["target"], nbytes, Path(tmp))
         spec = {"model": str(model_dir), "artifact": str(artifact_dir), "tokens": args.tokens, "repeat": args.repeat,
                 "bandwidth": {"library": str(Path(tmp) / BANDWIDTH_FILE), "shape": shape}}

@@ -1,6 +1,7 @@
-"""Schedule knobs as data: ``schedules/*.json`` holds, per kernel and vector ISA, the knob
-values the compiler uses, and the kernel families in order of preference. Only defaults exist
-yet; tuned per-shape records come with the tuner.
+"""Schedule knobs as data. ``schedules/defaults.json`` holds, per kernel and vector ISA, the
+knobs used where no tuning record matches, and the kernel families in order of preference;
+``schedules/records/*.json`` (tuning/records.py) hold tuned knobs per target fingerprint,
+kernel, layout, shape and thread count, and win where they match.
 """
 
 from __future__ import annotations
@@ -9,8 +10,12 @@ import hashlib
 import json
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 from .errors import UserError
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from .target import TargetSpec
 
 SCHEDULES_DIR = Path(__file__).resolve().parent.parent / "schedules"
 
@@ -28,14 +33,32 @@ def family_preference() -> list[str]:
     return list(_defaults()["families"])
 
 
-def knobs_for(op: str, isa: str) -> tuple[dict, str]:
-    """Knob values for a kernel on an ISA, and where they came from (for the manifest)."""
+def default_knobs(op: str, isa: str) -> dict:
     try:
-        return dict(_defaults()[op][isa]), "default"
+        return dict(_defaults()[op][isa])
     except KeyError:
         raise UserError(f"no schedule defaults for kernel {op!r} on ISA {isa!r} in {SCHEDULES_DIR}/defaults.json") from None
 
 
-def fingerprint() -> str:
-    """Changes whenever any knob value does: part of cached artifacts' keys."""
-    return hashlib.sha256(json.dumps(_defaults(), sort_keys=True).encode()).hexdigest()[:16]
+def knobs_for(op: str, target: "TargetSpec", n: int, k: int, accept: Callable[[dict], bool] | None = None) -> tuple[dict, str]:
+    """Knobs for one kernel of an (n, k) layer on ``target`` at its core count, and where they
+    came from (for the manifest and the compile log): the matching tuning record's best that
+    ``accept`` allows, else the defaults."""
+    from .tuning import records, templates
+
+    template = templates.TEMPLATES.get(op)
+    if template is not None:
+        found = records.lookup(target, op, template.version, template.layout, n, k, target.num_cores, accept or (lambda _: True))
+        if found:
+            return found
+    return default_knobs(op, target.isa), "default"
+
+
+def fingerprint(target: "TargetSpec") -> str:
+    """Changes whenever any knob the target's kernels could get does (defaults, or its tuning
+    records): part of cached artifacts' keys."""
+    from .tuning import records
+
+    path = records.path_for(records.fingerprint(target))
+    tuned = path.read_bytes() if path.is_file() else b""
+    return hashlib.sha256(json.dumps(_defaults(), sort_keys=True).encode() + tuned).hexdigest()[:16]

@@ -106,6 +106,14 @@ class TargetSpec:
         """ISA extensions the generated code may use, so the running CPU must have (sorted)."""
         return sorted(self.features & _ISA_EXTENSIONS)
 
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "TargetSpec":
+        """The inverse of ``to_json`` (a worker process gets its target this way, unparsed)."""
+        return cls(
+            name=d["name"], kind=d["kind"], arch=d["arch"], triple=d["triple"], mcpu=d["mcpu"], mattr=tuple(d["mattr"]),
+            features=frozenset(d["features"]), num_cores=d["num_cores"], isa=d["isa"],
+        )  # fmt: skip
+
     def to_json(self) -> dict[str, Any]:
         """Serializable description for a build manifest."""
         return {

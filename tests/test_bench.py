@@ -64,10 +64,12 @@ def test_bandwidth_kernel_matches_reference():
     np.testing.assert_array_equal(out, bandwidth.reference(buf))
 
 
-def test_memory_bytes_bounds():
-    assert bench.memory_bytes(None) == bench.MIN_MEMORY_BYTES
-    assert bench.memory_bytes(300 << 20) == 600 << 20
-    assert bench.memory_bytes(4 << 30) == bench.MAX_MEMORY_BYTES
+def test_stream_bytes_bounds():
+    from bitnet_compile.tuning import measure
+
+    assert measure.stream_bytes(0) == measure.MIN_STREAM_BYTES
+    assert measure.stream_bytes(300 << 20) == 600 << 20
+    assert measure.stream_bytes(4 << 30) == measure.MAX_STREAM_BYTES
 
 
 def _args(tmp_path, **over) -> argparse.Namespace:

@@ -12,16 +12,22 @@ removed by subtracting sum(q) per token.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
+import numpy as np
 import tvm
 from tvm import te, tirx
 
+from bitnet_runtime import layout_dot2
 from bitnet_runtime import reference as _reference
+from bitnet_runtime.layout import round_up
 from bitnet_runtime.layout_dot2 import CHUNK
+from bitnet_runtime.memory import aligned_copy, aligned_zeros
 
 from ..errors import UserError
 from ..intrinsics.x86_dot2 import DECODED_INTRIN, FIELDS_INTRIN, ROWS, decoded_field_term, masked_field_term
+from ..tuning.measure import Case, exact, exact_product
+from ..tuning.space import Constraint, SearchSpace
 
 reference = _reference.ternary_matmul
 
@@ -47,6 +53,40 @@ class Dot2Knobs:
                 raise UserError(f"knob {name}={getattr(self, name)} must be >= 1")
         if not gemv and self.row_blocks * self.token_tile > 24:
             raise UserError(f"knobs row_blocks * token_tile = {self.row_blocks * self.token_tile} exceed the 24 accumulator registers")
+
+
+_EVERY_THREAD = Constraint("row_blocks == 1 or 16 * row_blocks * threads <= n", "every thread gets a task")
+GEMV_SPACE = SearchSpace(
+    knobs={"row_blocks": (1, 2, 3, 4, 6, 8), "k_unroll": (1, 2, 4, 8)},
+    constraints=(_EVERY_THREAD, Constraint("k_unroll == 1 or 16 * k_unroll <= k", "an unrolled step longer than K only pads K")),
+)
+GEMM_SPACE = SearchSpace(
+    knobs={"row_blocks": (1, 2, 3, 4, 6), "token_tile": (1, 2, 3, 4, 6, 8, 12)},
+    constraints=(_EVERY_THREAD, Constraint("row_blocks * token_tile <= 24", "the int32 accumulators must fit the 32 zmm registers")),
+)
+
+
+def kernel_shape(n: int, k: int, knobs: dict, gemv: bool) -> tuple[dict, dict]:
+    """The manifest shape of an (n, k) layer padded for these knobs alone, and the full knobs."""
+    full = asdict(Dot2Knobs(**knobs))
+    n_p, k_p = layout_dot2.padded_shape(n, k, full["row_blocks"], full["k_unroll"] if gemv else 1)
+    return {"n": n, "k": k, "n_padded": n_p, "k_padded": k_p}, full
+
+
+def make_case(shape: dict, knobs: dict, rng: np.random.Generator, tokens: int) -> Case:
+    """Random ternary weights in dot2-v1 and ``tokens`` int8 activation rows (the GEMM's padded
+    to whole token tiles, as the runtime pads a prompt)."""
+    n, k, n_p, k_p = (shape[key] for key in ("n", "k", "n_padded", "k_padded"))
+    gemv = tokens == 1
+    rows = 1 if gemv else round_up(tokens, knobs["token_tile"])
+    w = rng.integers(-1, 2, (n, k), dtype=np.int8)
+    acts = aligned_zeros((rows, k_p), np.int8)
+    acts[:tokens, :k] = rng.integers(-128, 128, (tokens, k), dtype=np.int8)
+    acc = aligned_zeros((rows, n_p), np.int32)
+    acts_view, acc_view = layout_dot2.kernel_views(acts, acc, None if gemv else knobs["token_tile"])
+    packed = aligned_copy(layout_dot2.pack_ternary(w, n_p, k_p))
+    want = exact_product(acts[:tokens, :k], w)
+    return Case((acts_view, packed, acc_view), 1, acc, exact(lambda: acc[:tokens, :n], want))
 
 
 def _activation_sum(acts: te.Tensor, lead: tuple) -> te.Tensor:

@@ -29,15 +29,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import tvm
 from tvm import te
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
+from bitnet_runtime import layout_f16
 from bitnet_runtime import reference as _reference
 from bitnet_runtime.layout_f16 import ROWS
+from bitnet_runtime.memory import aligned_copy, aligned_zeros
 
 from ..errors import UserError
+from ..tuning.measure import Case
+from ..tuning.space import SearchSpace
 
 reference = _reference.f16_gemv
 PREFETCH_BYTES = 4096  # software prefetch distance of a tile's weight stream
@@ -93,6 +98,33 @@ class F16Knobs:
 
     def unroll_for(self, k: int) -> int:
         return max(d for d in range(1, self.k_unroll + 1) if k % d == 0)
+
+
+SPACE = SearchSpace(knobs={"k_unroll": (1, 2, 4, 8), "prefetch": (True, False)})
+
+
+def kernel_shape(n: int, k: int, knobs: dict) -> tuple[dict, dict]:
+    return {"n": n, "k": k, "n_padded": layout_f16.padded_rows(n), "k_padded": k}, knobs
+
+
+def make_case(shape: dict, knobs: dict, rng: np.random.Generator, tokens: int) -> Case:
+    """Random float16 tiles (made in the packed layout directly: a 128256-row vocabulary never
+    exists as float32) and a random hidden state; right within reference.F16_GEMV_RTOL."""
+    tiles, k = shape["n_padded"] // ROWS, shape["k"]
+    packed = aligned_zeros((tiles, k, ROWS), np.float16)
+    for start in range(0, tiles, 256):
+        block = packed[start : start + 256]
+        block[...] = rng.standard_normal(block.shape, dtype=np.float32)
+    x = aligned_copy(rng.standard_normal((1, k), dtype=np.float32))
+    out = aligned_zeros((1, shape["n_padded"]), np.float32)
+    want, bound = _reference.f16_gemv(x, packed, with_bound=True)
+    tolerance = _reference.F16_GEMV_RTOL * bound + _reference.F16_GEMV_ATOL
+
+    def check() -> str | None:
+        off = np.abs(out.astype(np.float64) - want) > tolerance
+        return f"{int(off.sum())} of {off.size} logits outside the float16 GEMV tolerance" if off.any() else None
+
+    return Case((x, packed, layout_f16.out_view(out)), 1, out, check)
 
 
 def compute(tiles: int, k: int) -> tuple[te.Tensor, te.Tensor, te.Tensor]:

@@ -35,15 +35,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import tvm
 from tvm import te
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
+from bitnet_runtime import layout_i8
 from bitnet_runtime import reference as _reference
 from bitnet_runtime.layout_i8 import CHUNK, ROWS, SHIFT
+from bitnet_runtime.memory import aligned_copy, aligned_zeros
 
 from ..errors import UserError
+from ..tuning.measure import Case, exact
+from ..tuning.space import SearchSpace
 
 reference = _reference.i8_gemv
 GROUP = 16  # rows per intrinsic call: one zmm of int32, one 64-byte cache line of weights
@@ -88,6 +93,27 @@ class I8Knobs:
 
     def unroll_for(self, chunks: int) -> int:
         return max(d for d in range(1, self.k_unroll + 1) if chunks % d == 0)
+
+
+SPACE = SearchSpace(knobs={"k_unroll": (1, 2, 4, 8), "groups_per_pass": (1, 2, 4)})
+
+
+def kernel_shape(n: int, k: int, knobs: dict, variant: str) -> tuple[dict, dict]:
+    n_p, k_p = layout_i8.padded_shape(n, k)
+    return {"n": n, "k": k, "n_padded": n_p, "k_padded": k_p, "variant": variant}, knobs
+
+
+def make_case(shape: dict, knobs: dict, rng: np.random.Generator, tokens: int) -> Case:
+    """Random int8 weight tiles (in the packed layout directly) and activations; exact."""
+    n_p, k_p = shape["n_padded"], shape["k_padded"]
+    packed = aligned_zeros(layout_i8.packed_shape(n_p, k_p), np.int8)
+    for start in range(0, packed.shape[0], 256):
+        block = packed[start : start + 256]
+        block[...] = rng.integers(-127, 128, block.shape, dtype=np.int8)
+    q = aligned_copy(rng.integers(-128, 128, (1, k_p), dtype=np.int8))
+    out = aligned_zeros((1, n_p), np.int32)
+    q_view, corr_view, out_view = layout_i8.kernel_views(q, layout_i8.correction(packed), out)
+    return Case((q_view, packed, corr_view, out_view), 1, out, exact(lambda: out, _reference.i8_gemv(q, packed)))
 
 
 # ----------------------------------------------------------------------------- intrinsics

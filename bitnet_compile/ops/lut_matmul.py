@@ -14,14 +14,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import tvm
 from tvm import te
 
+from bitnet_runtime import layout
 from bitnet_runtime import reference as _reference
 from bitnet_runtime.layout import GROUP
+from bitnet_runtime.memory import aligned_copy, aligned_zeros
 
 from ..errors import UserError
 from ..intrinsics.x86_lut import VECTOR_ISAS, VectorISA, lookup_term
+from ..tuning.measure import Case, exact, exact_product
+from ..tuning.space import Constraint, SearchSpace
 
 reference = _reference.ternary_matmul
 MAX_KBLOCK = 63  # int16 partial sums: 63 groups * 512 < 32768
@@ -45,6 +50,39 @@ class LutKnobs:
             raise UserError(f"knob kblock={self.kblock} out of range 1..{MAX_KBLOCK} (int16 partial sums would overflow)")
         if self.row_blocks_per_task < 1:
             raise UserError(f"knob row_blocks_per_task={self.row_blocks_per_task} must be >= 1")
+
+
+# What the tuner explores (GEMV and GEMM alike); ``rows`` is the ISA's rows per block. The
+# GEMM of an artifact takes its GEMV's kblock (it fixes the packed weights both read).
+SPACE = SearchSpace(
+    knobs={"kblock": (8, 16, 24, 32, 48, 63), "row_blocks_per_task": (1, 2, 4, 8)},
+    constraints=(
+        Constraint("kblock == 8 or 4 * kblock <= k + 3", "a k-block beyond K's groups is the same kernel as a shorter one"),
+        Constraint("row_blocks_per_task == 1 or row_blocks_per_task * rows * threads <= n", "every thread gets a task"),
+    ),
+)
+
+
+def kernel_shape(n: int, k: int, knobs: dict, isa: str) -> tuple[dict, dict]:
+    """The manifest shape of an (n, k) layer under ``knobs``, and the knobs as built (kblock
+    clamped to K)."""
+    rows = VECTOR_ISAS[isa].rows
+    kblock = layout.effective_kblock(k, knobs["kblock"])
+    n_p, k_p = layout.padded_shape(n, k, rows, kblock)
+    return {"n": n, "k": k, "n_padded": n_p, "k_padded": k_p, "rows": rows}, knobs | {"kblock": kblock}
+
+
+def make_case(shape: dict, knobs: dict, rng: np.random.Generator, tokens: int) -> Case:
+    """Random ternary weights packed for ``knobs`` and ``tokens`` rows of activation tables."""
+    n, k, n_p, k_p, rows = (shape[key] for key in ("n", "k", "n_padded", "k_padded", "rows"))
+    w = rng.integers(-1, 2, (n, k), dtype=np.int8)
+    q = np.zeros((tokens, k_p), np.int8)
+    q[:, :k] = rng.integers(-128, 128, (tokens, k), dtype=np.int8)
+    tables = aligned_copy(_reference.lut_tables(q))
+    acc = aligned_zeros(layout.acc_shape(tokens, n_p, rows), np.int32)
+    want = exact_product(q[:, :k], w)
+    packed = aligned_copy(layout.pack_ternary(w, rows, knobs["kblock"]))
+    return Case((tables, packed, acc), 1, acc, exact(lambda: acc.reshape(tokens, n_p)[:, :n], want))
 
 
 def compute(tokens, n: int, k: int, isa: VectorISA, kblock: int) -> tuple[te.Tensor, te.Tensor, te.Tensor]:

@@ -1,0 +1,162 @@
+"""``bitnet-compile tune``: which studies a model or shape list needs, the time budget split
+over them, one worker per thread count, and the summary at the end."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from dataclasses import dataclass
+
+from ..errors import UserError
+from . import records
+from .study import Study, StudySpec, open_storage, run_study
+
+DEFAULT_TRIALS = 20
+DEFAULT_BUDGET_S = 600
+DEFAULT_TIMEOUT_S = 120
+OUTPUT_LAYER_OPS = ("f16_gemv", "i8_gemv")
+
+
+def add_options(p: argparse.ArgumentParser) -> None:
+    from ..cli import DEFAULT_TARGET
+
+    p.add_argument("--target", default=DEFAULT_TARGET, help=f'target to tune for (default: "{DEFAULT_TARGET}")')
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("-m", "--model", help="tune every kernel this model needs (preset, hub id, config.json or model dir)")
+    what.add_argument("-s", "--shapes", help="tune these NxK linear shapes (out x in features)")
+    p.add_argument("-k", "--kernels", default=None, help="only these kernels, e.g. dot2_gemv,f16_gemv (default: the family's and, with --model, the output layer's)")
+    p.add_argument("-f", "--family", default="auto", help="kernel family whose kernels to tune (default: auto, as compile picks)")
+    p.add_argument("-n", "--trials", type=int, default=DEFAULT_TRIALS, help=f"measured trials per kernel and shape (default {DEFAULT_TRIALS}); a resumed study counts its earlier ones")
+    p.add_argument("--time-budget", type=float, default=DEFAULT_BUDGET_S, help=f"seconds for the whole command, shared out over the studies (default {DEFAULT_BUDGET_S})")
+    p.add_argument("-t", "--threads", default=None, help="thread counts to tune for, e.g. 1,2 (default: the target's cores)")
+    p.add_argument("--storage", default=None, help="optuna storage: sqlite:///FILE, postgresql://..., journal:FILE (default: SQLite in the cache)")
+    p.add_argument("--rpc", default=None, help="measure on a device: HOST:PORT of its TVM RPC server (or of a tracker with --rpc-key)")
+    p.add_argument("--rpc-key", default=None, help="device key to request from the tracker at --rpc")
+    p.add_argument("--trial-timeout", type=float, default=DEFAULT_TIMEOUT_S, help=f"seconds one candidate may take to compile, check and time (default {DEFAULT_TIMEOUT_S})")
+    p.add_argument("--plugin", action="append", default=[], help="import this module first (it may register extra kernel templates); repeatable")
+
+
+@dataclass(frozen=True)
+class Work:
+    op: str
+    n: int
+    k: int
+
+
+def _threads(text: str | None, target) -> tuple[int, ...]:
+    if text is None:
+        return (target.num_cores,)
+    try:
+        counts = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"--threads: expected counts like 1,2, got {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise UserError(f"--threads: counts must be >= 1, got {text!r}")
+    return counts
+
+
+def plan_work(args: argparse.Namespace, target) -> tuple[list[Work], str]:
+    """Distinct (kernel, shape) pairs to tune: layers sharing a shape are tuned once."""
+    from .. import models, schedule_db
+    from ..families import choose
+    from . import templates
+
+    family = choose(target, args.family, schedule_db.family_preference())
+    if args.model:
+        shape = models.resolve(args.model)
+        layers, label = [(lin.n, lin.k) for lin in shape.linears()], shape.name
+        output = [(shape.vocab, shape.hidden)]
+    else:
+        layers, label, output = [(lin.n, lin.k) for lin in models.parse_shapes(args.shapes)], f"shapes {args.shapes}", []
+    family_ops = [op for op, t in templates.TEMPLATES.items() if t.layout == family.layout]
+    wanted = args.kernels.split(",") if args.kernels else family_ops + (list(OUTPUT_LAYER_OPS) if output else [])
+    work: list[Work] = []
+    for op in wanted:
+        template = templates.get(op.strip())
+        if target.isa not in template.isas:
+            raise UserError(f"kernel {template.op} has no {target.isa} variant (it has {', '.join(sorted(template.isas))})")
+        for n, k in output if op in OUTPUT_LAYER_OPS and output else layers:
+            item = Work(template.op, n, k)
+            if item not in work:
+                work.append(item)
+    return work, label
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..target import parse_target
+    from . import templates
+    from .rpc import Remote
+    from .worker import Worker, WorkerError
+
+    for module in args.plugin:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise UserError(f"--plugin {module}: {err}") from None
+    if args.trials < 1:
+        raise UserError(f"--trials must be at least 1, got {args.trials}")
+    if args.time_budget <= 0:
+        raise UserError(f"--time-budget must be positive, got {args.time_budget}")
+    target = parse_target(args.target)
+    remote = Remote.parse(args.rpc, args.rpc_key) if args.rpc else None
+    if args.rpc_key and not args.rpc:
+        raise UserError("--rpc-key needs --rpc HOST:PORT (the tracker)")
+    work, label = plan_work(args, target)
+    counts = _threads(args.threads, target)
+    storage = open_storage(args.storage)
+    fp = records.fingerprint(target, remote=remote is not None)
+    where = f"RPC {args.rpc}" + (f" key {args.rpc_key}" if args.rpc_key else "") if remote else fp["cpu"]
+    print(
+        f"tuning {len(work)} kernel shapes of {label} for {target.mcpu} ({target.isa}) on {where}, {'/'.join(map(str, counts))} threads; "
+        f"{args.trials} trials each, {args.time_budget:.0f} s budget\nrecords: {records.path_for(fp)}",
+        file=sys.stderr,
+    )
+    from bitnet_runtime.weights import cache_root
+
+    start = time.monotonic()
+    end = start + args.time_budget
+    summary = []
+    total = len(work) * len(counts)
+    done = 0
+    for threads in counts:
+        try:
+            with Worker(threads, tuple(args.plugin), log_path=cache_root() / "tuning" / "worker.log") as worker:
+                for item in work:
+                    share = (end - time.monotonic()) / (total - done)
+                    done += 1
+                    template = templates.get(item.op)
+                    spec = StudySpec(template, item.n, item.k, threads, target, remote)
+                    study = Study(spec, storage, _default_for(template, target))
+                    if study.recovered:
+                        print(f"{spec.label()}: {study.recovered} interrupted trial(s) will be measured again", file=sys.stderr)
+                    record = run_study(study, worker, args.trials, time.monotonic() + max(share, 0), args.trial_timeout)
+                    summary.append(record)
+                    print(_summary_line(spec, record), file=sys.stderr)
+        except WorkerError as err:
+            raise UserError(str(err)) from None
+    print(f"tuned {len(summary)} studies in {time.monotonic() - start:.0f} s; records in {records.path_for(fp)}", file=sys.stderr)
+    return 0
+
+
+def _default_for(template, target) -> dict:
+    """The knobs compile uses without a record; a plugin's template, which has no entry in
+    defaults.json, starts from each knob's first value."""
+    from .. import schedule_db
+
+    try:
+        return schedule_db.default_knobs(template.op, target.isa)
+    except UserError:
+        return {name: values[0] for name, values in template.space.knobs.items()}
+
+
+def _summary_line(spec: StudySpec, record: dict) -> str:
+    states = [t["state"] for t in record["trials"] if t["state"] not in ("invalid", "duplicate")]
+    failed = sum(1 for s in states if s != "complete")
+    best = record.get("best")
+    if not best:
+        return f"{spec.label()}: no candidate worked ({failed} failed)"
+    speed = f", {record['speedup']:.2f}x over default" if "speedup" in record else ""
+    knobs = " ".join(f"{k}={v}" for k, v in best["knobs"].items())
+    return f"{spec.label()}: {record['measured']} trials ({failed} failed), best {knobs} {best['seconds'] * 1e6:,.1f} us{speed}"
