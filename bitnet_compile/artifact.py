@@ -163,6 +163,20 @@ def plan_output_layer(vocab: int, hidden: int, target: TargetSpec) -> tuple[dict
     return {"n": vocab, "k": hidden, "formats": formats}, kernels
 
 
+def schedule_summary(kernels: list[KernelPlan], target: TargetSpec) -> str:
+    """One line saying which tunable kernels got tuned knobs and which run on defaults."""
+    from .tuning import records
+
+    tunable = [k for k in kernels if k.knob_source != "fixed"]
+    tuned = [k for k in tunable if k.knob_source.startswith("tuned")]
+    path = records.path_for(records.fingerprint(target))
+    if not tuned:
+        return f"schedules: defaults for all {len(tunable)} tunable kernels (no tuning record for this target in {path}; bitnet-compile tune makes one)"
+    rest = [k.name for k in tunable if k not in tuned]
+    text = f"schedules: {len(tuned)} of {len(tunable)} tunable kernels tuned (records {path})"
+    return text + (f"; defaults for {', '.join(rest)} (no matching record)" if rest else "")
+
+
 def tvm_runtime_library() -> Path:
     """TVM's libtvm_runtime.so from the compiler's installation, shipped inside the artifact."""
     import tvm
@@ -206,6 +220,7 @@ def build(
     if output_layer:
         output_entry, output_kernels = plan_output_layer(*output_layer, target)
         kernels += [k for k in output_kernels if k.name not in {p.name for p in kernels}]
+    print(schedule_summary(kernels, target), file=sys.stderr)
     executable = compile_kernels(kernels, target)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST_FILE).unlink(missing_ok=True)  # an artifact without manifest is incomplete

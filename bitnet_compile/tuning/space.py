@@ -32,11 +32,14 @@ class SearchSpace:
     def violations(self, point: dict[str, Any], context: dict[str, int]) -> list[str]:
         """The constraints ``point`` breaks (with their reasons), and knobs outside their
         domain; ``context`` holds the other names the constraints use (n, k, threads, ...)."""
-        problems = [f"{name}={point.get(name)!r} is not one of {list(values)}" for name, values in self.knobs.items() if point.get(name) not in values]
+        problems = self.outside_domains(point)
         if problems:
             return problems
         names = {**context, **point}
         return [f"{c.expr} ({c.why})" for c in self.constraints if not c.holds(names)]
+
+    def outside_domains(self, point: dict[str, Any]) -> list[str]:
+        return [f"{name}={point.get(name)!r} is not one of {list(values)}" for name, values in self.knobs.items() if point.get(name) not in values]
 
     def points(self, context: dict[str, int]) -> Iterator[dict[str, Any]]:
         """Every valid point, in grid order."""

@@ -6,7 +6,8 @@ Each trial asks optuna's TPE sampler for a point of the kernel's search space an
   as a trial of ``--trials``, both teach the sampler;
 - any other point is measured in the worker (compile, exact check, timing) and told its
   median seconds, or FAIL with the reason (compile error, wrong result, crash, timeout).
-The default knobs are the first trial, so every record knows what it beats.
+The default knobs are the first trial, so every record knows what it beats (measured even on a
+shape where a constraint would prune them: they are what compile uses without a record).
 
 Resumable: every trial is committed to the optuna storage as it finishes (SQLite by
 default, transactional, so ``kill -9`` loses at most the trial being measured), and the same
@@ -113,8 +114,9 @@ def open_storage(url: str | None):
             raise UserError(f"--storage {url!r}: expected sqlite:///FILE, postgresql://..., mysql://..., or journal:FILE")
         kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
         return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
-    except ModuleNotFoundError as err:
-        raise UserError(f"--storage {url}: the database driver {err.name!r} is not installed (pip install it, e.g. psycopg2-binary for PostgreSQL)") from None
+    except ImportError:
+        drivers = "psycopg2-binary for PostgreSQL, PyMySQL for MySQL"
+        raise UserError(f"--storage {url}: the database driver is not installed (pip install it: {drivers})") from None
     except (OSError, ValueError) as err:
         raise UserError(f"--storage {url}: {err}") from None
     except Exception as err:  # sqlalchemy's connection errors
@@ -124,10 +126,6 @@ def open_storage(url: str | None):
 
 
 # ----------------------------------------------------------------------------- one study
-
-
-def _point_key(point: dict) -> str:
-    return json.dumps(point, sort_keys=True)
 
 
 def _distributions(template: Template) -> dict:
@@ -173,10 +171,11 @@ class Study:
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         self.spec, self.storage, self.records_dir = spec, storage, records_dir
         self.default = {name: default[name] for name in spec.template.space.knobs}
-        problems = spec.template.space.violations(self.default, spec.names)
+        problems = spec.template.space.outside_domains(self.default)
         if problems:
             raise UserError(f"the default knobs of {spec.label()} are outside its search space: {'; '.join(problems)}")
         self.points = list(spec.template.space.points(spec.names))
+        self.kernels = {self.kernel_key(p) for p in self.points}
         seed = int(hashlib.sha256(spec.name.encode()).hexdigest()[:6], 16) + SEED
         self.study = optuna.create_study(
             study_name=spec.name, storage=storage, direction="minimize", load_if_exists=True,
@@ -187,17 +186,23 @@ class Study:
             self.study.enqueue_trial(self.default)
         self.rng = random.Random(seed + len(self.study.get_trials(deepcopy=False)))
 
+    def kernel_key(self, point: dict) -> str:
+        """Identity of the kernel a point builds: points the shape clamps alike (a k-block
+        longer than K) are one kernel, measured once."""
+        _, built = self.spec.template.shape(self.spec.n, self.spec.k, point, self.spec.target)
+        return json.dumps(built, sort_keys=True)
+
     # -- state read back from the storage (other processes may be adding to it) --
 
     def trials(self) -> list:
         return self.study.get_trials(deepcopy=False)
 
     def measured(self) -> dict[str, object]:
-        """Point key -> the first finished trial that measured it."""
+        """Kernel key -> the first finished trial that measured it."""
         seen: dict[str, object] = {}
         for t in self.trials():
             if t.user_attrs.get("measured") and t.state.is_finished() and t.user_attrs.get("state") != "interrupted":
-                seen.setdefault(_point_key(t.params), t)
+                seen.setdefault(self.kernel_key(t.params), t)
         return seen
 
     def measured_count(self) -> int:
@@ -210,7 +215,7 @@ class Study:
         return min(done, key=lambda t: t.value) if done else None
 
     def default_trial(self):
-        t = self.measured().get(_point_key(self.default))
+        t = self.measured().get(self.kernel_key(self.default))
         return t if t is not None and t.value is not None else None
 
     # -- one step --
@@ -234,12 +239,12 @@ class Study:
         trial.set_user_attr("pid", os.getpid())
         point = dict(trial.params)
         problems = self.spec.template.space.violations(point, self.spec.names)
-        if problems:
+        if problems and point != self.default:  # the default is measured even where a constraint prunes it: compile uses it
             trial.set_user_attr("state", "invalid")
             trial.set_user_attr("reason", "; ".join(problems))
             self.study.tell(trial, state=TrialState.PRUNED)
             return False
-        known = self.measured().get(_point_key(point))
+        known = self.measured().get(self.kernel_key(point))
         if known is not None:
             trial.set_user_attr("state", "duplicate")
             trial.set_user_attr("duplicate_of", known.number)
@@ -264,14 +269,14 @@ class Study:
     def enqueue_unmeasured(self) -> bool:
         """Put an unmeasured valid point first in line (the sampler keeps proposing known ones)."""
         seen = self.measured()
-        todo = [p for p in self.points if _point_key(p) not in seen]
+        todo = [p for p in self.points if self.kernel_key(p) not in seen]
         if not todo:
             return False
         self.study.enqueue_trial(self.rng.choice(todo))
         return True
 
     def exhausted(self) -> bool:
-        return len(self.measured()) >= len(self.points)
+        return len(self.measured()) >= len(self.kernels)
 
     # -- the end of a study --
 
@@ -312,7 +317,7 @@ class Study:
         record = {
             "op": template.op, "version": template.version, "layout": template.layout, "n": spec.n, "k": spec.k,
             "threads": spec.threads, "timing": template.timing, "tokens": template.tokens,
-            "space": {"knobs": {k: list(v) for k, v in template.space.knobs.items()}, "constraints": [c.expr for c in template.space.constraints], "valid_points": len(self.points)},
+            "space": {"knobs": {k: list(v) for k, v in template.space.knobs.items()}, "constraints": [c.expr for c in template.space.constraints], "valid_points": len(self.points), "distinct_kernels": len(self.kernels)},
             "study": spec.name, "default": {"knobs": self.default}, "trials": trials,
             "measured": self.measured_count(),
         }  # fmt: skip
