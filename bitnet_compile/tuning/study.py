@@ -164,7 +164,7 @@ def _recover_interrupted(study, storage) -> int:
 class Study:
     """One kernel/shape/threads study in a storage, and its measurement."""
 
-    def __init__(self, spec: StudySpec, storage, default: dict, records_dir: Path | None = None):
+    def __init__(self, spec: StudySpec, storage, default: dict, records_dir: Path | None = None, seed: int = SEED):
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -176,7 +176,7 @@ class Study:
             raise UserError(f"the default knobs of {spec.label()} are outside its search space: {'; '.join(problems)}")
         self.points = list(spec.template.space.points(spec.names))
         self.kernels = {self.kernel_key(p) for p in self.points}
-        seed = int(hashlib.sha256(spec.name.encode()).hexdigest()[:6], 16) + SEED
+        seed = int(hashlib.sha256(spec.name.encode()).hexdigest()[:6], 16) + seed
         self.study = optuna.create_study(
             study_name=spec.name, storage=storage, direction="minimize", load_if_exists=True,
             sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=STARTUP_TRIALS, multivariate=True),

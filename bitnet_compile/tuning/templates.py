@@ -32,7 +32,9 @@ class Template:
     activation rows per call; isas: vector ISAs it has a variant for; context: constants the
     constraints may use (e.g. the ISA's rows per block); shape: (n, k, knobs, target) ->
     (manifest shape, knobs as built); case: (shape, knobs, rng, tokens) -> Case; build:
-    (name, shape, knobs, target) -> PrimFunc."""
+    (name, shape, knobs, target) -> PrimFunc; case_knobs: the knobs the case depends on beyond
+    the shape (a case is reused across trials that agree on them: making a 128256-row
+    vocabulary's weights and reference costs seconds)."""
 
     op: str
     version: str
@@ -45,6 +47,7 @@ class Template:
     shape: Callable[[int, int, dict, "TargetSpec"], tuple[dict, dict]]
     case: Callable[[dict, dict, np.random.Generator, int], Case]
     build: Callable[[str, dict, dict, "TargetSpec"], object]
+    case_knobs: tuple[str, ...] = ()
 
     def names(self, n: int, k: int, target: "TargetSpec", threads: int) -> dict:
         """What the constraints see: the layer shape, the thread count, the target's constants."""
@@ -88,13 +91,14 @@ def _register_builtin() -> None:
         register(Template(
             op, f"{op}-1", layout.VERSION, "dram" if gemv else "cache", 1 if gemv else GEMM_TOKENS, x86,
             lut_matmul.SPACE, lut_context, lambda n, k, kn, t: lut_matmul.kernel_shape(n, k, kn, t.isa),
-            lut_matmul.make_case, _builder(op),
+            lut_matmul.make_case, _builder(op), case_knobs=("kblock",),
         ))  # fmt: skip
     for op, gemv in (("dot2_gemv", True), ("dot2_gemm", False)):
         register(Template(
             op, f"{op}-1", layout_dot2.VERSION, "dram" if gemv else "cache", 1 if gemv else GEMM_TOKENS,
             frozenset({"avx512"}), dot2_matmul.GEMV_SPACE if gemv else dot2_matmul.GEMM_SPACE, no_context,
             (lambda g: lambda n, k, kn, t: dot2_matmul.kernel_shape(n, k, kn, g))(gemv), dot2_matmul.make_case, _builder(op),
+            case_knobs=() if gemv else ("token_tile",),
         ))  # fmt: skip
     register(Template(
         "f16_gemv", "f16_gemv-1", layout_f16.VERSION, "dram", 1, x86, f16_gemv.SPACE, no_context,

@@ -13,6 +13,7 @@ their timings interleave (a slow spell of a shared machine then hits them all al
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import select
@@ -37,21 +38,25 @@ LOG_TAIL = 3  # stderr lines of a dead worker quoted in the failure reason
 
 class _Cases:
     """Test cases (and their DRAM rotations) kept across the trials of a study: making the
-    weights and the reference output costs more than a trial's timing for large layers."""
+    weights and the reference output costs more than a trial's timing for large layers. A
+    few are kept, for the confirmation round's candidates that differ in case knobs."""
+
+    KEEP = 4
 
     def __init__(self):
-        self.key, self.case, self.rotation = None, None, None
+        self.cases: dict[str, tuple] = {}
 
     def get(self, template, shape: dict, knobs: dict, stream: int, seed: int):
         from .measure import weight_rotation
 
-        key = json.dumps([template.op, shape, knobs, stream, seed], sort_keys=True)
-        if key != self.key:
-            self.key, self.case, self.rotation = None, None, None  # free the old weights first
+        key = json.dumps([template.op, shape, {name: knobs[name] for name in template.case_knobs}, stream, seed], sort_keys=True)
+        if key not in self.cases:
+            if len(self.cases) >= self.KEEP or any(not old.startswith(json.dumps([template.op])[:-1]) for old in self.cases):
+                self.cases.clear()  # another kernel (or too many): free the old weights first
             case = template.case(shape, knobs, np.random.default_rng(seed), template.tokens)
             rotation = weight_rotation(case.args, case.weights, stream) if template.timing == "dram" else [case.args]
-            self.key, self.case, self.rotation = key, case, rotation
-        return self.case, self.rotation
+            self.cases[key] = (case, rotation)
+        return self.cases[key]
 
 
 def _reason(err: BaseException) -> str:
@@ -132,6 +137,11 @@ def serve(stdin: IO[str], stdout: IO[str]) -> None:
 
     for module in json.loads(os.environ.get("BITNET_TUNE_PLUGINS", "[]")):
         __import__(module)
+    # TVM's segfault handler symbolizes a native backtrace, which takes seconds to tens of
+    # seconds here; a crashing candidate should cost nothing. Python's own handler logs the
+    # Python stack and lets the signal kill the process at once.
+    signal.signal(signal.SIGSEGV, signal.SIG_DFL)
+    faulthandler.enable(sys.stderr)
     threads = tvm.get_global_func("runtime.NumThreads")()
     stdout.write(json.dumps({"ready": True, "threads": threads, "cpu": cpu_model(), "pid": os.getpid()}) + "\n")
     stdout.flush()
