@@ -107,6 +107,62 @@ def test_every_builtin_template_measures_exactly_on_odd_shapes(tmp_path):
                 assert result["seconds"] > 0
 
 
+# ----------------------------------------------------------------------------- the study's decisions
+
+
+class _ScriptedWorker:
+    """Trials: faster the larger ``split``; the confirmation: each candidate's per-round times
+    from ``rounds(knobs)``."""
+
+    def __init__(self, rounds):
+        self.rounds, self.jobs = rounds, []
+
+    def run(self, job: dict, timeout: float) -> list[dict]:
+        self.jobs.append(job)
+        if len(job["candidates"]) == 1:
+            return [{"state": "ok", "seconds": 1.0 / job["candidates"][0]["split"], "compile_s": 0.0}]
+        results = []
+        for knobs in job["candidates"]:
+            per_round = self.rounds(knobs)
+            results.append({"state": "ok", "seconds": float(np.median(per_round)), "rounds": per_round, "compile_s": 0.0})
+        return results
+
+
+def _scripted_study(tmp_path: Path, rounds, trials: int = 6) -> dict:
+    import optuna
+
+    import tuning_plugin  # noqa: F401 - registers toy_grid
+    from bitnet_compile.target import parse_target
+    from bitnet_compile.tuning.study import Study, StudySpec, run_study
+
+    spec = StudySpec(templates.get("toy_grid"), 8, 8, 1, parse_target("x86-avx2"))
+    study = Study(spec, optuna.storages.InMemoryStorage(), {"split": 1, "delay": 0.3}, records_dir=tmp_path)
+    worker = _ScriptedWorker(rounds)
+    record = run_study(study, worker, trials, time.monotonic() + 60, 1)
+    measured = [j["candidates"][0] for j in worker.jobs if len(j["candidates"]) == 1]
+    assert measured[0] == {"split": 1, "delay": 0.3}  # the default first
+    assert len(measured) == trials and len({json.dumps(m, sort_keys=True) for m in measured}) == trials  # no point twice
+    assert record["measured"] == trials
+    return record
+
+
+def test_a_candidate_replaces_the_default_by_winning_every_round(tmp_path):
+    record = _scripted_study(tmp_path, lambda knobs: [1.0 / knobs["split"]] * 5)
+    assert record["best"]["knobs"]["split"] > 1 and record["speedup"] > 1
+    (path,) = tmp_path.glob("*.json")  # written to the records directory as it went
+    assert json.loads(path.read_text())["records"][record["study"].split("/", 1)[1]]["best"] == record["best"]
+
+
+def test_the_default_stays_when_a_candidate_loses_one_round(tmp_path):
+    def rounds(knobs):
+        if knobs["split"] == 1:
+            return [1.0, 1.0, 0.5, 1.0, 1.0]  # the default: one fast round
+        return [0.6, 0.6, 0.6, 0.6, 0.6]
+
+    record = _scripted_study(tmp_path, rounds)
+    assert record["best"]["knobs"] == {"split": 1, "delay": 0.3} and record["speedup"] == 1.0
+
+
 # ----------------------------------------------------------------------------- failing candidates
 
 

@@ -94,5 +94,6 @@ def measure_remote(executable, job: dict, prepared: list, cases, template, compi
             f_preproc="cache_flush_cpu_non_first_arg" if dram else "",
         )  # fmt: skip
         samples = list(timer(*args).results)
-        results.append({"state": "ok", "seconds": float(np.median(samples)), "samples": len(samples), "compile_s": compile_s})
+        rounds = [float(np.median(r)) for r in np.array_split(np.array(samples), job["rounds"])]
+        results.append({"state": "ok", "seconds": float(np.median(samples)), "rounds": rounds, "samples": len(samples), "compile_s": compile_s})
     return results

@@ -138,8 +138,11 @@ def show_view(key: str) -> str:
     rows = [[str(t["number"]), t["state"], _knobs(t["knobs"]), _us(t.get("seconds")), str(t.get("duplicate_of", "")) and f"of #{t['duplicate_of']}", t.get("reason", "")[:90]] for t in rec["trials"]]
     lines.append(_table(["#", "state", "knobs", "us", "dup", "reason"], rows))
     if rec.get("confirmed"):
-        lines += ["", "confirmation round (interleaved, more repeats):"]
-        lines += [f"  {_knobs(c['knobs'])}: {_us(c['seconds'])} us" for c in sorted(rec["confirmed"], key=lambda c: c["seconds"])]
+        lines += ["", "confirmation (interleaved rounds; a candidate replaces the default only by winning every round):"]
+        lines += [
+            f"  {_knobs(c['knobs'])}: {_us(c['seconds'])} us (rounds {' / '.join(_us(r) for r in c.get('rounds', []))})"
+            for c in sorted(rec["confirmed"], key=lambda c: c["seconds"])
+        ]
     best = rec.get("best")
     if best:
         speed = f", {rec['speedup']:.2f}x over the default ({_knobs(rec['default']['knobs'])})" if "speedup" in rec else ""

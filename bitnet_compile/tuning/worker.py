@@ -76,19 +76,20 @@ def _compile(job: dict, target, candidates: list[tuple[str, dict, dict]]):
     return tvm.compile(tvm.IRModule(funcs), target=target.tvm_target())
 
 
-def _measure_local(executable, job: dict, prepared: list, cases: _Cases, template) -> list[list[float]]:
+def _measure_local(executable, job: dict, prepared: list, cases: _Cases, template) -> list[list[list[float]]]:
+    """Per candidate, per round, the samples; rounds alternate the candidates' order."""
     from .measure import time_cached, time_streamed
 
     mod = executable.mod
-    samples: list[list[float]] = [[] for _ in prepared]
+    samples: list[list[list[float]]] = [[] for _ in prepared]
     for r in range(job["rounds"]):
         order = list(enumerate(prepared)) if r % 2 == 0 else list(reversed(list(enumerate(prepared))))
         for i, (name, shape, knobs) in order:
             case, rotation = cases.get(template, shape, knobs, job["stream_bytes"], job["seed"])
             if template.timing == "dram":
-                samples[i] += time_streamed(mod[name], rotation, job["repeats"])
+                samples[i].append(time_streamed(mod[name], rotation, job["repeats"]))
             else:
-                samples[i] += time_cached(mod, name, case.args, job["repeats"])
+                samples[i].append(time_cached(mod, name, case.args, job["repeats"]))
     return samples
 
 
@@ -124,8 +125,9 @@ def _run_job(job: dict, cases: _Cases) -> dict:
     timed = iter(_measure_local(executable, job, good, cases, template))
     for result in results:
         if result["state"] == "ok":
-            samples = next(timed)
-            result |= {"seconds": float(np.median(samples)), "samples": len(samples), "compile_s": compile_s}
+            rounds = next(timed)
+            every = [s for samples in rounds for s in samples]
+            result |= {"seconds": float(np.median(every)), "rounds": [float(np.median(r)) for r in rounds], "samples": len(every), "compile_s": compile_s}
     return {"results": results}
 
 
