@@ -114,13 +114,28 @@ def update(path: Path, print_: dict, key: str, record: dict) -> None:
         os.replace(tmp, path)
 
 
-def ranked(record: dict) -> list[dict]:
-    """The record's measured candidates, fastest first: the confirmation round's timings where
-    it ran (the best is then its winner), else the trials'."""
-    confirmed = record.get("confirmed") or []
-    if confirmed:
-        return sorted(confirmed, key=lambda c: c["seconds"])
-    return sorted((t for t in record["trials"] if t["state"] == "complete"), key=lambda t: t["seconds"])
+MIN_GAIN = 0.02  # a candidate must beat the default by 2% in the confirmation to replace it
+
+
+def beats(candidate: dict, default: dict) -> bool:
+    """Faster than the default in every interleaved confirmation round, and by MIN_GAIN overall."""
+    rounds = list(zip(candidate.get("rounds", []), default.get("rounds", [])))
+    return bool(rounds) and all(c < d for c, d in rounds) and candidate["seconds"] <= default["seconds"] * (1 - MIN_GAIN)
+
+
+def compatible_best(record: dict, accept: Callable[[dict], bool]) -> dict | None:
+    """The knobs to use when the record's best is not allowed: among the confirmed candidates
+    ``accept`` allows, one that beats the default as the best had to, else the default, else
+    (no confirmation or default allowed) the fastest allowed trial."""
+    default = next((c for c in record.get("confirmed", []) if c["knobs"] == record["default"]["knobs"]), None)
+    allowed = sorted((c for c in record.get("confirmed", []) if accept(c["knobs"])), key=lambda c: c["seconds"])
+    for candidate in allowed:
+        if default is not None and candidate is not default and beats(candidate, default):
+            return candidate["knobs"]
+    if accept(record["default"]["knobs"]):
+        return record["default"]["knobs"]
+    trials = sorted((t for t in record["trials"] if t["state"] == "complete" and accept(t["knobs"])), key=lambda t: t["seconds"])
+    return trials[0]["knobs"] if trials else None
 
 
 def lookup(
@@ -138,7 +153,7 @@ def lookup(
     best = record.get("best")
     if best and accept(best["knobs"]):
         return dict(best["knobs"]), f"tuned ({path.name}, {record.get('speedup', 1):.2f}x over default)"
-    for candidate in ranked(record):
-        if accept(candidate["knobs"]):
-            return dict(candidate["knobs"]), f"tuned ({path.name}, best compatible of {len(record['trials'])} trials)"
-    return None
+    knobs = compatible_best(record, accept)
+    if knobs is None:
+        return None
+    return dict(knobs), f"tuned ({path.name}, best compatible of {record['measured']} trials)"

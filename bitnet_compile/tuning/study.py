@@ -18,7 +18,7 @@ them have measured.
 
 When a study has its trials, the fastest few and the default are timed again together in
 CONFIRM_ROUNDS interleaved rounds (the "confirmation"). The record's best is the fastest of
-them only if it beats the default in every round and by MIN_GAIN overall; otherwise the
+them only if it beats the default in every round and by records.MIN_GAIN overall; otherwise the
 default stays. On a shared machine whose speed drifts over seconds (one study here saw the
 same kernel at 31 ms and at 50 ms), a lucky sample or a slow spell must not make a tuned
 artifact slower than the default one.
@@ -47,7 +47,6 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from .rpc import Remote
     from .worker import Worker
 
-MIN_GAIN = 0.02  # a candidate must beat the default by 2% in the confirmation round to replace it
 CONFIRM_TOP = 3  # fastest distinct points timed again with the default
 TRIAL_REPEATS, TRIAL_ROUNDS = 9, 1
 CONFIRM_REPEATS, CONFIRM_ROUNDS = 7, 5
@@ -332,7 +331,7 @@ class Study:
             record["confirmed"] = confirmed
             default_c = next((c for c in confirmed if c["knobs"] == self.default), None)
             winner = min(confirmed, key=lambda c: c["seconds"])
-            if default_c and winner is not default_c and not _beats(winner, default_c):
+            if default_c and winner is not default_c and not records.beats(winner, default_c):
                 winner = default_c  # not reliably faster: keep the default
             record["best"] = {"knobs": winner["knobs"], "seconds": winner["seconds"], "source": "confirmation"}
             if default_c:
@@ -348,12 +347,6 @@ class Study:
         path = records.path_for(self.spec.fingerprint, self.records_dir)
         records.update(path, self.spec.fingerprint, self.spec.key, self.record())
         return path
-
-
-def _beats(candidate: dict, default: dict) -> bool:
-    """Faster than the default in every interleaved round, and by MIN_GAIN overall."""
-    rounds = zip(candidate.get("rounds", []), default.get("rounds", []))
-    return all(c < d for c, d in rounds) and candidate["seconds"] <= default["seconds"] * (1 - MIN_GAIN)
 
 
 # ----------------------------------------------------------------------------- driving
