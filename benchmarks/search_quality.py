@@ -87,7 +87,7 @@ def replay(op: str, n: int, k: int, threads: int, target, table: dict[str, float
             stuck += 1
             if stuck >= study_mod.STUCK_ASKS and s.enqueue_unmeasured():
                 stuck = 0
-    return min(table[s.kernel_key(t.params)] for t in s.measured().values() if t.value is not None)
+    return min(table[s.kernel_key(s.knobs(t))] for t in s.measured().values() if t.value is not None)
 
 
 def random_search(table: dict[str, float], default_key: str, budget: int, seed: int) -> float:
@@ -149,6 +149,7 @@ def main() -> int:
     p.add_argument("--shape", default="3840x2560")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seeds", type=int, default=50)
+    p.add_argument("--table", type=Path, default=None, help="replay against the exhaustive table of an earlier report's JSON (no measuring)")
     p.add_argument("--model", default=None, help="also place this model's tuning records against exhaustive optima (e.g. 2b-4t)")
     p.add_argument("--out", type=Path, default=None, help="also write the report (Markdown) and a .json beside it")
     args = p.parse_args()
@@ -160,7 +161,14 @@ def main() -> int:
     target = parse_target("llvm -mcpu=native")
     threads = args.threads or target.num_cores
     n, k = (int(v) for v in args.shape.lower().split("x"))
-    table, distinct = exhaustive(args.kernel, n, k, threads, target)
+    if args.table:
+        template = templates.get(args.kernel)
+        points = [json.loads(point) for point in json.loads(args.table.read_text())["table"]]
+        seconds = list(json.loads(args.table.read_text())["table"].values())
+        distinct = {_key(template, n, k, point, target): point for point in points}
+        table = {_key(template, n, k, point, target): s for point, s in zip(points, seconds)}
+    else:
+        table, distinct = exhaustive(args.kernel, n, k, threads, target)
     optimum = min(table.values())
     best_key = min(table, key=table.get)
     template = templates.get(args.kernel)
@@ -169,7 +177,7 @@ def main() -> int:
     budget = max(2, math.ceil(BUDGET * len(table)))
     tuner = [replay(args.kernel, n, k, threads, target, table, budget, seed) / optimum for seed in range(args.seeds)]
     rand = [random_search(table, default_key, budget, seed) / optimum for seed in range(args.seeds)]
-    real = real_tune(args.kernel, n, k, budget, table, distinct)
+    real = real_tune(args.kernel, n, k, budget, table, distinct) if not args.table else None
     within = lambda ratios: sum(r <= 1 + WITHIN for r in ratios) / len(ratios)  # noqa: E731
     report = {
         "date": _dt.date.today().isoformat(), "cpu": cpu_model(), "target": target.mcpu, "kernel": args.kernel, "shape": [n, k],
@@ -193,7 +201,8 @@ def main() -> int:
         f"| tuner (TPE, default first) | {within(tuner):.0%} | {statistics.median(tuner):.3f} | {max(tuner):.3f} |",
         f"| random (default + random points) | {within(rand):.0%} | {statistics.median(rand):.3f} | {max(rand):.3f} |",
         "",
-        f"- one real `bitnet-compile tune` with {budget} trials picked {views._knobs(real['knobs'])}: {real['ratio']:.3f}x the optimum",
+        f"- one real `bitnet-compile tune` with {budget} trials picked {views._knobs(real['knobs'])}: {real['ratio']:.3f}x the optimum"
+        if real else f"- replayed against the table of {args.table}",
     ]
     if args.model:
         lines += [

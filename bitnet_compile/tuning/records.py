@@ -118,9 +118,12 @@ MIN_GAIN = 0.02  # a candidate must beat the default by 2% in the confirmation t
 
 
 def beats(candidate: dict, default: dict) -> bool:
-    """Faster than the default in every interleaved confirmation round, and by MIN_GAIN overall."""
+    """Faster than the default in all interleaved confirmation rounds but at most one (one
+    noise spike of a shared machine must not veto a real gain; with 5 rounds a chance 4:1 is
+    a 1-in-5 event, and the median must gain MIN_GAIN too)."""
     rounds = list(zip(candidate.get("rounds", []), default.get("rounds", [])))
-    return bool(rounds) and all(c < d for c, d in rounds) and candidate["seconds"] <= default["seconds"] * (1 - MIN_GAIN)
+    wins = sum(c < d for c, d in rounds)
+    return len(rounds) >= 3 and wins >= len(rounds) - 1 and candidate["seconds"] <= default["seconds"] * (1 - MIN_GAIN)
 
 
 def compatible_best(record: dict, accept: Callable[[dict], bool]) -> dict | None:

@@ -18,8 +18,8 @@ them have measured.
 
 When a study has its trials, the fastest few and the default are timed again together in
 CONFIRM_ROUNDS interleaved rounds (the "confirmation"). The record's best is the fastest of
-them only if it beats the default in every round and by records.MIN_GAIN overall; otherwise the
-default stays. On a shared machine whose speed drifts over seconds (one study here saw the
+them only if it beats the default in all rounds but at most one and by records.MIN_GAIN
+overall (records.beats); otherwise the default stays. On a shared machine whose speed drifts over seconds (one study here saw the
 same kernel at 31 ms and at 50 ms), a lucky sample or a slow spell must not make a tuned
 artifact slower than the default one.
 """
@@ -53,6 +53,7 @@ CONFIRM_REPEATS, CONFIRM_ROUNDS = 7, 5
 STARTUP_TRIALS = 4  # random points (after the default) before TPE models the space
 STUCK_ASKS = 16  # consecutive invalid/duplicate points after which an unmeasured one is enqueued
 SEED = 0
+STUDY_FORMAT = 2  # in study names: how knobs are encoded as optuna parameters (Codec); old studies stay apart
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ class StudySpec:
 
     @property
     def name(self) -> str:
-        return f"{records.target_key(self.fingerprint)}/{self.key}"
+        return f"tuner{STUDY_FORMAT}/{records.target_key(self.fingerprint)}/{self.key}"
 
     @property
     def names(self) -> dict:
@@ -129,10 +130,29 @@ def open_storage(url: str | None):
 # ----------------------------------------------------------------------------- one study
 
 
-def _distributions(template: Template) -> dict:
-    from optuna.distributions import CategoricalDistribution
+class Codec:
+    """Knob values <-> optuna parameters. Integer knobs (row blocks, unroll factors, tiles)
+    are ordinal: optuna sees the index into the domain as an integer, so TPE's density model
+    knows that 3 row blocks lie between 2 and 4 (as categories it learns nothing about a
+    value it has not tried). Other knobs (booleans, names) are categorical."""
 
-    return {name: CategoricalDistribution(list(values)) for name, values in template.space.knobs.items()}
+    def __init__(self, template: Template):
+        self.knobs = template.space.knobs
+        self.ordinal = {name for name, values in self.knobs.items() if all(type(v) is int for v in values)}
+
+    def distributions(self) -> dict:
+        from optuna.distributions import CategoricalDistribution, IntDistribution
+
+        return {
+            name: IntDistribution(0, len(values) - 1) if name in self.ordinal else CategoricalDistribution(list(values))
+            for name, values in self.knobs.items()
+        }
+
+    def encode(self, knobs: dict) -> dict:
+        return {name: self.knobs[name].index(v) if name in self.ordinal else v for name, v in knobs.items()}
+
+    def decode(self, params: dict) -> dict:
+        return {name: self.knobs[name][v] if name in self.ordinal else v for name, v in params.items()}
 
 
 def _alive_here(trial) -> bool:
@@ -158,7 +178,7 @@ def _recover_interrupted(study, storage) -> int:
         storage.set_trial_user_attr(t._trial_id, "reason", f"process {t.user_attrs.get('pid')} ended before the trial did")
         storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         if t.params:
-            study.enqueue_trial(t.params, skip_if_exists=False)
+            study.enqueue_trial(t.params, skip_if_exists=False)  # already in optuna's encoding
     return len(lost)
 
 
@@ -171,6 +191,7 @@ class Study:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         self.spec, self.storage, self.records_dir = spec, storage, records_dir
+        self.codec = Codec(spec.template)
         self.default = {name: default[name] for name in spec.template.space.knobs}
         problems = spec.template.space.outside_domains(self.default)
         if problems:
@@ -184,7 +205,7 @@ class Study:
         )  # fmt: skip
         self.recovered = _recover_interrupted(self.study, storage)
         if not self.study.get_trials(deepcopy=False):
-            self.study.enqueue_trial(self.default)
+            self.study.enqueue_trial(self.codec.encode(self.default))
         self.rng = random.Random(seed + len(self.study.get_trials(deepcopy=False)))
 
     def kernel_key(self, point: dict) -> str:
@@ -203,8 +224,11 @@ class Study:
         seen: dict[str, object] = {}
         for t in self.trials():
             if t.user_attrs.get("measured") and t.state.is_finished() and t.user_attrs.get("state") != "interrupted":
-                seen.setdefault(self.kernel_key(t.params), t)
+                seen.setdefault(self.kernel_key(self.knobs(t)), t)
         return seen
+
+    def knobs(self, trial) -> dict:
+        return self.codec.decode(trial.params)
 
     def measured_count(self) -> int:
         return sum(1 for t in self.trials() if t.user_attrs.get("measured") and t.user_attrs.get("state") != "interrupted")
@@ -235,10 +259,10 @@ class Study:
         """Ask for one point and settle it; True when it was measured (counts as a trial)."""
         from optuna.trial import TrialState
 
-        trial = self.study.ask(_distributions(self.spec.template))
+        trial = self.study.ask(self.codec.distributions())
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("pid", os.getpid())
-        point = dict(trial.params)
+        point = self.codec.decode(trial.params)
         problems = self.spec.template.space.violations(point, self.spec.names)
         if problems and point != self.default:  # the default is measured even where a constraint prunes it: compile uses it
             trial.set_user_attr("state", "invalid")
@@ -273,7 +297,7 @@ class Study:
         todo = [p for p in self.points if self.kernel_key(p) not in seen]
         if not todo:
             return False
-        self.study.enqueue_trial(self.rng.choice(todo))
+        self.study.enqueue_trial(self.codec.encode(self.rng.choice(todo)))
         return True
 
     def exhausted(self) -> bool:
@@ -286,7 +310,7 @@ class Study:
         from optuna.trial import TrialState
 
         done = sorted((t for t in self.measured().values() if t.state == TrialState.COMPLETE), key=lambda t: t.value)
-        picks = [dict(t.params) for t in done[:CONFIRM_TOP]]
+        picks = [self.knobs(t) for t in done[:CONFIRM_TOP]]
         if self.default not in picks and self.default_trial() is not None:
             picks.append(dict(self.default))
         if len(picks) < 2:
@@ -305,7 +329,7 @@ class Study:
         for t in self.trials():
             if t.state == TrialState.RUNNING:
                 continue
-            entry = {"number": t.number, "knobs": dict(t.params), "state": t.user_attrs.get("state", t.state.name.lower())}
+            entry = {"number": t.number, "knobs": self.knobs(t), "state": t.user_attrs.get("state", t.state.name.lower())}
             if t.state == TrialState.COMPLETE:
                 entry["seconds"] = t.value
             for attr in ("reason", "duplicate_of", "compile_s", "seconds_wall"):
@@ -338,7 +362,7 @@ class Study:
                 record["default"]["confirmed_seconds"] = default_c["seconds"]
                 record["speedup"] = default_c["seconds"] / winner["seconds"]
         elif best_t is not None:
-            record["best"] = {"knobs": dict(best_t.params), "seconds": best_t.value, "source": f"trial {best_t.number}"}
+            record["best"] = {"knobs": self.knobs(best_t), "seconds": best_t.value, "source": f"trial {best_t.number}"}
             if default_t is not None:
                 record["speedup"] = default_t.value / best_t.value
         return record

@@ -138,7 +138,7 @@ def show_view(key: str) -> str:
     rows = [[str(t["number"]), t["state"], _knobs(t["knobs"]), _us(t.get("seconds")), str(t.get("duplicate_of", "")) and f"of #{t['duplicate_of']}", t.get("reason", "")[:90]] for t in rec["trials"]]
     lines.append(_table(["#", "state", "knobs", "us", "dup", "reason"], rows))
     if rec.get("confirmed"):
-        lines += ["", "confirmation (interleaved rounds; a candidate replaces the default only by winning every round):"]
+        lines += ["", "confirmation (interleaved rounds; a candidate replaces the default only by winning all rounds but one, by 2%):"]
         lines += [
             f"  {_knobs(c['knobs'])}: {_us(c['seconds'])} us (rounds {' / '.join(_us(r) for r in c.get('rounds', []))})"
             for c in sorted(rec["confirmed"], key=lambda c: c["seconds"])

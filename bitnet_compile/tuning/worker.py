@@ -39,9 +39,9 @@ LOG_TAIL = 3  # stderr lines of a dead worker quoted in the failure reason
 class _Cases:
     """Test cases (and their DRAM rotations) kept across the trials of a study: making the
     weights and the reference output costs more than a trial's timing for large layers. A
-    few are kept, for the confirmation round's candidates that differ in case knobs."""
+    few are kept (the oldest goes first), for a confirmation's candidates that differ in case knobs."""
 
-    KEEP = 4
+    KEEP = 8
 
     def __init__(self):
         self.cases: dict[str, tuple] = {}
@@ -51,8 +51,10 @@ class _Cases:
 
         key = json.dumps([template.op, shape, {name: knobs[name] for name in template.case_knobs}, stream, seed], sort_keys=True)
         if key not in self.cases:
-            if len(self.cases) >= self.KEEP or any(not old.startswith(json.dumps([template.op])[:-1]) for old in self.cases):
-                self.cases.clear()  # another kernel (or too many): free the old weights first
+            if any(not old.startswith(json.dumps([template.op])[:-1]) for old in self.cases):
+                self.cases.clear()  # another kernel: free its weights first
+            while len(self.cases) >= self.KEEP:
+                del self.cases[next(iter(self.cases))]  # the oldest
             case = template.case(shape, knobs, np.random.default_rng(seed), template.tokens)
             rotation = weight_rotation(case.args, case.weights, stream) if template.timing == "dram" else [case.args]
             self.cases[key] = (case, rotation)
