@@ -26,6 +26,7 @@ import json
 import math
 import os
 import random
+import shlex
 import statistics
 import subprocess
 import sys
@@ -50,7 +51,8 @@ def exhaustive(op: str, n: int, k: int, threads: int, target) -> tuple[dict[str,
         _, built = template.shape(n, k, point, target)
         distinct.setdefault(json.dumps(built, sort_keys=True), point)
     job = {"op": op, "n": n, "k": k, "candidates": list(distinct.values()), "target": target.to_json(), "threads": threads,
-           "seed": 0, "repeats": CONFIRM_REPEATS, "rounds": CONFIRM_ROUNDS, "stream_bytes": stream_bytes(), "rpc": None}  # fmt: skip
+           "seed": 0, "repeats": CONFIRM_REPEATS, "rounds": CONFIRM_ROUNDS, "stream_bytes": stream_bytes(), "timing": template.timing,
+           "rpc": None}  # fmt: skip
     print(f"exhaustive: {len(distinct)} kernels of {op} {n}x{k} at {threads} threads ...", file=sys.stderr, flush=True)
     with Worker(threads) as worker:
         results = worker.run(job, 1800)
@@ -118,8 +120,9 @@ def _key(template, n: int, k: int, knobs: dict, target) -> str:
     return json.dumps(template.shape(n, k, knobs, target)[1], sort_keys=True)
 
 
-def check_records(model: str, target, threads: int) -> list[str]:
-    """Markdown rows: each kernel shape's default and record pick against its exhaustive optimum."""
+def check_records(model: str, target, threads: int, only: str | None = None) -> tuple[list[str], dict]:
+    """Markdown rows: each kernel shape's default and record pick against its exhaustive
+    optimum; and the exhaustive tables (knobs -> seconds) by record key."""
     from bitnet_compile import schedule_db
     from bitnet_compile.tuning import records, templates, views
     from bitnet_compile.tuning.command import plan_work
@@ -127,20 +130,25 @@ def check_records(model: str, target, threads: int) -> list[str]:
     args = argparse.Namespace(model=model, shapes=None, kernels=None, family="auto")
     work, _ = plan_work(args, target)
     data = records.read(records.path_for(records.fingerprint(target)))["records"]
-    rows = []
+    rows, tables = [], {}
     for item in work:
         template = templates.get(item.op)
-        record = data.get(records.record_key(item.op, template.version, template.layout, item.n, item.k, threads))
-        if not record or not record.get("best"):
-            rows.append(f"| {item.op} | {item.n}x{item.k} | no record | | | | |")
+        key = records.record_key(item.op, template.version, template.layout, item.n, item.k, threads)
+        if only and only not in key:
             continue
-        table, _ = exhaustive(item.op, item.n, item.k, threads, target)
+        record = data.get(key)
+        if not record or not record.get("best"):
+            rows.append(f"| {item.op} | {item.n}x{item.k} | no record | | | | | |")
+            continue
+        table, distinct = exhaustive(item.op, item.n, item.k, threads, target)
+        tables[key] = {json.dumps(distinct[k]): s for k, s in sorted(table.items(), key=lambda kv: kv[1])}
         optimum = min(table.values())
         default = table[_key(template, item.n, item.k, schedule_db.default_knobs(item.op, target.isa), target)]
         picked = table[_key(template, item.n, item.k, record["best"]["knobs"], target)]
-        rows.append(f"| {item.op} | {item.n}x{item.k} | {len(table)} | {record['measured']} | {views._knobs(record['best']['knobs'])} "
+        best_knobs = views._knobs(distinct[min(table, key=table.get)])
+        rows.append(f"| {item.op} | {item.n}x{item.k} | {len(table)} | {record['measured']} | {best_knobs} | {views._knobs(record['best']['knobs'])} "
                     f"| {default / optimum:.3f} | {picked / optimum:.3f} |")  # fmt: skip
-    return rows
+    return rows, tables
 
 
 def main() -> int:
@@ -151,6 +159,7 @@ def main() -> int:
     p.add_argument("--seeds", type=int, default=50)
     p.add_argument("--table", type=Path, default=None, help="replay against the exhaustive table of an earlier report's JSON (no measuring)")
     p.add_argument("--model", default=None, help="also place this model's tuning records against exhaustive optima (e.g. 2b-4t)")
+    p.add_argument("--only", default=None, help="with --model: only the records whose key contains this (e.g. dot2_gemv)")
     p.add_argument("--out", type=Path, default=None, help="also write the report (Markdown) and a .json beside it")
     args = p.parse_args()
     from bitnet_compile import schedule_db
@@ -190,7 +199,7 @@ def main() -> int:
     lines = [
         f"## Search quality: {args.kernel} {n}x{k}, {threads} threads",
         "",
-        f"- date {report['date']}, CPU {report['cpu']} (LLVM {target.mcpu}); command: `python benchmarks/search_quality.py --kernel {args.kernel} --shape {args.shape} --seeds {args.seeds}`",
+        f"- date {report['date']}, CPU {report['cpu']} (LLVM {target.mcpu}); command: `python {shlex.join(sys.argv)}`",
         f"- space: {len(table)} distinct kernels, all measured (interleaved rounds); optimum {views._knobs(distinct[best_key])} "
         f"{optimum * 1e6:,.1f} us; default {views._knobs(distinct.get(default_key) or {})} {table.get(default_key, float('nan')) * 1e6:,.1f} us "
         f"({table.get(default_key, float('nan')) / optimum:.2f}x the optimum)",
@@ -205,15 +214,16 @@ def main() -> int:
         if real else f"- replayed against the table of {args.table}",
     ]
     if args.model:
+        rows, report["record_tables"] = check_records(args.model, target, threads, args.only)
         lines += [
             "",
             f"### The records of `bitnet-compile tune -m {args.model}` against exhaustive optima",
             "",
             "Each kernel shape's whole space measured in one interleaved job; time / optimum of the default and of the record's pick.",
             "",
-            "| kernel | N x K | space | trials | record's pick | default / optimum | pick / optimum |",
-            "|---|---|---:|---:|---|---:|---:|",
-            *check_records(args.model, target, threads),
+            "| kernel | N x K | space | trials | exhaustive optimum | record's pick | default / optimum | pick / optimum |",
+            "|---|---|---:|---:|---|---|---:|---:|",
+            *rows,
         ]
     lines += [
         "",

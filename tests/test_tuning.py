@@ -101,7 +101,7 @@ def test_every_builtin_template_measures_exactly_on_odd_shapes(tmp_path):
             for n, k in ((100, 72), (33, 250)):
                 point = next(iter(templates.get(op).space.points(templates.get(op).names(n, k, target, 1))))
                 job = {"op": op, "n": n, "k": k, "candidates": [point], "target": target.to_json(), "threads": 1, "seed": 3,
-                       "repeats": 2, "rounds": 1, "stream_bytes": 1 << 20, "rpc": None}  # fmt: skip
+                       "repeats": 2, "rounds": 1, "stream_bytes": 1 << 20, "timing": templates.get(op).timing, "rpc": None}  # fmt: skip
                 (result,) = worker.run(job, 120)
                 assert result["state"] == "ok", (op, n, k, result)
                 assert result["seconds"] > 0

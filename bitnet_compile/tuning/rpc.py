@@ -78,7 +78,7 @@ def measure_remote(executable, job: dict, prepared: list, cases, template, compi
     device = session.cpu(0)
     results = []
     for name, shape, knobs in prepared:
-        case, _ = cases.get(template, shape, knobs, 0, job["seed"])
+        case, _ = cases.get(template, shape, knobs, 0, job["seed"], "cache")
         args = [tvm.runtime.tensor(np.ascontiguousarray(a), device=device) for a in case.args]
         mod[name](*args)
         case.poison()
@@ -88,7 +88,7 @@ def measure_remote(executable, job: dict, prepared: list, cases, template, compi
         if problem:
             results.append({"state": "wrong", "reason": problem})
             continue
-        dram = template.timing == "dram"
+        dram = job["timing"] == "dram"
         timer = mod.time_evaluator(
             name, device, number=1, repeat=job["repeats"] * job["rounds"], min_repeat_ms=0 if dram else WARM_MS,
             f_preproc="cache_flush_cpu_non_first_arg" if dram else "",

@@ -251,7 +251,7 @@ class Study:
         spec = self.spec
         return {
             "op": spec.template.op, "n": spec.n, "k": spec.k, "candidates": candidates, "target": spec.target.to_json(),
-            "threads": spec.threads, "seed": SEED, "repeats": repeats, "rounds": rounds, "stream_bytes": stream_bytes(),
+            "threads": spec.threads, "seed": SEED, "repeats": repeats, "rounds": rounds, "stream_bytes": stream_bytes(), "timing": spec.template.timing,
             "rpc": spec.remote.to_json() if spec.remote else None,
         }  # fmt: skip
 

@@ -46,17 +46,17 @@ class _Cases:
     def __init__(self):
         self.cases: dict[str, tuple] = {}
 
-    def get(self, template, shape: dict, knobs: dict, stream: int, seed: int):
+    def get(self, template, shape: dict, knobs: dict, stream: int, seed: int, timing: str):
         from .measure import weight_rotation
 
-        key = json.dumps([template.op, shape, {name: knobs[name] for name in template.case_knobs}, stream, seed], sort_keys=True)
+        key = json.dumps([template.op, shape, {name: knobs[name] for name in template.case_knobs}, stream, seed, timing], sort_keys=True)
         if key not in self.cases:
             if any(not old.startswith(json.dumps([template.op])[:-1]) for old in self.cases):
                 self.cases.clear()  # another kernel: free its weights first
             while len(self.cases) >= self.KEEP:
                 del self.cases[next(iter(self.cases))]  # the oldest
             case = template.case(shape, knobs, np.random.default_rng(seed), template.tokens)
-            rotation = weight_rotation(case.args, case.weights, stream) if template.timing == "dram" else [case.args]
+            rotation = weight_rotation(case.args, case.weights, stream) if timing == "dram" else [case.args]
             self.cases[key] = (case, rotation)
         return self.cases[key]
 
@@ -87,8 +87,8 @@ def _measure_local(executable, job: dict, prepared: list, cases: _Cases, templat
     for r in range(job["rounds"]):
         order = list(enumerate(prepared)) if r % 2 == 0 else list(reversed(list(enumerate(prepared))))
         for i, (name, shape, knobs) in order:
-            case, rotation = cases.get(template, shape, knobs, job["stream_bytes"], job["seed"])
-            if template.timing == "dram":
+            case, rotation = cases.get(template, shape, knobs, job["stream_bytes"], job["seed"], job["timing"])
+            if job["timing"] == "dram":
                 samples[i].append(time_streamed(mod[name], rotation, job["repeats"]))
             else:
                 samples[i].append(time_cached(mod, name, case.args, job["repeats"]))
@@ -118,7 +118,7 @@ def _run_job(job: dict, cases: _Cases) -> dict:
         return {"results": measure_remote(executable, job, prepared, cases, template, compile_s)}
     results = []
     for name, shape, knobs in prepared:
-        case, _ = cases.get(template, shape, knobs, job["stream_bytes"], job["seed"])
+        case, _ = cases.get(template, shape, knobs, job["stream_bytes"], job["seed"], job["timing"])
         case.poison()
         executable.mod[name](*case.args)
         problem = case.check()
