@@ -418,3 +418,13 @@ def test_user_mistakes_are_one_line_errors(tmp_path, monkeypatch, capsys, argv, 
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_search_quality_benchmark_replays_its_measured_table():
+    """The benchmark's replay (the tuner's search against a measured table, and random
+    search) runs from the committed report without measuring anything."""
+    table = TESTS.parent / "benchmarks" / "results" / "2026-12-01-search-quality.json"
+    cmd = [sys.executable, str(TESTS.parent / "benchmarks" / "search_quality.py"), "--table", str(table), "--seeds", "3"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "| tuner (TPE, default first) |" in done.stdout and "| random (default + random points) |" in done.stdout
