@@ -99,7 +99,7 @@ def random_search(table: dict[str, float], default_key: str, budget: int, seed: 
     return min(table[key] for key in [default_key, *picks])
 
 
-def real_tune(op: str, n: int, k: int, budget: int, table: dict[str, float], distinct: dict[str, dict]) -> dict:
+def real_tune(op: str, n: int, k: int, budget: int, table: dict[str, float]) -> dict:
     """One real tune of the kernel with the budget; its pick's time in the exhaustive table."""
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, BITNET_RECORDS=tmp)
@@ -186,7 +186,7 @@ def main() -> int:
     budget = max(2, math.ceil(BUDGET * len(table)))
     tuner = [replay(args.kernel, n, k, threads, target, table, budget, seed) / optimum for seed in range(args.seeds)]
     rand = [random_search(table, default_key, budget, seed) / optimum for seed in range(args.seeds)]
-    real = real_tune(args.kernel, n, k, budget, table, distinct) if not args.table else None
+    real = real_tune(args.kernel, n, k, budget, table) if not args.table else None
     within = lambda ratios: sum(r <= 1 + WITHIN for r in ratios) / len(ratios)  # noqa: E731
     report = {
         "date": _dt.date.today().isoformat(), "cpu": cpu_model(), "target": target.mcpu, "kernel": args.kernel, "shape": [n, k],

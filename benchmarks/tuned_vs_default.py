@@ -5,9 +5,9 @@
 Compiles the model's artifact twice, with this machine's tuning records and without any (an
 empty records directory), then measures both in the same processes: each of two worker
 processes loads both models and alternates between them for ``--rounds`` rounds (a 128-token
-prompt, then 48 decoded tokens). Measured separately, the two artifacts differed by up to 10%
-in decode although their decode kernels are the same code: which model a process loads first
-decodes slower, whatever its artifact. So one worker loads the tuned model first, the other
+prompt, then 48 decoded tokens). Measured in separate processes, two artifacts with the same
+decode kernels differed in decode; in one process, whichever model is loaded first decodes
+slower, whatever its artifact. So one worker loads the tuned model first, the other
 the default one, and the report gives medians over both and their ratio.
 """
 

@@ -20,7 +20,7 @@ OUTPUT_LAYER_OPS = ("f16_gemv", "i8_gemv")
 
 
 def add_options(p: argparse.ArgumentParser) -> None:
-    from ..cli import DEFAULT_TARGET
+    from ..cli import DEFAULT_TARGET, _thread_counts
 
     p.add_argument("--target", default=DEFAULT_TARGET, help=f'target to tune for (default: "{DEFAULT_TARGET}")')
     what = p.add_mutually_exclusive_group(required=True)
@@ -30,7 +30,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-f", "--family", default="auto", help="kernel family whose kernels to tune (default: auto, as compile picks)")
     p.add_argument("-n", "--trials", type=int, default=DEFAULT_TRIALS, help=f"measured trials per kernel and shape (default {DEFAULT_TRIALS}); a resumed study counts its earlier ones")
     p.add_argument("--time-budget", type=float, default=DEFAULT_BUDGET_S, help=f"seconds for the whole command, shared out over the studies (default {DEFAULT_BUDGET_S})")
-    p.add_argument("-t", "--threads", default=None, help="thread counts to tune for, e.g. 1,2 (default: the target's cores)")
+    p.add_argument("-t", "--threads", type=_thread_counts, default=None, help="thread counts to tune for, e.g. 1,2 (default: the target's cores)")
     p.add_argument("--storage", default=None, help="optuna storage: sqlite:///FILE, postgresql://..., journal:FILE (default: SQLite in the cache)")
     p.add_argument("--rpc", default=None, help="measure on a device: HOST:PORT of its TVM RPC server (or of a tracker with --rpc-key)")
     p.add_argument("--rpc-key", default=None, help="device key to request from the tracker at --rpc")
@@ -43,18 +43,6 @@ class Work:
     op: str
     n: int
     k: int
-
-
-def _threads(text: str | None, target) -> tuple[int, ...]:
-    if text is None:
-        return (target.num_cores,)
-    try:
-        counts = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise UserError(f"--threads: expected counts like 1,2, got {text!r}") from None
-    if not counts or min(counts) < 1:
-        raise UserError(f"--threads: counts must be >= 1, got {text!r}")
-    return counts
 
 
 def plan_work(args: argparse.Namespace, target) -> tuple[list[Work], str]:
@@ -104,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     if args.rpc_key and not args.rpc:
         raise UserError("--rpc-key needs --rpc HOST:PORT (the tracker)")
     work, label = plan_work(args, target)
-    counts = _threads(args.threads, target)
+    counts = args.threads or (target.num_cores,)
     storage = open_storage(args.storage)
     fp = records.fingerprint(target, remote=remote is not None)
     where = f"RPC {args.rpc}" + (f" key {args.rpc_key}" if args.rpc_key else "") if remote else fp["cpu"]

@@ -20,7 +20,7 @@ When a study has its trials, the fastest few and the default are timed again tog
 CONFIRM_ROUNDS interleaved rounds (the "confirmation"). The record's best is the fastest of
 them only if it beats the default in all rounds but at most one and by records.MIN_GAIN
 overall (records.beats); otherwise the default stays. On a shared machine whose speed drifts over seconds (one study here saw the
-same kernel at 31 ms and at 50 ms), a lucky sample or a slow spell must not make a tuned
+same kernel's time rise by more than half), a lucky sample or a slow spell must not make a tuned
 artifact slower than the default one.
 """
 

@@ -4,8 +4,8 @@ timed and its version.
 
 Every built-in kernel is timed with its weights streaming from DRAM, GEMMs included: in a
 model each layer's weights are cold when its turn comes. Timed in cache, the 2B-4T gate|up
-GEMM picked row_blocks 4 / token_tile 3, which made whole-model prompts 8% slower; from DRAM
-the same candidate is 1.24x slower than the default (version 2 of the GEMM templates).
+GEMM picked row_blocks 4 / token_tile 3, which made whole-model prompts slower and is slower
+than the default from DRAM (version 2 of the GEMM templates times from DRAM).
 
 Everything here points into the operator modules (``ops/*.py``), which hold the knob spaces
 and cases beside the compute, schedule and reference; this table only says which of them the

@@ -7,12 +7,14 @@
     source KEY        the generated TIR, LLVM IR or assembly of a record's best (or default) knobs
     space [KERNEL]    a kernel's knob domains, constraints and the size of its valid space
 
-KEY is a record key or any unique part of one ("dot2_gemv/2560x2560", "f16_gemv").
+KEY is a record key, or parts of one separated by "/" that pick a single record
+("dot2_gemv/2560x2560", "f16_gemv").
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -63,7 +65,8 @@ def _all(target_key: str | None = None) -> list[tuple[Path, str, dict, dict]]:
 def find(key: str) -> tuple[Path, str, dict, dict]:
     everything = _all()
     exact = [r for r in everything if r[1] == key]
-    matches = exact or [r for r in everything if key in r[1] or key in f"{r[0].stem}/{r[1]}"]
+    parts = key.split("/")
+    matches = exact or [r for r in everything if all(part in f"{r[0].stem}/{r[1]}" for part in parts)]
     if not matches:
         raise UserError(f"no tuning record matches {key!r} in {records.records_dir()} (see: bitnet-compile schedules list)")
     if len(matches) > 1:
@@ -201,8 +204,6 @@ def source(key: str, form: str, default: bool) -> str:
     if template.version != rec["version"]:
         raise UserError(f"record {rkey} is for {rec['version']}, this compiler has {template.version}")
     spec = {"kind": "llvm", "mtriple": fp["triple"], "mcpu": fp["mcpu"], "mattr": [f"+{f}" for f in fp["features"]], "num-cores": fp["cores"]}
-    import json
-
     target = parse_target(json.dumps(spec))
     knobs = rec["default"]["knobs"] if default or not rec.get("best") else rec["best"]["knobs"]
     shape, built = template.shape(rec["n"], rec["k"], knobs, target)
