@@ -23,9 +23,9 @@ from bitnet_runtime import layout, layout_dot2, layout_f16, layout_i8
 from bitnet_runtime.progress import progress
 from bitnet_runtime.manifest import FORMAT_VERSION, LIBRARY_FILE, MANIFEST_FILE, RUNTIME_LIBRARY_FILE, file_sha256
 
-from . import __version__, schedule_db
+from . import __version__, cross, schedule_db
 from .errors import UserError
-from .intrinsics.x86_lut import VECTOR_ISAS
+from .intrinsics.lut_shuffle import VECTOR_ISAS
 from .families import Family, choose
 from .models import Linear
 from .ops import act_quant, dequant, dot2_matmul, f16_gemv, i8_gemv, lut_matmul, lut_table
@@ -177,11 +177,10 @@ def schedule_summary(kernels: list[KernelPlan], target: TargetSpec) -> str:
     return text + (f"; defaults for {', '.join(rest)} (no matching record)" if rest else "")
 
 
-def tvm_runtime_library() -> Path:
-    """TVM's libtvm_runtime.so from the compiler's installation, shipped inside the artifact."""
-    import tvm
-
-    path = Path(tvm.__file__).parent / "lib" / "libtvm_runtime.so"
+def tvm_runtime_library(target: TargetSpec) -> Path:
+    """TVM's libtvm_runtime.so for the target's architecture, shipped inside the artifact: the
+    compiler's own for this machine's, the same release's from PyPI for another (cross.py)."""
+    path = cross.runtime_libraries(target.arch)["runtime"]
     if not path.is_file():
         raise UserError(f"TVM's runtime library is missing at {path}: reinstall apache-tvm")
     return path
@@ -226,12 +225,14 @@ def build(
     (out_dir / MANIFEST_FILE).unlink(missing_ok=True)  # an artifact without manifest is incomplete
     lib_tmp = out_dir / (LIBRARY_FILE + ".tmp")
     try:
-        executable.export_library(str(lib_tmp))
+        executable.export_library(str(lib_tmp), fcompile=cross.compiler(target.arch, target.triple))
+    except UserError:
+        raise
     except Exception as err:  # the system C compiler links the library; name what failed
         raise UserError(f"linking {LIBRARY_FILE} failed (is a C compiler such as gcc installed?): {str(err).splitlines()[0]}") from None
     os.replace(lib_tmp, out_dir / LIBRARY_FILE)
     rt_tmp = out_dir / (RUNTIME_LIBRARY_FILE + ".tmp")
-    shutil.copyfile(tvm_runtime_library(), rt_tmp)
+    shutil.copyfile(tvm_runtime_library(target), rt_tmp)
     os.replace(rt_tmp, out_dir / RUNTIME_LIBRARY_FILE)
     manifest = {
         "format_version": FORMAT_VERSION,

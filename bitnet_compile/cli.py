@@ -167,9 +167,23 @@ def run_compile(args: argparse.Namespace) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
+    """On the device's architecture the runtime's verify; for another one (an arm-neon
+    artifact on an x86 workstation) the same checks with the kernels run under qemu."""
     from bitnet_runtime.__main__ import run_verify as verify_artifact
+    from bitnet_runtime.manifest import read_manifest
 
-    return verify_artifact(args.artifact, args.threads, args.seed)
+    from . import cross
+
+    target = read_manifest(Path(args.artifact))["target"]
+    if not cross.is_foreign(target.get("arch", "")):
+        return verify_artifact(args.artifact, args.threads, args.seed)
+    from bitnet_runtime.verify import verify
+
+    from .emulation import EmulatedArtifact
+
+    with EmulatedArtifact(args.artifact, args.threads or 1) as emulated:
+        print(f"verifying {len(emulated.kernel_names)} kernels of {args.artifact} ({target['arch']}, {target.get('isa')}) under qemu emulation")
+        return 0 if verify(emulated, args.seed) else 1
 
 
 def run_bench(args: argparse.Namespace) -> int:

@@ -28,7 +28,7 @@ class Family:
 
 
 FAMILIES = {
-    "lut": Family("lut", "lut4-v1", frozenset({"avx2", "avx512"}), frozenset(), "table lookup with vpshufb (AVX2 ymm, AVX-512 zmm)"),
+    "lut": Family("lut", "lut4-v1", frozenset({"avx2", "avx512", "neon"}), frozenset(), "table lookup with vpshufb (AVX2 ymm, AVX-512 zmm) or tbl (NEON)"),
     "dot2": Family("dot2", "dot2-v1", frozenset({"avx512"}), frozenset({"avx512vnni"}), "2-bit weights with VNNI vpdpbusd (AVX-512)"),
 }
 

@@ -38,10 +38,12 @@ PRESET_DIR = Path(__file__).resolve().parent.parent / "targets"
 
 # Kernel variants in order of preference: (isa, arch, LLVM features it needs). The first row
 # whose arch matches and whose features are all present wins. Add a row here (and flip a
-# preset's status) to enable a new variant, e.g. ("neon", "aarch64", {"neon", "dotprod"}).
+# preset's status) to enable a new variant. NEON asks for dotprod (Armv8.2+: Cortex-A55/A76
+# and later, Apple M1+, Graviton 2+) because the int8 output-layer GEMV is written with sdot.
 ISA_VARIANTS: tuple[tuple[str, str, frozenset[str]], ...] = (
     ("avx512", "x86_64", frozenset({"avx512f", "avx512bw"})),
     ("avx2", "x86_64", frozenset({"avx2"})),
+    ("neon", "aarch64", frozenset({"neon", "dotprod"})),
 )
 
 # Triple architecture component -> our arch name. Anything else is rejected.

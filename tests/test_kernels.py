@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bitnet_compile.intrinsics.x86_lut import VECTOR_ISAS
+from bitnet_compile.intrinsics.lut_shuffle import VECTOR_ISAS
 from bitnet_compile.ops import act_quant, dequant, lut_matmul, lut_table
 from bitnet_compile.errors import UserError
 from bitnet_runtime import layout, reference

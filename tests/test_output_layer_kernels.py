@@ -278,8 +278,9 @@ def test_variant_for_and_bad_arguments():
     assert i8_gemv.variant_for("avx512", {"avx512f", "avx512bw", "avx512vnni"}) == "avx512-vnni"
     assert i8_gemv.variant_for("avx512", {"avx512f", "avx512bw"}) == "avx512"
     assert i8_gemv.variant_for("avx2", {"avx2", "avxvnni"}) == "avx2"
+    assert i8_gemv.variant_for("neon", {"neon", "dotprod"}) == "neon-dotprod"
     with pytest.raises(UserError):
-        i8_gemv.variant_for("neon", set())
+        i8_gemv.variant_for("sve", set())
     with pytest.raises(UserError):
         i8_gemv.build_primfunc("x", 64, 4, "sse2")
     with pytest.raises(UserError):

@@ -111,12 +111,14 @@ def test_each_supported_preset_builds(name: str) -> None:
     attrs = _attrs(spec)
     assert attrs["mcpu"] == spec.mcpu and attrs["mtriple"] == spec.triple
     assert list(attrs.get("mattr", [])) == list(spec.mattr)
-    assert spec.isa in {"avx2", "avx512"}
+    assert spec.isa in {"avx2", "avx512", "neon"}
 
 
 def test_preset_contents() -> None:
     assert {"native", "x86-avx2", "x86-avx512", "x86-avx512-vnni"} <= set(SUPPORTED)
-    assert {"arm-neon", "cuda", "metal"} <= set(PLANNED)
+    assert {"cuda", "metal"} <= set(PLANNED)
+    neon = parse_target("arm-neon")
+    assert (neon.arch, neon.isa) == ("aarch64", "neon") and {"neon", "dotprod", "fullfp16"} <= neon.features
     assert parse_target("x86-avx2").isa == "avx2"
     avx512 = parse_target("x86-avx512")
     assert avx512.isa == "avx512" and {"avx512bw", "avx512vl"} <= avx512.features
@@ -141,7 +143,6 @@ def test_target_reaches_llvm() -> None:
 @pytest.mark.parametrize(
     "text, words",
     [
-        ("arm-neon", "planned"),
         ("cuda", "planned"),
         ("metal", "planned"),
         ("cuda -arch=sm_90", "not yet supported"),
@@ -158,7 +159,7 @@ def test_target_reaches_llvm() -> None:
         ("llvm -mcpu=notacpu -mtriple=x86_64-linux-gnu", "does not know the CPU"),
         ("llvm -mcpu=haswell -mtriple=x86_64-linux-gnu -mattr=+avx513", "does not know the feature"),
         ("llvm -mcpu=sandybridge -mtriple=x86_64-linux-gnu", "AVX2"),
-        ('{"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}', "aarch64"),
+        ('{"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}', "dotprod"),
         ("llvm -mtriple=riscv64-linux-gnu", "not supported"),
     ],
 )

@@ -11,7 +11,7 @@ Two forms of the same product:
 - ``decoded`` (GEMM): each field is shifted down to {0, 1, 2} once and reused by many tokens,
   all four fields feeding one accumulator per token.
 
-The GEMV form prefetches its weight stream ahead (see x86_lut.py for why, and why its
+The GEMV form prefetches its weight stream ahead (see lut_shuffle.py for why, and why its
 vectors are ``T.meta_var``).
 """
 

@@ -16,6 +16,9 @@ target's features), all computing the same ``(q + 128) * w`` sum minus the per-r
   q + 128 as u8) once per chunk, so vpdpbusd sees it unsigned. |(q + 128) * w| <= 255 * 127,
   no saturation (vpdpbusd, not vpdpbusds), exact in int32 for K < 66 000 and in any case
   modulo 2**32, so the final value is exact whenever it fits int32.
+- ``neon-dotprod`` (AArch64): sdot (s8 x s8, four products into each int32 lane) on the plain
+  q * w, four calls of 4 rows x 4 weights per 16 x 4 block; it needs no shift, so its compute
+  takes the correction argument (same signature) but leaves it unused.
 - ``avx512`` and ``avx2`` (no VNNI): the same 16 x 4 block sign-extended to int16 (vpmovsxbw)
   and multiplied by the shifted activations with vpmaddwd (int16 x int16, pairs summed into
   int32: exact), accumulating per row two pair-sums that the epilogue adds.
@@ -52,11 +55,13 @@ from ..tuning.space import SearchSpace
 
 reference = _reference.i8_gemv
 GROUP = 16  # rows per intrinsic call: one zmm of int32, one 64-byte cache line of weights
-VARIANTS = ("avx512-vnni", "avx512", "avx2")
+VARIANTS = ("avx512-vnni", "avx512", "avx2", "neon-dotprod")
 PREFETCH_BYTES = 4096  # software prefetch distance of the tile's weight stream
 VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
 PMADDWD = {"avx512": ("llvm.x86.avx512.pmaddw.d.512", 32), "avx2": ("llvm.x86.avx2.pmadd.wd", 16)}  # intrinsic, int16 lanes
 VNNI_INTRIN = "bitnet_i8_vnni_avx512"
+SDOT = "llvm.aarch64.neon.sdot"
+SDOT_INTRIN = "bitnet_i8_sdot_neon"
 PMADDWD_INTRIN = {isa: f"bitnet_i8_pmaddwd_{isa}" for isa in PMADDWD}
 
 
@@ -66,6 +71,8 @@ def variant_for(isa: str, features) -> str:
         return "avx512-vnni" if "avx512vnni" in features else "avx512"
     if isa == "avx2":
         return "avx2"
+    if isa == "neon":
+        return "neon-dotprod"
     raise UserError(f"the int8 output-layer GEMV has no kernel for ISA {isa!r}")
 
 
@@ -189,7 +196,38 @@ def _register_pmaddwd(isa: str) -> None:
     TensorIntrin.register(PMADDWD_INTRIN[isa], desc, impl, override=True)
 
 
+@T.prim_func(s_tir=True)
+def _sdot_desc(
+    P: T.Buffer((16, 4), "int8", offset_factor=1),
+    A: T.Buffer((4,), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], P[0:16, 0:4], A[0:4])
+        T.writes(C[0:16])
+        for i, j in T.grid(16, 4):
+            with T.sblock("update"):
+                vi, vj = T.axis.remap("SR", [i, j])
+                C[vi] = C[vi] + T.Cast("int32", P[vi, vj]) * T.Cast("int32", A[vj])
+
+
+@T.prim_func(s_tir=True)
+def _sdot_impl(
+    P: T.Buffer((16, 4), "int8", offset_factor=1),
+    A: T.Buffer((4,), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], P[0:16, 0:4], A[0:4])
+        T.writes(C[0:16])
+        acts = T.meta_var(_broadcast_dword(A.vload([0], "int8x4"), 16))
+        for part in T.unroll(4):
+            C.vstore([part * 4], T.call_llvm_pure_intrin("int32x4", SDOT, C.vload([part * 4], "int32x4"), P.vload([part * 4, 0], "int8x16"), acts))
+        T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", P.access_ptr("r", offset=PREFETCH_BYTES), T.int32(0), T.int32(3), T.int32(1)))
+
+
 TensorIntrin.register(VNNI_INTRIN, _vnni_desc, _vnni_impl, override=True)
+TensorIntrin.register(SDOT_INTRIN, _sdot_desc, _sdot_impl, override=True)
 for _isa in PMADDWD:
     _register_pmaddwd(_isa)
 
@@ -212,6 +250,16 @@ def compute_vnni(tiles: int, chunks: int) -> tuple[te.Tensor, ...]:
     return q, packed, corr, out
 
 
+def compute_sdot(tiles: int, chunks: int) -> tuple[te.Tensor, ...]:
+    """The plain q * w sum (sdot multiplies signed by signed): the correction is not needed."""
+    q, packed, corr = _placeholders(tiles, chunks)
+    c, j = te.reduce_axis((0, chunks), "c"), te.reduce_axis((0, CHUNK), "j")
+    product = lambda t, i: te.sum(packed[t, c, i, j].astype("int32") * q[0, c, j].astype("int32"), axis=[c, j])  # noqa: E731
+    part = te.compute((tiles, ROWS), product, name="partial")
+    out = te.compute((tiles, ROWS), lambda t, i: part[t, i], name="out")
+    return q, packed, corr, out
+
+
 def compute_pairs(tiles: int, chunks: int) -> tuple[te.Tensor, ...]:
     """Per row two pair-sums (weights 0-1 and 2-3 of each chunk), as vpmaddwd leaves them."""
     q, packed, corr = _placeholders(tiles, chunks)
@@ -225,6 +273,15 @@ def compute_pairs(tiles: int, chunks: int) -> tuple[te.Tensor, ...]:
     return q, packed, corr, out
 
 
+# variant -> (compute, tensor intrinsic, whether the compute keeps two pair-sums per row)
+_KERNELS = {
+    "avx512-vnni": (compute_vnni, VNNI_INTRIN, False),
+    "neon-dotprod": (compute_sdot, SDOT_INTRIN, False),
+    "avx512": (compute_pairs, PMADDWD_INTRIN["avx512"], True),
+    "avx2": (compute_pairs, PMADDWD_INTRIN["avx2"], True),
+}
+
+
 def schedule(func: tvm.tirx.PrimFunc, variant: str, chunks: int, knobs: I8Knobs) -> tvm.s_tir.Schedule:
     """Tiles in parallel; per tile ``groups_per_pass`` groups of 16 rows per pass over the
     k-chunks (unrolled by ``k_unroll``), one tensorized step per group and chunk, the
@@ -236,7 +293,7 @@ def schedule(func: tvm.tirx.PrimFunc, variant: str, chunks: int, knobs: I8Knobs)
     sch.compute_at(part, t, preserve_unit_loops=True)
     sch.set_scope(part, 0, "local")
     loops = sch.get_loops(part)
-    pairs = variant != "avx512-vnni"
+    _, intrin, pairs = _KERNELS[variant]
     if pairs:
         i, h, c, j = loops[-4:]
     else:
@@ -248,7 +305,7 @@ def schedule(func: tvm.tirx.PrimFunc, variant: str, chunks: int, knobs: I8Knobs)
     else:
         sch.reorder(npass, co, ci, g, ii, j)
     sch.decompose_reduction(part, co)
-    sch.tensorize(ii, PMADDWD_INTRIN[variant] if pairs else VNNI_INTRIN)
+    sch.tensorize(ii, intrin)
     sch.unroll(ci)
     sch.unroll(g)
     _, lane = sch.split(sch.get_loops(out)[-1], [None, 16])
@@ -265,6 +322,6 @@ def build_primfunc(name: str, n_padded: int, k_padded: int, variant: str, knobs:
     if n_padded % ROWS or n_padded < ROWS or k_padded % CHUNK or k_padded < CHUNK:
         raise ValueError(f"unpadded shape n_padded={n_padded} k_padded={k_padded}: pad with layout_i8.padded_shape")
     tiles, chunks = n_padded // ROWS, k_padded // CHUNK
-    compute = compute_vnni if variant == "avx512-vnni" else compute_pairs
+    compute = _KERNELS[variant][0]
     sch = schedule(te.create_prim_func(list(compute(tiles, chunks))), variant, chunks, knobs)
     return sch.mod["main"].with_attr("global_symbol", name)

@@ -24,7 +24,7 @@ from bitnet_runtime.layout import GROUP
 from bitnet_runtime.memory import aligned_copy, aligned_zeros
 
 from ..errors import UserError
-from ..intrinsics.x86_lut import VECTOR_ISAS, VectorISA, lookup_term
+from ..intrinsics.lut_shuffle import VECTOR_ISAS, VectorISA, lookup_term
 from ..tuning.measure import Case, exact, exact_product
 from ..tuning.space import Constraint, SearchSpace
 

@@ -63,6 +63,7 @@ def measure_remote(executable, job: dict, prepared: list, cases, template, compi
     """Upload the candidates' library, check each candidate's device output, time the right ones."""
     import tvm
 
+    from .. import cross
     from .measure import WARM_MS
 
     session = connect(job["rpc"])
@@ -72,7 +73,8 @@ def measure_remote(executable, job: dict, prepared: list, cases, template, compi
         return [{"state": "error", "reason": reason} for _ in prepared]
     with tempfile.TemporaryDirectory(prefix="bitnet-rpc-") as tmp:
         path = os.path.join(tmp, LIBRARY)
-        executable.export_library(path)
+        target = job["target"]  # linked by the device's toolchain (aarch64-linux-gnu-gcc for arm-neon)
+        executable.export_library(path, fcompile=cross.compiler(target["arch"], target["triple"]))
         session.upload(path)
     mod = session.load_module(LIBRARY)
     device = session.cpu(0)

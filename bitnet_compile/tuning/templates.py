@@ -85,16 +85,16 @@ def _builder(op: str) -> Callable:
 
 def _register_builtin() -> None:
     from ..ops import dot2_matmul, f16_gemv, i8_gemv, lut_matmul
-    from ..intrinsics.x86_lut import VECTOR_ISAS
+    from ..intrinsics.lut_shuffle import VECTOR_ISAS
 
     from bitnet_runtime import layout, layout_dot2, layout_f16, layout_i8
 
-    x86 = frozenset({"avx2", "avx512"})
+    cpus = frozenset({"avx2", "avx512", "neon"})  # every CPU ISA variant the kernels have
     lut_context = lambda t: {"rows": VECTOR_ISAS[t.isa].rows}  # noqa: E731
     no_context = lambda t: {}  # noqa: E731
     for op, gemv in (("lut_gemv", True), ("lut_gemm", False)):
         register(Template(
-            op, f"{op}-{1 if gemv else 2}", layout.VERSION, "dram", 1 if gemv else GEMM_TOKENS, x86,
+            op, f"{op}-{1 if gemv else 2}", layout.VERSION, "dram", 1 if gemv else GEMM_TOKENS, cpus,
             lut_matmul.SPACE, lut_context, lambda n, k, kn, t: lut_matmul.kernel_shape(n, k, kn, t.isa),
             lut_matmul.make_case, _builder(op), case_knobs=("kblock",),
         ))  # fmt: skip
@@ -106,11 +106,11 @@ def _register_builtin() -> None:
             case_knobs=() if gemv else ("token_tile",),
         ))  # fmt: skip
     register(Template(
-        "f16_gemv", "f16_gemv-1", layout_f16.VERSION, "dram", 1, x86, f16_gemv.SPACE, no_context,
+        "f16_gemv", "f16_gemv-1", layout_f16.VERSION, "dram", 1, cpus, f16_gemv.SPACE, no_context,
         lambda n, k, kn, t: f16_gemv.kernel_shape(n, k, kn), f16_gemv.make_case, _builder("f16_gemv"),
     ))  # fmt: skip
     register(Template(
-        "i8_gemv", "i8_gemv-1", layout_i8.VERSION, "dram", 1, x86, i8_gemv.SPACE, no_context,
+        "i8_gemv", "i8_gemv-1", layout_i8.VERSION, "dram", 1, cpus, i8_gemv.SPACE, no_context,
         lambda n, k, kn, t: i8_gemv.kernel_shape(n, k, kn, i8_gemv.variant_for(t.isa, t.features)), i8_gemv.make_case,
         _builder("i8_gemv"),
     ))  # fmt: skip

@@ -33,7 +33,10 @@ def check_cpu(manifest: dict) -> None:
     target = manifest["target"]
     arch = cpu.host_arch()
     if target.get("arch") and target["arch"] != arch:
-        raise UserError(f"artifact was compiled for {target['arch']} but this machine is {arch}")
+        raise UserError(
+            f"artifact was compiled for {target['arch']} but this machine is {arch}: run it on a {target['arch']} device "
+            "(or check it here under qemu with: bitnet-compile verify DIR)"
+        )
     missing = sorted(set(manifest["required_cpu_features"]) - cpu.host_cpu_features())
     if missing:
         raise UserError(

@@ -1,10 +1,14 @@
-"""The LUT lookup as a TVM tensor intrinsic for x86: vpshufb on ymm (AVX2) and zmm (AVX-512).
+"""The LUT lookup as a TVM tensor intrinsic over a 16-entry byte shuffle: vpshufb on ymm (AVX2)
+and zmm (AVX-512), tbl on NEON q registers (AArch64).
 
 A data-dependent gather does not vectorize (LLVM scalarizes it), and a description holding a
 gather does not tensorize. So the lookup of one group for a block of rows is *described* as
 a one-hot reduction over the 16 table entries, with only affine indices, and *implemented*
-with vpshufb on the two byte planes of the int16 table, vpunpck{l,h}bw to rebuild the int16
-entries, and int16 accumulation. The row order inside a block (see layout lut4-v1) is chosen
+with the byte shuffle on the two byte planes of the int16 table, an interleave of the two
+results (vpunpck{l,h}bw; zip1/zip2 on NEON) to rebuild the int16 entries, and int16
+accumulation. vpshufb shuffles within each 128-bit lane of a wide register, so the 16-byte
+table is replicated across lanes; NEON's tbl takes one 16-byte register, so a NEON block of
+rows is looked up one 16-byte slice at a time (LLVM keeps the slices in separate registers). The row order inside a block (see layout lut4-v1) is chosen
 so that the unpacked words land in natural row order.
 
 The implementation also prefetches the weight stream PREFETCH_BYTES ahead: decoding streams
@@ -31,17 +35,21 @@ class VectorISA:
     """What the lookup needs to know about one vector extension."""
 
     name: str
-    rows: int  # rows per block = bytes per vector register
-    pshufb: str  # LLVM intrinsic: per-128-bit-lane byte shuffle
+    rows: int  # rows per block = bytes looked up per intrinsic call
+    shuffle: str  # LLVM intrinsic: 16-entry byte table lookup (per 128-bit lane on x86)
+    width: int  # bytes the shuffle intrinsic takes at once (a register)
 
     @property
     def intrin_name(self) -> str:
-        return f"bitnet_lut_pshufb_{self.name}"
+        return f"bitnet_lut_shuffle_{self.name}"
 
 
 VECTOR_ISAS = {
-    "avx512": VectorISA("avx512", 64, "llvm.x86.avx512.pshuf.b.512"),
-    "avx2": VectorISA("avx2", 32, "llvm.x86.avx2.pshuf.b"),
+    "avx512": VectorISA("avx512", 64, "llvm.x86.avx512.pshuf.b.512", 64),
+    "avx2": VectorISA("avx2", 32, "llvm.x86.avx2.pshuf.b", 32),
+    # 32 rows = two q registers per plane and lookup: 64 rows would leave too few of the 32
+    # registers for the accumulators.
+    "neon": VectorISA("neon", 32, "llvm.aarch64.neon.tbl1", 16),
 }
 
 
@@ -68,11 +76,22 @@ def _unpack_indices(rows: int, high: bool) -> list[int]:
     return out
 
 
+def _lookup(isa: VectorISA, plane: tirx.PrimExpr, idx: tirx.PrimExpr) -> tirx.PrimExpr:
+    """``plane[idx]`` for all rows of a block: the shuffle on each register-wide slice of idx."""
+    if isa.width == isa.rows:
+        return T.call_llvm_pure_intrin(f"int8x{isa.rows}", isa.shuffle, plane, idx)
+    slices = [
+        T.call_llvm_pure_intrin(f"int8x{isa.width}", isa.shuffle, plane, T.Shuffle([idx], list(range(s, s + isa.width))))
+        for s in range(0, isa.rows, isa.width)
+    ]
+    return T.Shuffle(slices, list(range(isa.rows)))
+
+
 def _register(isa: VectorISA) -> None:
     rows, lanes = isa.rows, isa.rows // 16
     half = rows // 2
     u8v, i8v, i16v = f"uint8x{rows}", f"int8x{rows}", f"int16x{half}"
-    replicate = list(range(16)) * lanes
+    replicate = list(range(16)) * (isa.width // 16)
     unpack_lo, unpack_hi = _unpack_indices(rows, False), _unpack_indices(rows, True)
 
     @T.prim_func(s_tir=True)
@@ -101,13 +120,13 @@ def _register(isa: VectorISA) -> None:
             p = T.meta_var(P.vload([0, 0, 0], u8v))
             pos = T.meta_var(T.reinterpret(i8v, T.bitwise_and(p, T.broadcast(T.uint8(15), rows))))
             neg = T.meta_var(T.reinterpret(i8v, T.shift_right(p, T.broadcast(T.uint8(4), rows))))
-            lo_plane = T.meta_var(T.Shuffle([Tb.vload([0, 0], "int8x16")] * lanes, replicate))
-            hi_plane = T.meta_var(T.Shuffle([Tb.vload([1, 0], "int8x16")] * lanes, replicate))
-            pos_lo = T.meta_var(T.call_llvm_pure_intrin(i8v, isa.pshufb, lo_plane, pos))
-            pos_hi = T.meta_var(T.call_llvm_pure_intrin(i8v, isa.pshufb, hi_plane, pos))
-            neg_lo = T.meta_var(T.call_llvm_pure_intrin(i8v, isa.pshufb, lo_plane, neg))
-            neg_hi = T.meta_var(T.call_llvm_pure_intrin(i8v, isa.pshufb, hi_plane, neg))
-            # vpunpck{l,h}bw rebuild the int16 entries L[pos] and L[neg] of rows 0..half, half..rows
+            lo_plane = T.meta_var(T.Shuffle([Tb.vload([0, 0], "int8x16")] * (isa.width // 16), replicate))
+            hi_plane = T.meta_var(T.Shuffle([Tb.vload([1, 0], "int8x16")] * (isa.width // 16), replicate))
+            pos_lo = T.meta_var(_lookup(isa, lo_plane, pos))
+            pos_hi = T.meta_var(_lookup(isa, hi_plane, pos))
+            neg_lo = T.meta_var(_lookup(isa, lo_plane, neg))
+            neg_hi = T.meta_var(_lookup(isa, hi_plane, neg))
+            # vpunpck{l,h}bw (zip1/zip2) rebuild the int16 entries L[pos] and L[neg] of rows 0..half, half..rows
             first = T.meta_var(
                 T.reinterpret(i16v, T.Shuffle([pos_lo, pos_hi], unpack_lo)) - T.reinterpret(i16v, T.Shuffle([neg_lo, neg_hi], unpack_lo))
             )

@@ -1,0 +1,265 @@
+"""GPU ternary matmul (CUDA, Metal): int32 out[T, N] = q[T, K] @ W[N, K]^T on layout dot2-v1.
+
+The packed dot2-v1 bytes [N/16, K/16, 16, 4] are read as uint32 words [N/16, K/16, 16]: one
+word holds the 16 weights (+1) one row has in one k-chunk, byte j holding in bits 2f..2f+1
+the weight of column 16c + 4f + j. So ``(word >> 2f) & 0x03030303`` is a char4 of w + 1 for
+columns 16c + 4f + 0..3, lined up with activation dword ``q32[4c + f]`` when the int8
+activations are read as int32 [T, K/16, 4]. One more step turns w + 1 into w byte-wise with
+no carry between bytes: ``((x + 0x7f7f7f7f) ^ 0x80808080)`` maps bytes {0, 1, 2} to
+{0xff, 0x00, 0x01} = {-1, 0, 1} (in uint32, where nothing overflows). The dot product is
+then a signed 4 x int8 dot4 per (chunk, field), and the kernel's output is q @ W^T exactly,
+with no sum(q) correction: |acc| <= 128 * K, exact for any K below 2**24.
+
+The dot4 has three spellings of the same value (``DOT4``): CUDA's ``__dp4a`` (sm_61+), and an
+explicit byte unpack in int32 for Metal (no dp4a) and for the CPU check that proves the
+views, masks and sign step on this machine without a GPU. Decodes are written in 32-bit
+integers: TVM 0.27's CUDA codegen crashed on a decode written with uint8 shifts.
+
+Kernels (launch geometry):
+- GEMV (``gemv=True``, one token): ``rows_per_block`` rows per block on threadIdx.y,
+  ``k_split`` threads per row on threadIdx.x striding over the k-chunks (adjacent lanes read
+  adjacent 64-byte chunks of a row block, so a block streams its rows contiguously), then a
+  cross-thread sum that TVM lowers to warp shuffles. grid = N_padded / rows_per_block,
+  block = (k_split, rows_per_block).
+- GEMM (dynamic ``tokens``): a block computes ``token_tile`` tokens x ``rows_per_block``
+  rows; each thread owns one row and token_tile register accumulators, so a decoded weight
+  word is used token_tile times. grid = (N_padded / rows_per_block, ceil(tokens /
+  token_tile)), block = rows_per_block; tokens past the count are masked, no padding.
+
+Compiling (TVM 0.27, measured): ``tvm.compile`` with a cuda target never calls nvcc; the
+Executable's device module (``ex.mod.imports[0]``, type_key "cuda") holds CUDA C source, and
+``export_library`` embeds that source, to be compiled by NVRTC when loaded on a GPU. To embed
+a fatbin instead, register TVM's callback and compile inside the target's scope::
+
+    import os, tvm.support.nvcc  # registers tvm_callback_cuda_compile
+    os.environ["TVM_CUDA_COMPILE_MODE"] = "nvcc"
+    os.environ["TVM_CUDA_NVCC_NO_FAST_MATH"] = "1"  # else nvcc gets --use_fast_math
+    with target:
+        ex = tvm.compile(mod, target=target)
+
+(see ``compile_cuda_fatbin``). Without the scope the callback cannot find the arch. The
+--use_fast_math default does not change this integer kernel but makes act_quant's division
+approximate. ``arch`` sm_80 (A100) code runs on sm_90 (H100) too; dp4a needs sm_61+.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import tvm
+from tvm import te, tirx
+
+from bitnet_runtime import layout_dot2
+from bitnet_runtime import reference as _reference
+from bitnet_runtime.layout import round_up
+from bitnet_runtime.layout_dot2 import CHUNK, ROWS
+
+from ..errors import UserError
+from ..tuning.space import Constraint, SearchSpace
+
+reference = _reference.ternary_matmul
+
+DEVICES = ("cuda", "metal", "cpu")
+FIELD_MASK = 0x03030303
+BYTE_BIAS = 0x7F7F7F7F  # + bias then ^ SIGN_BITS: bytes {0, 1, 2} -> {-1, 0, 1}
+SIGN_BITS = 0x80808080
+MAX_THREADS = 1024  # per block, CUDA and Metal
+
+
+@dataclass(frozen=True)
+class GpuKnobs:
+    """Launch knobs of the GPU matmul.
+
+    rows_per_block: output rows one thread block computes (GEMV: threadIdx.y; GEMM:
+        threadIdx.x, one row per thread). N_padded must be a multiple.
+    k_split: GEMV threads per row (threadIdx.x), each summing every k_split-th chunk before
+        the cross-thread sum; a power of two up to the warp (32) keeps the sum in shuffles.
+    token_tile: GEMM tokens per block, i.e. register accumulators per thread, each decoded
+        weight word reused that many times.
+    """
+
+    rows_per_block: int = 16
+    k_split: int = 32
+    token_tile: int = 8
+
+    def check(self, gemv: bool) -> None:
+        for name in ("rows_per_block", "k_split", "token_tile"):
+            if getattr(self, name) < 1:
+                raise UserError(f"knob {name}={getattr(self, name)} must be >= 1")
+        threads = self.rows_per_block * (self.k_split if gemv else 1)
+        if threads > MAX_THREADS:
+            raise UserError(f"knobs give {threads} threads per block, more than {MAX_THREADS}")
+
+
+GEMV_SPACE = SearchSpace(
+    knobs={"rows_per_block": (1, 2, 4, 8, 16, 32), "k_split": (4, 8, 16, 32)},
+    constraints=(
+        Constraint("rows_per_block * k_split <= 1024", "a block has at most 1024 threads"),
+        Constraint("k_split * 16 <= k or k_split == 4", "lanes past the last chunk idle"),
+    ),
+)
+GEMM_SPACE = SearchSpace(
+    knobs={"rows_per_block": (32, 64, 128, 256), "token_tile": (1, 2, 4, 8, 16)},
+    constraints=(Constraint("rows_per_block <= 1024", "a block has at most 1024 threads"),),
+)
+
+
+def kernel_shape(n: int, k: int, knobs: dict) -> tuple[dict, dict]:
+    """The manifest shape of an (n, k) layer padded for these knobs, and the full knobs."""
+    full = asdict(GpuKnobs(**knobs))
+    n_p, k_p = layout_dot2.padded_shape(n, k, 1, 1)
+    return {"n": n, "k": k, "n_padded": round_up(n_p, full["rows_per_block"]), "k_padded": k_p}, full
+
+
+def kernel_views(acts: np.ndarray, packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int8 acts [T, K_padded] as int32 [T, K/16, 4] and dot2-v1 bytes [N/16, K/16, 16, 4]
+    as uint32 [N/16, K/16, 16] (no copies; little-endian byte j = word bits 8j..8j+7)."""
+    a = np.ascontiguousarray(acts).view(np.int32).reshape(acts.shape[0], acts.shape[1] // CHUNK, 4)
+    w = np.ascontiguousarray(packed).view(np.uint32).reshape(packed.shape[:3])
+    return a, w
+
+
+# ----------------------------------------------------------------------------- the dot4
+
+
+def signed_field(word, f: int):
+    """int32 char4 of the weights (-1, 0, 1) of field f: mask, then bias and flip each byte's
+    sign bit, all in uint32 so no step overflows."""
+    x = (word >> tirx.const(2 * f, "uint32")) & tirx.const(FIELD_MASK, "uint32")
+    return ((x + tirx.const(BYTE_BIAS, "uint32")) ^ tirx.const(SIGN_BITS, "uint32")).astype("int32")
+
+
+def _byte(word, j: int):
+    """Signed byte j of an int32 word, in int32 ((b ^ 128) - 128 sign-extends without shifts left)."""
+    b = (word >> tirx.const(8 * j, "int32")) & tirx.const(0xFF, "int32")
+    return (b ^ tirx.const(0x80, "int32")) - tirx.const(0x80, "int32")
+
+
+def dot4_unpacked(a, b):
+    """sum_j a.byte[j] * b.byte[j] over signed bytes, in plain int32 arithmetic."""
+    terms = [_byte(a, j) * _byte(b, j) for j in range(4)]
+    return terms[0] + terms[1] + terms[2] + terms[3]
+
+
+def dot4_dp4a(a, b):
+    """The same sum as one CUDA __dp4a (int, int, int overload: signed bytes)."""
+    return tirx.call_pure_extern("int32", "__dp4a", a, b, tirx.const(0, "int32"))
+
+
+DOT4 = {"cuda": dot4_dp4a, "metal": dot4_unpacked, "cpu": dot4_unpacked}
+
+
+# ----------------------------------------------------------------------------- compute
+
+
+def compute(lead: tuple, n: int, k: int, device: str) -> tuple[te.Tensor, te.Tensor, te.Tensor]:
+    """out[*lead, r] = sum over chunks c, fields f of dot4(acts[*lead, c, f], signed_field(word, f)).
+
+    ``lead`` is (1,) for the GEMV and (tiles, token_tile) for the GEMM. The word is one load
+    per chunk shared by its four fields (nvcc keeps it in a register)."""
+    if device not in DOT4:
+        raise ValueError(f"device {device!r} is not one of {DEVICES}")
+    dot4 = DOT4[device]
+    acts = te.placeholder((*lead, k // CHUNK, 4), "int32", name="acts")
+    packed = te.placeholder((n // ROWS, k // CHUNK, ROWS), "uint32", name="packed")
+    c = te.reduce_axis((0, k // CHUNK), "c")
+
+    def row(*index):
+        *t, r = index
+        word = packed[r // ROWS, c, r % ROWS]
+        terms = [dot4(acts[(*t, c, f)], signed_field(word, f)) for f in range(4)]
+        return te.sum(terms[0] + terms[1] + terms[2] + terms[3], axis=c)
+
+    out = te.compute((*lead, n), row, name="out")
+    return acts, packed, out
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def schedule_gemv(func: tvm.tirx.PrimFunc, knobs: GpuKnobs) -> tvm.s_tir.Schedule:
+    """Rows over blocks and threadIdx.y; chunks interleaved over threadIdx.x (c = step *
+    k_split + lane, so a warp reads consecutive chunks) and summed across the lanes."""
+    sch = tvm.s_tir.Schedule(func)
+    out = sch.get_sblock("out")
+    t, r, c = sch.get_loops(out)
+    block, row = sch.split(r, [None, knobs.rows_per_block])
+    step, lane = sch.split(c, [None, knobs.k_split])
+    sch.reorder(block, row, t, step, lane)
+    sch.bind(block, "blockIdx.x")
+    sch.bind(row, "threadIdx.y")
+    sch.bind(lane, "threadIdx.x")
+    return sch
+
+
+def schedule_gemm(func: tvm.tirx.PrimFunc, knobs: GpuKnobs) -> tvm.s_tir.Schedule:
+    """One row per thread, token_tile accumulators in registers (a local cache written back
+    under the thread loop, so it compacts to token_tile ints), chunks serial, tokens unrolled
+    innermost so each decoded word serves the whole tile."""
+    sch = tvm.s_tir.Schedule(func)
+    out = sch.get_sblock("out")
+    local = sch.cache_write(out, 0, "local")
+    tile, t, r, c = sch.get_loops(out)
+    block, row = sch.split(r, [None, knobs.rows_per_block])
+    sch.reorder(block, tile, row, c, t)
+    sch.bind(block, "blockIdx.x")
+    sch.bind(tile, "blockIdx.y")
+    sch.bind(row, "threadIdx.x")
+    sch.unroll(t)
+    sch.decompose_reduction(out, c)
+    sch.reverse_compute_at(local, row)
+    sch.unroll(sch.get_loops(local)[-1])
+    return sch
+
+
+def _check_shape(n: int, k: int, knobs: GpuKnobs) -> None:
+    if n % ROWS or n % knobs.rows_per_block or k % CHUNK:
+        raise ValueError(f"unpadded shape n={n} k={k} for {knobs} (n a multiple of 16 and rows_per_block, k of 16)")
+
+
+def build_primfunc(name: str, n_padded: int, k_padded: int, knobs: GpuKnobs, gemv: bool, device: str) -> tvm.tirx.PrimFunc:
+    """The named PrimFunc: scheduled for ``cuda`` / ``metal``, unscheduled (serial loops, the
+    same algebra) for ``cpu``. The GEMM takes tokens as [tiles, token_tile] like the CPU dot2
+    GEMM: the runtime pads a prompt to whole tiles (zero rows cost no correctness)."""
+    knobs.check(gemv)
+    _check_shape(n_padded, k_padded, knobs)
+    lead = (1,) if gemv else (tirx.Var("tiles", "int64"), knobs.token_tile)
+    func = te.create_prim_func(list(compute(lead, n_padded, k_padded, device)))
+    if device != "cpu":
+        func = (schedule_gemv if gemv else schedule_gemm)(func, knobs).mod["main"]
+    return func.with_attr("global_symbol", name)
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+def gpu_target(device: str, arch: str = "sm_80") -> tvm.target.Target:
+    """CUDA (``arch`` sm_61+ for dp4a; sm_80 code also runs on sm_90) or Metal, with an
+    x86-64 host for the launch stubs."""
+    host = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v3"}
+    if device == "cuda":
+        return tvm.target.Target({"kind": "cuda", "arch": arch}, host=host)
+    if device == "metal":
+        return tvm.target.Target({"kind": "metal"}, host=host)
+    raise ValueError(f"no GPU target for device {device!r}")
+
+
+def compile_cuda_fatbin(mod: tvm.IRModule, target: tvm.target.Target):
+    """tvm.compile with nvcc run now: the device module then holds a fatbin (for the target's
+    arch), which ``export_library`` embeds, instead of CUDA source left to NVRTC at load time.
+    Fast math is turned off so float kernels (act_quant's division) stay exact."""
+    import tvm.support.nvcc  # noqa: F401 - registers tvm_callback_cuda_compile
+
+    saved = {key: os.environ.get(key) for key in ("TVM_CUDA_COMPILE_MODE", "TVM_CUDA_NVCC_NO_FAST_MATH")}
+    os.environ.update(TVM_CUDA_COMPILE_MODE="nvcc", TVM_CUDA_NVCC_NO_FAST_MATH="1")
+    try:
+        with target:
+            return tvm.compile(mod, target=target)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
