@@ -169,7 +169,8 @@ def schedule_summary(kernels: list[KernelPlan], target: TargetSpec) -> str:
 
     tunable = [k for k in kernels if k.knob_source != "fixed"]
     tuned = [k for k in tunable if k.knob_source.startswith("tuned")]
-    path = records.path_for(records.fingerprint(target))
+    paths = records.paths_for(target)
+    path = next((p for p in paths if p.is_file()), paths[0])
     if not tuned:
         return f"schedules: defaults for all {len(tunable)} tunable kernels (no tuning record for this target in {path}; bitnet-compile tune makes one)"
     rest = [k.name for k in tunable if k not in tuned]

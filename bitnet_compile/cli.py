@@ -9,6 +9,7 @@
     bitnet-compile dummy PRESET -o DIR                                  dummy model for benchmarks
     bitnet-compile tune [--target T] (--model M | --shapes NxK,...)     autotune kernel schedules
     bitnet-compile schedules list|show|compare|plot|source|space        study the tuning records
+    bitnet-compile targets [-v]                                         every target and its status here
 
 User mistakes print one ``error:`` line and exit with status 2; nothing else is caught.
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from .errors import UserError
 
-SUBCOMMANDS = ("compile", "verify", "run", "chat", "bench", "bench-kernels", "dummy", "tune", "schedules")
+SUBCOMMANDS = ("compile", "verify", "run", "chat", "bench", "bench-kernels", "dummy", "tune", "schedules", "targets")
 DEFAULT_TARGET = "llvm -mcpu=native"
 
 
@@ -134,6 +135,8 @@ def parser() -> argparse.ArgumentParser:
     _add_dummy(sub)
     _add_tune(sub)
     _add_schedules(sub)
+    targets = sub.add_parser("targets", help="list every target with its kernel features, status on this machine, and tuning records")
+    targets.add_argument("-v", "--verbose", action="store_true", help="also print each target's description")
     return p
 
 
@@ -237,6 +240,12 @@ def run_schedules(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def run_targets(args: argparse.Namespace) -> int:
+    from .target_table import run
+
+    return run(args.verbose)
+
+
 def run_dummy(args: argparse.Namespace) -> int:
     from .dummy_models import write_dummy_model
 
@@ -259,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[RECORDS_ENV] = str(args.records.resolve())
     try:
         commands = {"compile": run_compile, "verify": run_verify, "run": run_text, "chat": run_chat, "bench": run_model_bench, "bench-kernels": run_bench, "dummy": run_dummy,
-                    "tune": run_tune, "schedules": run_schedules}
+                    "tune": run_tune, "schedules": run_schedules, "targets": run_targets}
         return commands[args.command](args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -59,6 +59,5 @@ def fingerprint(target: "TargetSpec") -> str:
     records): part of cached artifacts' keys."""
     from .tuning import records
 
-    path = records.path_for(records.fingerprint(target))
-    tuned = path.read_bytes() if path.is_file() else b""
+    tuned = b"".join(p.read_bytes() for p in records.paths_for(target) if p.is_file())
     return hashlib.sha256(json.dumps(_defaults(), sort_keys=True).encode() + tuned).hexdigest()[:16]

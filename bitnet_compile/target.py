@@ -142,18 +142,18 @@ def _load_presets() -> dict[str, dict[str, Any]]:
     for path in sorted(PRESET_DIR.glob("*.json")):
         data = json.loads(path.read_text())
         name = data.get("name", path.stem)
-        if name != path.stem or not isinstance(data.get("target"), dict) or "status" not in data:
-            raise ValueError(f"malformed target preset {path}: needs name == file stem, target, status")
+        if name != path.stem or not isinstance(data.get("target"), dict) or data.get("status") not in STATUSES:
+            raise ValueError(f"malformed target preset {path}: needs name == file stem, target, status in {STATUSES}")
         presets[name] = data
     return presets
 
 
-def list_presets() -> list[dict[str, str]]:
-    """Name, description and status ("supported" | "planned") of every preset, sorted by name."""
-    return [
-        {"name": n, "description": p.get("description", ""), "status": p["status"]}
-        for n, p in sorted(_load_presets().items())
-    ]
+STATUSES = ("supported", "compile-only", "planned", "stub")  # what a preset's "status" may say
+
+
+def list_presets() -> list[dict[str, Any]]:
+    """Every preset (name, description, status, target, features), sorted by name."""
+    return [{"name": n, **p, "description": p.get("description", "")} for n, p in sorted(_load_presets().items())]
 
 
 def _names(status: str) -> str:
@@ -163,8 +163,8 @@ def _names(status: str) -> str:
 def _fail(problem: str) -> UserError:
     """One-line UserError that always says what would have been accepted."""
     msg = (
-        f"{problem}; supported target presets: {_names('supported')} (planned: {_names('planned')}); "
-        f"or {_CLI_SYNTAX}, or a JSON object {_JSON_SYNTAX}"
+        f"{problem}; supported target presets: {_names('supported')} (stubs, listed but not built: {_names('stub')}); "
+        f"or {_CLI_SYNTAX}, or a JSON object {_JSON_SYNTAX}; bitnet-compile targets lists them all"
     )
     return UserError(" ".join(msg.split()))
 
@@ -324,6 +324,8 @@ def parse_target(text: str) -> TargetSpec:
         d, name = _parse_json(text), "custom"
     elif text in presets:
         preset = presets[text]
+        if preset["status"] == "stub":
+            raise _fail(f"target {text!r} ({preset['description']}) is a stub, listed but not built: it needs {preset['missing']}")
         if preset["status"] != "supported":
             raise _fail(f"target preset {text!r} is {preset['status']}, not yet supported")
         d, name = dict(preset["target"]), text

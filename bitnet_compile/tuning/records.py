@@ -74,6 +74,15 @@ def path_for(print_: dict, directory: Path | None = None) -> Path:
     return records_dir(directory) / f"{target_key(print_)}.json"
 
 
+def paths_for(target: "TargetSpec", directory: Path | None = None) -> list[Path]:
+    """The records files that apply to ``target``, preferred first: measured here, then (for
+    another machine's target, e.g. arm-neon tuned on the device over RPC) measured remotely."""
+    paths = [path_for(fingerprint(target), directory)]
+    if not runs_here(target):
+        paths.append(path_for(fingerprint(target, remote=True), directory))
+    return paths
+
+
 def read(path: Path) -> dict:
     """A records file (an empty one where none exists yet)."""
     try:
@@ -147,12 +156,11 @@ def lookup(
 ) -> tuple[dict, str] | None:
     """The record's best knobs that ``accept`` allows (e.g. sharing the GEMV's padding), and a
     description of where they came from; None without a matching record."""  # fmt: skip
-    path = path_for(fingerprint(target), directory)
-    if not path.is_file():
+    key = record_key(op, version, layout, n, k, threads)
+    found = next(((p, r) for p in paths_for(target, directory) if p.is_file() and (r := read(p)["records"].get(key))), None)
+    if found is None:
         return None
-    record = read(path)["records"].get(record_key(op, version, layout, n, k, threads))
-    if not record:
-        return None
+    path, record = found
     best = record.get("best")
     if best and accept(best["knobs"]):
         return dict(best["knobs"]), f"tuned ({path.name}, {record.get('speedup', 1):.2f}x over default)"
