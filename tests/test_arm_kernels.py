@@ -89,3 +89,18 @@ def test_android_without_ndk_says_so(monkeypatch) -> None:
     monkeypatch.delenv("ANDROID_NDK_ROOT", raising=False)
     with pytest.raises(UserError, match="Android NDK"):
         cross.compiler("aarch64", "aarch64-linux-android")
+
+
+def test_cli_verify_runs_a_foreign_artifact_under_emulation(arm_artifact: Path, capsys) -> None:
+    from bitnet_compile.cli import main
+
+    assert main(["verify", str(arm_artifact), "-t", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "(aarch64, neon) under qemu emulation" in out and out.strip().endswith("passed, 0 failed")
+
+
+def test_device_runtime_refuses_a_foreign_artifact_with_the_way_out(arm_artifact: Path) -> None:
+    from bitnet_runtime.artifact import Artifact
+
+    with pytest.raises(UserError, match="compiled for aarch64 .* bitnet-compile verify"):
+        Artifact(arm_artifact)

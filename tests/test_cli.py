@@ -60,3 +60,11 @@ def test_model_config_json_gives_its_linears(tmp_path):
     assert shapes == [("qkv", 128, 64), ("o", 64, 64), ("gate_up", 192, 64), ("down", 64, 96)]
     two_b = {(lin.n, lin.k) for lin in models.resolve("microsoft/bitnet-b1.58-2B-4T").linears()}
     assert two_b == {(3840, 2560), (2560, 2560), (13824, 2560), (2560, 6912)}
+
+
+def test_targets_command_lists_every_preset() -> None:
+    done = cli("targets", "-v")
+    assert done.returncode == 0, done.stderr
+    for name in ("native", "arm-neon", "cuda", "metal", "hexagon", "intel-npu", "apple-ane"):
+        assert f"\n{name} " in done.stdout
+    assert "runs here" in done.stdout and "stub" in done.stdout

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from bitnet_compile.errors import UserError
-from bitnet_compile.target import PRESET_DIR, TargetSpec, list_presets, parse_target
+from bitnet_compile.target import PRESET_DIR, STATUSES, TargetSpec, list_presets, parse_target
 
 tvm = pytest.importorskip("tvm")
 
@@ -126,7 +127,33 @@ def test_preset_contents() -> None:
     assert vnni.isa == "avx512" and {"avx512vnni", "avx512vbmi"} <= vnni.features
     for path in PRESET_DIR.glob("*.json"):
         data = json.loads(path.read_text())
-        assert data["name"] == path.stem and data["description"] and data["status"] in {"supported", "planned"}
+        assert data["name"] == path.stem and data["description"] and data["status"] in STATUSES
+        assert data["status"] != "stub" or data["missing"]
+
+
+@pytest.mark.parametrize("name", ["hexagon", "intel-npu", "apple-ane"])
+def test_npu_stubs_are_listed_and_refused_clearly(name: str) -> None:
+    preset = next(p for p in list_presets() if p["name"] == name)
+    assert preset["status"] == "stub"
+    with pytest.raises(UserError) as info:
+        parse_target(name)
+    msg = str(info.value)
+    assert "\n" not in msg and f"{name!r}" in msg and "stub, listed but not built" in msg and preset["missing"] in msg
+
+
+def test_targets_table_lists_every_preset_with_its_status() -> None:
+    from bitnet_compile import target_table
+
+    rows = {r.name: r for r in target_table.rows()}
+    assert set(rows) == {p["name"] for p in list_presets()}
+    assert rows["native"].status == "runs here" and "avx2" in rows["native"].features
+    assert rows["arm-neon"].kind == "aarch64 (neon)" and "dotprod" in rows["arm-neon"].features
+    if shutil.which("qemu-aarch64-static") and shutil.which("aarch64-linux-gnu-gcc"):
+        assert rows["arm-neon"].status == "verified under emulation"
+    assert {rows[n].status for n in ("hexagon", "intel-npu", "apple-ane")} == {"stub"}
+    text = target_table.format_table(list(rows.values()))
+    assert text.splitlines()[0].split() == ["target", "kind", "kernel", "features", "status", "tuned", "records"]
+    assert len(text.splitlines()) == len(rows) + 2
 
 
 def test_target_reaches_llvm() -> None:
