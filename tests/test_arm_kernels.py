@@ -104,3 +104,40 @@ def test_device_runtime_refuses_a_foreign_artifact_with_the_way_out(arm_artifact
 
     with pytest.raises(UserError, match="compiled for aarch64 .* bitnet-compile verify"):
         Artifact(arm_artifact)
+
+
+def test_rpc_candidates_for_arm_are_linked_for_aarch64(monkeypatch) -> None:
+    """Tuning arm-neon on the device: the candidates' library the tuner uploads is an aarch64
+    ELF linked by the cross gcc (a fake RPC session records the upload)."""
+    import tvm
+
+    from bitnet_compile.ops import lut_matmul
+    from bitnet_compile.tuning import rpc
+
+    uploaded: list[bytes] = []
+
+    class Session:
+        def get_function(self, name):
+            return lambda: 1
+
+        def upload(self, path):
+            uploaded.append(Path(path).read_bytes())
+
+        def load_module(self, name):
+            raise RuntimeError("stop after the upload")
+
+    monkeypatch.setattr(rpc, "connect", lambda spec: Session())
+    target = parse_target("arm-neon")
+    func = lut_matmul.build_primfunc("cand", 32, 64, "neon", lut_matmul.LutKnobs(kblock=16), True)
+    executable = tvm.compile(tvm.IRModule({"cand": func}), target=target.tvm_target())
+    job = {"rpc": {"host": "device", "port": 9090}, "threads": 1, "target": target.to_json()}
+    with pytest.raises(RuntimeError, match="stop after the upload"):
+        rpc.measure_remote(executable, job, [], None, None, 0.0)
+    assert uploaded and uploaded[0][18:20] == (183).to_bytes(2, "little")
+
+
+def test_tuning_arm_without_rpc_says_how(capsys) -> None:
+    from bitnet_compile.cli import main
+
+    assert main(["tune", "--target", "arm-neon", "-s", "64x64", "-n", "1"]) == 2
+    assert "tune on the device over RPC" in capsys.readouterr().err

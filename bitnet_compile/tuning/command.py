@@ -73,6 +73,7 @@ def plan_work(args: argparse.Namespace, target) -> tuple[list[Work], str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .. import cross
     from ..target import parse_target
     from . import templates
     from .rpc import Remote
@@ -91,6 +92,11 @@ def run(args: argparse.Namespace) -> int:
     remote = Remote.parse(args.rpc, args.rpc_key) if args.rpc else None
     if args.rpc_key and not args.rpc:
         raise UserError("--rpc-key needs --rpc HOST:PORT (the tracker)")
+    if remote is None and cross.is_foreign(target.arch):
+        raise UserError(
+            f"{target.arch} kernels cannot be timed on this {cross.cpu.host_arch()} machine: tune on the device over RPC "
+            "(there: python -m tvm.exec.rpc_server --host 0.0.0.0 --port 9090; here: --rpc DEVICE:9090)"
+        )
     work, label = plan_work(args, target)
     counts = args.threads or (target.num_cores,)
     storage = open_storage(args.storage)
