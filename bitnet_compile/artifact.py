@@ -1,10 +1,12 @@
-"""Build an artifact: every kernel a model's linear layers need, in ONE shared library, plus
-``manifest.json`` describing it, plus the small TVM runtime library parallel kernels call into.
+"""Build an artifact: every kernel a model's linear layers need, in ONE library, plus
+``manifest.json`` describing it, plus the small TVM runtime library the kernels call into.
 
-Layout of an artifact directory (format version 1):
-    kernels.so          the generated kernels (host code for the target)
-    libtvm_runtime.so   TVM's runtime services (thread pool, workspaces) the kernels call
-    manifest.json       written last: its presence means the artifact is complete
+Layout of an artifact directory (format version 2), by target kind (``EMITTERS``):
+    CPU (llvm)   kernels.so, libtvm_runtime.so (for the target's architecture)
+    CUDA         kernels.so (host launch code + an nvcc fatbin), libtvm_runtime.so,
+                 libtvm_runtime_cuda.so (TVM's CUDA module loader), kernels.cu (the source)
+    Metal        kernels.metal (Metal Shading Language source; the host side is macOS's)
+    manifest.json  written last: its presence means the artifact is complete
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import datetime as _dt
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -21,15 +24,17 @@ from pathlib import Path
 
 from bitnet_runtime import layout, layout_dot2, layout_f16, layout_i8
 from bitnet_runtime.progress import progress
-from bitnet_runtime.manifest import FORMAT_VERSION, LIBRARY_FILE, MANIFEST_FILE, RUNTIME_LIBRARY_FILE, file_sha256
+from bitnet_runtime.manifest import (
+    CUDA_SOURCE_FILE, FORMAT_VERSION, LIBRARY_FILE, MANIFEST_FILE, METAL_SOURCE_FILE, RUNTIME_LIBRARY_FILE, file_sha256,
+)
 
 from . import __version__, cross, schedule_db
 from .errors import UserError
 from .intrinsics.lut_shuffle import VECTOR_ISAS
 from .families import Family, choose
 from .models import Linear
-from .ops import act_quant, dequant, dot2_matmul, f16_gemv, i8_gemv, lut_matmul, lut_table
-from .target import TargetSpec
+from .ops import act_quant, dequant, dot2_matmul, f16_gemv, gpu_matmul, i8_gemv, lut_matmul, lut_table
+from .target import GPU_KINDS, TargetSpec
 
 
 @dataclass
@@ -50,15 +55,26 @@ def _lut_builder(gemv: bool):
     return lambda p, isa: lut_matmul.build_primfunc(p.name, p.shape["n_padded"], p.shape["k_padded"], isa, lut_matmul.LutKnobs(**p.knobs), gemv)
 
 
+def _gpu2_builder(gemv: bool):
+    return lambda p, isa: gpu_matmul.build_primfunc(p.name, p.shape["n_padded"], p.shape["k_padded"], gpu_matmul.GpuKnobs(**p.knobs), gemv, isa)
+
+
+def _on_gpu(isa: str, gpu_build, cpu_build):
+    """quantize and dequantize compute the same on every target; only their schedule differs."""
+    return gpu_build if isa in GPU_KINDS else cpu_build
+
+
 def _dot2_builder(gemv: bool):
     return lambda p, isa: dot2_matmul.build_primfunc(p.name, p.shape["n_padded"], p.shape["k_padded"], dot2_matmul.Dot2Knobs(**p.knobs), gemv)
 
 
 # operator -> PrimFunc builder: what each manifest "op" is generated from
 BUILDERS = {
-    "quantize": lambda p, isa: act_quant.build_primfunc(p.name, p.shape["k"], p.shape["k_padded"]),
+    "quantize": lambda p, isa: _on_gpu(isa, act_quant.build_primfunc_gpu, act_quant.build_primfunc)(p.name, p.shape["k"], p.shape["k_padded"]),
     "lut_table": lambda p, isa: lut_table.build_primfunc(p.name, p.shape["k_padded"]),
-    "dequantize": lambda p, isa: dequant.build_primfunc(p.name, p.shape["n"], p.shape["n_padded"]),
+    "dequantize": lambda p, isa: _on_gpu(isa, dequant.build_primfunc_gpu, dequant.build_primfunc)(p.name, p.shape["n"], p.shape["n_padded"]),
+    "gpu2_gemv": _gpu2_builder(True),
+    "gpu2_gemm": _gpu2_builder(False),
     "lut_gemv": _lut_builder(True),
     "lut_gemm": _lut_builder(False),
     "dot2_gemv": _dot2_builder(True),
@@ -109,22 +125,48 @@ def _dot2_linear(lin: Linear, target: TargetSpec) -> tuple[dict, dict, list[Kern
     return {"token_tile": gemm_knobs["token_tile"]}, names, plans
 
 
-LINEAR_PLANNERS = {"lut4-v1": _lut_linear, "dot2-v1": _dot2_linear}
+def _gpu2_linear(lin: Linear, target: TargetSpec) -> tuple[dict, dict, list[KernelPlan]]:
+    """dot2-v1 on a GPU: N padded for both kernels' rows per block, K to whole chunks."""
+    gemv, gemv_src = schedule_db.knobs_for("gpu2_gemv", target, lin.n, lin.k)
+    gemm, gemm_src = schedule_db.knobs_for("gpu2_gemm", target, lin.n, lin.k)
+    gemv, gemm = asdict(gpu_matmul.GpuKnobs(**gemv)), asdict(gpu_matmul.GpuKnobs(**gemm))
+    rows = math.lcm(layout_dot2.ROWS, gemv["rows_per_block"], gemm["rows_per_block"])
+    n_p, k_p = layout.round_up(lin.n, rows), layout.round_up(lin.k, layout_dot2.CHUNK)
+    shape = {"n": lin.n, "k": lin.k, "n_padded": n_p, "k_padded": k_p}
+    names = {"gemv": f"gpu2_gemv_n{lin.n}_k{lin.k}", "gemm": f"gpu2_gemm_n{lin.n}_k{lin.k}"}
+    plans = [
+        KernelPlan(names["gemv"], "gpu2_gemv", shape, gemv, gemv_src),
+        KernelPlan(names["gemm"], "gpu2_gemm", shape, gemm, gemm_src),
+    ]
+    return {"token_tile": gemm["token_tile"]}, names, plans
 
 
-def plan(linears: list[Linear], target: TargetSpec, layout_version: str) -> tuple[list[KernelPlan], list[dict]]:
+# kernel family -> planner of one linear layer: (layout params, kernel names, kernels)
+LINEAR_PLANNERS = {"lut": _lut_linear, "dot2": _dot2_linear, "gpu2": _gpu2_linear}
+
+
+def launch(k: KernelPlan) -> dict:
+    """A GPU kernel's grid and threadgroup (x first; a string is a runtime extent)."""
+    if k.op in ("gpu2_gemv", "gpu2_gemm"):
+        return gpu_matmul.launch(k.shape, k.knobs, k.op == "gpu2_gemv")
+    if k.op == "quantize":
+        return act_quant.launch_gpu()
+    return dequant.launch_gpu(k.shape["n"])
+
+
+def plan(linears: list[Linear], target: TargetSpec, family: Family) -> tuple[list[KernelPlan], list[dict]]:
     """Kernels for the distinct shapes among ``linears``, and each linear's manifest entry."""
     kernels: dict[str, KernelPlan] = {}
     entries = []
     for lin in linears:
-        params, names, plans = LINEAR_PLANNERS[layout_version](lin, target)
+        params, names, plans = LINEAR_PLANNERS[family.name](lin, target)
         shape = plans[0].shape
         n_p, k_p = shape["n_padded"], shape["k_padded"]
         names = {"quantize": f"quantize_k{lin.k}_p{k_p}", **names, "dequantize": f"dequantize_n{lin.n}_p{n_p}"}
         plans = [KernelPlan(names["quantize"], "quantize", shape), *plans, KernelPlan(names["dequantize"], "dequantize", shape)]
         for p in plans:
             kernels.setdefault(p.name, p)
-        entries.append({"name": lin.name, **shape, "layout": layout_version, "layout_params": params, "kernels": names})
+        entries.append({"name": lin.name, **shape, "layout": family.layout, "layout_params": params, "kernels": names})
     return list(kernels.values()), entries
 
 
@@ -168,6 +210,8 @@ def schedule_summary(kernels: list[KernelPlan], target: TargetSpec) -> str:
     from .tuning import records
 
     tunable = [k for k in kernels if k.knob_source != "fixed"]
+    if target.is_gpu:
+        return f"schedules: defaults for all {len(tunable)} tunable kernels ({target.kind} kernels are not tuned yet: tuning times them on a GPU)"
     tuned = [k for k in tunable if k.knob_source.startswith("tuned")]
     paths = records.paths_for(target)
     path = next((p for p in paths if p.is_file()), paths[0])
@@ -188,17 +232,106 @@ def tvm_runtime_library(target: TargetSpec) -> Path:
 
 
 def compile_kernels(kernels: list[KernelPlan], target: TargetSpec):
-    """Schedule every kernel (with progress), then compile them together into one module."""
+    """Schedule every kernel (with progress), then compile them together into one module
+    (for CUDA with nvcc run now, so the artifact carries a fatbin)."""
     import tvm
 
     funcs = {}
     for k in progress(kernels, "scheduling", "kernel"):
         funcs[k.name] = k.primfunc(target.isa)
-    print(f"compiling {len(funcs)} kernels for {target.mcpu} ({target.isa}) with LLVM ...", file=sys.stderr, flush=True)
+    what = "LLVM" if not target.is_gpu else f"TVM's {target.kind} codegen" + (" and nvcc" if target.kind == "cuda" else "")
+    print(f"compiling {len(funcs)} kernels for {target.gpu_arch or target.mcpu} ({target.isa}) with {what} ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
-    executable = tvm.compile(tvm.IRModule(funcs), target=target.tvm_target())
+    if target.kind == "cuda":
+        from . import cuda_toolchain
+
+        executable = cuda_toolchain.compile_fatbin(tvm.IRModule(funcs), target.tvm_target())
+    else:
+        executable = tvm.compile(tvm.IRModule(funcs), target=target.tvm_target())
     print(f"compiled in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return executable
+
+
+def _write(out_dir: Path, name: str, write) -> dict:
+    """``write(tmp_path)``, then rename into place: a file appears whole or not at all."""
+    tmp = out_dir / (name + ".tmp")
+    write(tmp)
+    os.replace(tmp, out_dir / name)
+    return {"file": name, "sha256": file_sha256(out_dir / name)}
+
+
+def _export(executable, target: TargetSpec, path: Path) -> None:
+    try:
+        executable.export_library(str(path), fcompile=cross.compiler(target.arch, target.triple))
+    except UserError:
+        raise
+    except Exception as err:  # the system C compiler links the library; name what failed
+        raise UserError(f"linking {LIBRARY_FILE} failed (is a C compiler such as gcc installed?): {str(err).splitlines()[0]}") from None
+
+
+def _emit_cpu(executable, target: TargetSpec, out_dir: Path, kernels: list[KernelPlan]) -> dict:
+    return {
+        "library": _write(out_dir, LIBRARY_FILE, lambda tmp: _export(executable, target, tmp)),
+        "runtime_library": _write(out_dir, RUNTIME_LIBRARY_FILE, lambda tmp: shutil.copyfile(tvm_runtime_library(target), tmp)),
+    }
+
+
+def _emit_cuda(executable, target: TargetSpec, out_dir: Path, kernels: list[KernelPlan]) -> dict:
+    from bitnet_runtime.gpu import CUDA_RUNTIME_FILE
+
+    from . import cuda_toolchain
+
+    files = _emit_cpu(executable, target, out_dir, kernels)
+    if not cuda_toolchain.embeds_fatbin(out_dir / LIBRARY_FILE):
+        raise UserError(f"{LIBRARY_FILE} holds no fatbin: nvcc did not run (TVM left CUDA source, which the device cannot compile)")
+    source = executable.mod.imports[0].inspect_source("cuda")
+    cudart = cuda_toolchain.cudart()  # redistributable; shipped so the device needs only the driver
+    files["device_libraries"] = [
+        _write(out_dir, cudart.name, lambda tmp: shutil.copyfile(cudart, tmp)),
+        _write(out_dir, CUDA_RUNTIME_FILE, lambda tmp: shutil.copyfile(cuda_toolchain.tvm_cuda_runtime(), tmp)),
+    ]
+    files["sources"] = [_write(out_dir, CUDA_SOURCE_FILE, lambda tmp: tmp.write_text(source))]
+    files["device"] = {"kind": "cuda", "arch": target.gpu_arch, "code": "fatbin", "launch": {k.name: launch(k) for k in kernels}}
+    return files
+
+
+# TVM's Metal codegen spells round-half-to-even as C's nearbyint, which MSL lacks; MSL's rint
+# is the same rounding (to nearest, ties to even).
+_MSL_FIXES = {"nearbyint(": "rint("}
+
+
+def metal_source(executable) -> str:
+    source = executable.mod.imports[0].inspect_source("metal")
+    for wrong, right in _MSL_FIXES.items():
+        source = source.replace(wrong, right)
+    return source
+
+
+def metal_signatures(source: str) -> dict[str, list[dict]]:
+    """Each MSL kernel's buffer bindings in order (TVM orders buffers by name, not as the
+    PrimFunc's parameters, so a host must bind by this table), and its scalar arguments."""
+    signatures = {}
+    for match in re.finditer(r"kernel void (\w+)_kernel\((.*?)\)\s*\{", source, re.S):
+        args = []
+        for name, index in re.findall(r"device \w+\* (\w+)_ptr \[\[ buffer\((\d+)\) \]\]", match[2]):
+            args.append({"buffer": int(index), "tensor": name})
+        scalars = re.search(r"constant (\w+)& arg \[\[ buffer\((\d+)\) \]\]", match[2])
+        if scalars:
+            struct = re.search(r"struct " + scalars[1] + r" \{(.*?)\};", source, re.S)
+            fields = re.findall(r"(\w+) (\w+);", struct[1]) if struct else []
+            args.append({"buffer": int(scalars[2]), "scalars": [f"{t} {n}" for t, n in fields]})
+        signatures[match[1]] = args
+    return signatures
+
+
+def _emit_metal(executable, target: TargetSpec, out_dir: Path, kernels: list[KernelPlan]) -> dict:
+    source = metal_source(executable)
+    device = {"kind": "metal", "code": "msl-source", "launch": {k.name: launch(k) for k in kernels}, "arguments": metal_signatures(source)}
+    return {"library": _write(out_dir, METAL_SOURCE_FILE, lambda tmp: tmp.write_text(source)), "runtime_library": None, "device": device}
+
+
+# target kind -> writer of the artifact's files (returns their manifest entries)
+EMITTERS = {"llvm": _emit_cpu, "cuda": _emit_cuda, "metal": _emit_metal}
 
 
 def build(
@@ -210,31 +343,23 @@ def build(
     output_layer: tuple[int, int] | None = None,
 ) -> Path:
     """Write a complete artifact to ``out_dir`` (family: the preferred one the target runs;
-    output_layer: (vocab, hidden) for a model's logits kernels); files appear only once fully
-    written."""
+    output_layer: (vocab, hidden) for a model's logits kernels, CPU targets only); files
+    appear only once fully written."""
     import tvm
 
     family = family or choose(target, "auto", schedule_db.family_preference())
-    kernels, entries = plan(linears, target, family.layout)
+    kernels, entries = plan(linears, target, family)
     output_entry = None
-    if output_layer:
+    if output_layer and target.is_gpu:
+        print(f"output layer: no {target.kind} kernels for it yet; the artifact holds the linear layers only", file=sys.stderr)
+    elif output_layer:
         output_entry, output_kernels = plan_output_layer(*output_layer, target)
         kernels += [k for k in output_kernels if k.name not in {p.name for p in kernels}]
     print(schedule_summary(kernels, target), file=sys.stderr)
     executable = compile_kernels(kernels, target)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST_FILE).unlink(missing_ok=True)  # an artifact without manifest is incomplete
-    lib_tmp = out_dir / (LIBRARY_FILE + ".tmp")
-    try:
-        executable.export_library(str(lib_tmp), fcompile=cross.compiler(target.arch, target.triple))
-    except UserError:
-        raise
-    except Exception as err:  # the system C compiler links the library; name what failed
-        raise UserError(f"linking {LIBRARY_FILE} failed (is a C compiler such as gcc installed?): {str(err).splitlines()[0]}") from None
-    os.replace(lib_tmp, out_dir / LIBRARY_FILE)
-    rt_tmp = out_dir / (RUNTIME_LIBRARY_FILE + ".tmp")
-    shutil.copyfile(tvm_runtime_library(target), rt_tmp)
-    os.replace(rt_tmp, out_dir / RUNTIME_LIBRARY_FILE)
+    files = EMITTERS[target.kind](executable, target, out_dir, kernels)
     manifest = {
         "format_version": FORMAT_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -243,8 +368,7 @@ def build(
         "target": target.to_json(),
         "required_cpu_features": target.required_features,
         "family": family.name,
-        "library": {"file": LIBRARY_FILE, "sha256": file_sha256(out_dir / LIBRARY_FILE)},
-        "runtime_library": {"file": RUNTIME_LIBRARY_FILE, "sha256": file_sha256(out_dir / RUNTIME_LIBRARY_FILE)},
+        **files,
         "kernels": [{"name": k.name, "op": k.op, "shape": k.shape, "knobs": k.knobs, "knob_source": k.knob_source} for k in kernels],
         "linears": entries,
         "output_layer": output_entry,
@@ -253,4 +377,3 @@ def build(
     man_tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(man_tmp, out_dir / MANIFEST_FILE)
     return out_dir / MANIFEST_FILE
-

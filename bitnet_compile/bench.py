@@ -81,7 +81,7 @@ def build(target: TargetSpec, linears: list[Linear], out_dir: Path, tokens: int,
     funcs: dict = {}
     work = [{"name": lin.name, "n": lin.n, "k": lin.k, "kernels": {}} for lin in linears]
     for family in families:
-        plans, entries = artifact.plan(linears, target, family.layout)
+        plans, entries = artifact.plan(linears, target, family)
         funcs |= {p.name: p.primfunc(target.isa) for p in plans if p.op not in ("quantize", "dequantize") and p.name not in funcs}
         for item, entry in zip(work, entries):
             keep = ("n_padded", "k_padded", "layout", "layout_params", "kernels")

@@ -26,6 +26,11 @@ from .errors import UserError
 
 SUBCOMMANDS = ("compile", "verify", "run", "chat", "bench", "bench-kernels", "dummy", "tune", "schedules", "targets")
 DEFAULT_TARGET = "llvm -mcpu=native"
+VERIFY_HINTS = {
+    "llvm": "verify on the device with: python -m bitnet_runtime verify {out}",
+    "cuda": "verify on a machine with an NVIDIA GPU with: python -m bitnet_runtime verify {out}",
+    "metal": "Metal source in {out}: build and run it on macOS as README 'Metal' describes",
+}
 
 
 def _add_compile(sub) -> None:
@@ -165,7 +170,7 @@ def run_compile(args: argparse.Namespace) -> int:
     for path in sorted(out.iterdir()):
         if path.is_file():
             print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
-    print(f"verify on the device with: python -m bitnet_runtime verify {out}", file=sys.stderr)
+    print(VERIFY_HINTS.get(target.kind, VERIFY_HINTS["llvm"]).format(out=out), file=sys.stderr)
     return 0 if manifest.is_file() else 1
 
 

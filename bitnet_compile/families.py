@@ -30,6 +30,7 @@ class Family:
 FAMILIES = {
     "lut": Family("lut", "lut4-v1", frozenset({"avx2", "avx512", "neon"}), frozenset(), "table lookup with vpshufb (AVX2 ymm, AVX-512 zmm) or tbl (NEON)"),
     "dot2": Family("dot2", "dot2-v1", frozenset({"avx512"}), frozenset({"avx512vnni"}), "2-bit weights with VNNI vpdpbusd (AVX-512)"),
+    "gpu2": Family("gpu2", "dot2-v1", frozenset({"cuda", "metal"}), frozenset(), "2-bit weights decoded in registers, __dp4a on CUDA, int32 byte products on Metal"),
 }
 
 

@@ -64,8 +64,16 @@ _ISA_EXTENSIONS: frozenset[str] = frozenset(
     }
 )  # fmt: skip
 
-_SUPPORTED_KINDS: frozenset[str] = frozenset({"llvm"})
+_SUPPORTED_KINDS: frozenset[str] = frozenset({"llvm", "cuda", "metal"})
 _OPTIONS: tuple[str, ...] = ("mtriple", "mcpu", "mattr", "num-cores")  # accepted llvm options
+
+# GPU kinds: the options each accepts, and the CPU its host code (kernel launches) is built for.
+# A generic host CPU, because the artifact runs on whatever server or Mac holds the GPU.
+GPU_KINDS: Mapping[str, dict[str, Any]] = {
+    "cuda": {"options": ("arch",), "default_arch": "sm_80", "host": {"mtriple": "x86_64-linux-gnu", "mcpu": "x86-64"}},
+    "metal": {"options": (), "default_arch": "", "host": {"mtriple": "arm64-apple-macos", "mcpu": "apple-m1"}},
+}
+MIN_CUDA_ARCH = 61  # __dp4a
 _CLI_SYNTAX = "'llvm -mcpu=<cpu|native> [-mtriple=<triple>] [-mattr=+f,-g] [-num-cores=N]'"
 _JSON_SYNTAX = '\'{"kind": "llvm", "mcpu": ..., "mtriple": ..., "mattr": [...], "num-cores": N}\''
 
@@ -87,20 +95,31 @@ class TargetSpec:
     mattr: tuple[str, ...]  # explicit "+f"/"-f" on top of mcpu, in the order given to LLVM
     features: frozenset[str]  # every LLVM feature enabled, ISA extensions and tuning flags
     num_cores: int  # a hint for tuning and parallel splitting; threads are set at load time
-    isa: str  # kernel variant from ISA_VARIANTS
+    isa: str  # kernel variant from ISA_VARIANTS; for a GPU target its kind ("cuda", "metal")
+    gpu_arch: str = ""  # GPU targets: the device architecture (CUDA "sm_80"); the rest is the host
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.kind in GPU_KINDS
 
     def tvm_dict(self) -> dict[str, Any]:
-        """The TVM dict form (the only form TVM 0.27 accepts), also reusable as a JSON input."""
-        d: dict[str, Any] = {"kind": self.kind, "mtriple": self.triple, "mcpu": self.mcpu}
+        """The TVM dict form of the CPU part (the only form TVM 0.27 accepts): the whole target
+        for a CPU, the host code's for a GPU."""
+        d: dict[str, Any] = {"kind": "llvm", "mtriple": self.triple, "mcpu": self.mcpu}
         if self.mattr:
             d["mattr"] = list(self.mattr)
         d["num-cores"] = self.num_cores
         return d
 
+    def gpu_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, **({"arch": self.gpu_arch} if self.gpu_arch else {})}
+
     def tvm_target(self) -> "tvm.target.Target":
         """Build the `tvm.target.Target` (imports tvm here so this module imports cheaply)."""
         import tvm
 
+        if self.is_gpu:
+            return tvm.target.Target(self.gpu_dict(), host=self.tvm_dict())
         return tvm.target.Target(self.tvm_dict())
 
     @property
@@ -113,7 +132,7 @@ class TargetSpec:
         """The inverse of ``to_json`` (a worker process gets its target this way, unparsed)."""
         return cls(
             name=d["name"], kind=d["kind"], arch=d["arch"], triple=d["triple"], mcpu=d["mcpu"], mattr=tuple(d["mattr"]),
-            features=frozenset(d["features"]), num_cores=d["num_cores"], isa=d["isa"],
+            features=frozenset(d["features"]), num_cores=d["num_cores"], isa=d["isa"], gpu_arch=d.get("gpu_arch", ""),
         )  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
@@ -127,6 +146,7 @@ class TargetSpec:
             "mattr": list(self.mattr),
             "num_cores": self.num_cores,
             "isa": self.isa,
+            **({"gpu_arch": self.gpu_arch} if self.gpu_arch else {}),
             "required_features": self.required_features,
             "features": sorted(self.features),
         }
@@ -224,10 +244,13 @@ def _check_options(d: dict[str, Any], shown: str) -> None:
 
         known = set(tvm.target.Target.list_kinds())
         what = "is not yet supported" if kind in known else "is not a TVM target kind"
-        raise _fail(f"target kind {kind!r} {what} (only 'llvm' CPU targets today)")
-    unknown = sorted(set(d) - {"kind", *_OPTIONS})
+        raise _fail(f"target kind {kind!r} {what} (kinds: {', '.join(sorted(_SUPPORTED_KINDS))})")
+    accepted = GPU_KINDS[kind]["options"] if kind in GPU_KINDS else _OPTIONS
+    unknown = sorted(set(d) - {"kind", *accepted})
     if unknown:
-        raise _fail(f"unsupported target option(s) {', '.join(unknown)} in {shown} (accepted: {', '.join(_OPTIONS)})")
+        raise _fail(f"unsupported target option(s) {', '.join(unknown)} in {shown} (accepted for {kind}: {', '.join(accepted) or 'none'})")
+    if kind in GPU_KINDS:
+        return
     for key in ("mtriple", "mcpu"):
         if key in d and (not isinstance(d[key], str) or not d[key]):
             raise _fail(f"target option {key} must be a non-empty string in {shown}")
@@ -310,6 +333,20 @@ def _resolve(d: dict[str, Any], name: str, shown: str) -> TargetSpec:
     return TargetSpec(name, "llvm", arch, triple, mcpu, tuple(mattr), features, num_cores, isa)
 
 
+def _resolve_gpu(d: dict[str, Any], name: str, shown: str) -> TargetSpec:
+    """A GPU target: its device architecture, and a generic host CPU for the launch code."""
+    kind = GPU_KINDS[d["kind"]]
+    arch = d.get("arch", kind["default_arch"])
+    if d["kind"] == "cuda":
+        digits = arch[3:] if isinstance(arch, str) and arch.startswith("sm_") else ""
+        if not digits.isdigit() or int(digits) < MIN_CUDA_ARCH:
+            raise _fail(f"CUDA arch {arch!r} in {shown} is not supported: give sm_{MIN_CUDA_ARCH} or newer (dp4a), e.g. sm_80 (A100), sm_90 (H100)")
+    host = kind["host"]
+    triple, mcpu = host["mtriple"], host["mcpu"]
+    features = _llvm_features(triple, mcpu, [])
+    return TargetSpec(name, d["kind"], _ARCHES[triple.split("-")[0]], triple, mcpu, (), features, 1, d["kind"], arch)
+
+
 def parse_target(text: str) -> TargetSpec:
     """Parse a preset name, a classic TVM CLI string, or a TVM JSON object into a TargetSpec.
 
@@ -333,7 +370,7 @@ def parse_target(text: str) -> TargetSpec:
         import tvm
 
         if text in set(tvm.target.Target.list_kinds()):
-            d, name = {"kind": text}, "custom"  # e.g. "cuda": rejected below as not yet supported
+            d, name = {"kind": text}, "custom"  # e.g. "rocm": rejected below as not yet supported
         else:
             raise _fail(f"unknown target {_show(text)}")
     else:
@@ -343,7 +380,7 @@ def parse_target(text: str) -> TargetSpec:
     if name == "custom":  # "llvm -mcpu=native" is the native preset: record it by that name
         same = [n for n, p in presets.items() if p["status"] == "supported" and _same(p["target"], d)]
         name = same[0] if same else name
-    return _resolve(d, name, shown)
+    return _resolve_gpu(d, name, shown) if d["kind"] in GPU_KINDS else _resolve(d, name, shown)
 
 
 def _same(preset_target: Mapping[str, Any], d: Mapping[str, Any]) -> bool:

@@ -26,9 +26,11 @@ NATIVE = parse_target("llvm -mcpu=native")
 
 
 def _family_params() -> list:
+    """The CPU families (the GPU one has its own tests in test_gpu_artifacts.py)."""
     return [
         pytest.param(name, marks=pytest.mark.skipif(bool(fam.missing(NATIVE)), reason=f"host cannot run {name}"))
         for name, fam in FAMILIES.items()
+        if not fam.isas <= {"cuda", "metal"}
     ]
 
 

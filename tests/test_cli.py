@@ -31,7 +31,8 @@ def test_compile_native_verbatim_then_verify(tmp_path):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--target", "cuda", "--shapes", "8x8"], "not yet supported"),
+        (["--target", "hexagon", "--shapes", "8x8"], "is a stub"),
+        (["--target", "cuda", "-f", "lut", "--shapes", "8x8"], "kernel family lut needs"),
         (["--target", "llvm -mcpu=notacpu", "--shapes", "8x8"], "notacpu"),
         (["--target", "x86-avx2", "--shapes", "0x8"], "bad shape"),
         (["--target", "x86-avx2", "--shapes", "8by8"], "bad shape"),

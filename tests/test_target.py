@@ -18,7 +18,6 @@ from bitnet_compile.target import PRESET_DIR, STATUSES, TargetSpec, list_presets
 tvm = pytest.importorskip("tvm")
 
 SUPPORTED = [p["name"] for p in list_presets() if p["status"] == "supported"]
-PLANNED = [p["name"] for p in list_presets() if p["status"] == "planned"]
 
 
 def _cpuinfo_flags() -> set[str]:
@@ -32,6 +31,7 @@ def _cpuinfo_flags() -> set[str]:
 
 def _attrs(spec: TargetSpec) -> dict:
     t = spec.tvm_target()
+    t = t.host if spec.is_gpu else t
     return {k: t.attrs[k] for k in ("mcpu", "mtriple", "mattr", "num-cores") if k in t.attrs}
 
 
@@ -112,12 +112,16 @@ def test_each_supported_preset_builds(name: str) -> None:
     attrs = _attrs(spec)
     assert attrs["mcpu"] == spec.mcpu and attrs["mtriple"] == spec.triple
     assert list(attrs.get("mattr", [])) == list(spec.mattr)
-    assert spec.isa in {"avx2", "avx512", "neon"}
+    assert spec.isa in {"avx2", "avx512", "neon", "cuda", "metal"}
 
 
 def test_preset_contents() -> None:
     assert {"native", "x86-avx2", "x86-avx512", "x86-avx512-vnni"} <= set(SUPPORTED)
-    assert {"cuda", "metal"} <= set(PLANNED)
+    cuda, metal = parse_target("cuda"), parse_target("metal")
+    assert (cuda.kind, cuda.gpu_arch, cuda.arch) == ("cuda", "sm_80", "x86_64") and cuda.tvm_target().attrs["arch"] == "sm_80"
+    assert parse_target("cuda -arch=sm_90").gpu_arch == "sm_90" and parse_target('{"kind": "cuda", "arch": "sm_86"}').gpu_arch == "sm_86"
+    assert (metal.kind, metal.triple) == ("metal", "arm64-apple-macos") and metal.tvm_target().kind.name == "metal"
+    assert TargetSpec.from_json(cuda.to_json()) == cuda
     neon = parse_target("arm-neon")
     assert (neon.arch, neon.isa) == ("aarch64", "neon") and {"neon", "dotprod", "fullfp16"} <= neon.features
     assert parse_target("x86-avx2").isa == "avx2"
@@ -170,9 +174,11 @@ def test_target_reaches_llvm() -> None:
 @pytest.mark.parametrize(
     "text, words",
     [
-        ("cuda", "planned"),
-        ("metal", "planned"),
-        ("cuda -arch=sm_90", "not yet supported"),
+        ("cuda -arch=sm_50", "sm_61 or newer"),
+        ("cuda -arch=ampere", "sm_61 or newer"),
+        ("cuda -arch=sm_90 -mcpu=x86-64", "unsupported target option(s) mcpu"),
+        ("metal -arch=apple7", "accepted for metal: none"),
+        ("hexagon", "stub"),
         ('{"kind": "rocm"}', "not yet supported"),
         ("x86-avx1024", "unknown target"),
         ("", "empty"),

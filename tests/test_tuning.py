@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bitnet_compile.families import FAMILIES
 from bitnet_compile.tuning import records, templates
 from bitnet_compile.tuning.space import Constraint, SearchSpace
 
@@ -330,7 +331,7 @@ def test_compile_uses_matching_records_and_says_so(tmp_path, monkeypatch):
     _write_record(tmp_path, target, "dot2_gemv", 2560, 1024, gemv, [])
     # the GEMM's best (4 row blocks) does not divide the GEMV's padding (162 blocks of 16): its best compatible trial is used
     _write_record(tmp_path, target, "dot2_gemm", 2560, 1024, trials[0]["knobs"], trials)
-    kernels, entries = artifact.plan([Linear("a", 2560, 1024), Linear("b", 512, 1024)], target, "dot2-v1")
+    kernels, entries = artifact.plan([Linear("a", 2560, 1024), Linear("b", 512, 1024)], target, FAMILIES["dot2"])
     by_name = {k.name: k for k in kernels}
     assert by_name["dot2_gemv_n2560_k1024"].knobs["row_blocks"] == 3 and by_name["dot2_gemv_n2560_k1024"].knob_source.startswith("tuned")
     assert by_name["dot2_gemm_n2560_k1024"].knobs["token_tile"] == 3 and "compatible" in by_name["dot2_gemm_n2560_k1024"].knob_source

@@ -65,3 +65,58 @@ def build_primfunc(name: str, k: int, k_padded: int) -> tvm.tirx.PrimFunc:
     tokens = tirx.Var("tokens", "int64")
     sch = schedule(te.create_prim_func(list(compute(tokens, k, k_padded))), k)
     return sch.mod["main"].with_attr("global_symbol", name)
+
+
+# ----------------------------------------------------------------------------- GPU (CUDA, Metal)
+GPU_THREADS = 256  # threads per token: one block per token
+
+
+def compute_gpu(tokens, k: int, k_padded: int) -> tuple[te.Tensor, te.Tensor, te.Tensor]:
+    """The same arithmetic as ``compute``, but q takes its scale from absmax directly (the
+    same float32 division, so bit-identical): on a GPU the scale output is written by one
+    thread, and reading it back in other threads would race; absmax sits in shared memory
+    behind the reduction's barrier."""
+    x = te.placeholder((tokens, k), "float32", name="x")
+    r = te.reduce_axis((0, k), "r")
+    absmax = te.compute((tokens,), lambda m: te.max(te.abs(x[m, r]), axis=r), name="absmax")
+
+    def scale_of(m):
+        return tirx.const(127.0, "float32") / te.max(absmax[m], tirx.const(float(_reference.ABSMAX_FLOOR), "float32"))
+
+    scale = te.compute((tokens,), scale_of, name="scale")
+
+    def quantize(m, c):
+        rounded = tirx.nearbyint(x[m, c] * scale_of(m))
+        clamped = te.min(te.max(rounded, tirx.const(-128.0, "float32")), tirx.const(127.0, "float32"))
+        return tirx.Select(c < k, clamped.astype("int8"), tirx.const(0, "int8"))
+
+    q = te.compute((tokens, k_padded), quantize, name="q")
+    return x, q, scale
+
+
+def schedule_gpu(func: tvm.tirx.PrimFunc, threads: int = GPU_THREADS) -> tvm.s_tir.Schedule:
+    """One block per token (blockIdx.x): the absmax is a cross-thread max over threadIdx.x
+    (warp shuffles, then shared memory across warps) into shared memory; then every thread
+    quantizes every threads-th column. The scale output is written by thread 0."""
+    sch = tvm.s_tir.Schedule(func)
+    absmax, scale, q = sch.get_sblock("absmax"), sch.get_sblock("scale"), sch.get_sblock("q")
+    token = sch.merge(sch.get_loops(scale)[0], sch.get_loops(q)[0])  # one token loop for both consumers
+    sch.compute_at(absmax, token)
+    sch.bind(token, "blockIdx.x")
+    sch.set_scope(absmax, 0, "shared")
+    _, lane = sch.split(sch.get_loops(absmax)[-1], [None, threads])
+    sch.bind(lane, "threadIdx.x")
+    _, lane = sch.split(sch.get_loops(q)[-1], [None, threads])
+    sch.bind(lane, "threadIdx.x")
+    return sch
+
+
+def build_primfunc_gpu(name: str, k: int, k_padded: int, threads: int = GPU_THREADS) -> tvm.tirx.PrimFunc:
+    tokens = tirx.Var("tokens", "int64")
+    sch = schedule_gpu(te.create_prim_func(list(compute_gpu(tokens, k, k_padded))), threads)
+    return sch.mod["main"].with_attr("global_symbol", name)
+
+
+def launch_gpu(threads: int = GPU_THREADS) -> dict:
+    """One threadgroup per token."""
+    return {"grid": ["tokens"], "threads": [threads]}

@@ -38,3 +38,32 @@ def build_primfunc(name: str, n: int, n_padded: int) -> tvm.tirx.PrimFunc:
     tokens = tirx.Var("tokens", "int64")
     sch = schedule(te.create_prim_func(list(compute(tokens, n, n_padded))))
     return sch.mod["main"].with_attr("global_symbol", name)
+
+
+# ----------------------------------------------------------------------------- GPU (CUDA, Metal)
+GPU_THREADS = 256
+
+
+def schedule_gpu(func: tvm.tirx.PrimFunc, threads: int = GPU_THREADS) -> tvm.s_tir.Schedule:
+    """Elementwise: token on blockIdx.y, columns over blockIdx.x * threads + threadIdx.x
+    (coalesced). The reciprocal is inlined: each thread divides once, the same float32
+    1 / act_scale the CPU kernel takes per token, so results are identical."""
+    sch = tvm.s_tir.Schedule(func)
+    sch.compute_inline(sch.get_sblock("inverse"))
+    m, c = sch.get_loops(sch.get_sblock("out"))
+    block, lane = sch.split(c, [None, threads])
+    sch.bind(m, "blockIdx.y")
+    sch.bind(block, "blockIdx.x")
+    sch.bind(lane, "threadIdx.x")
+    return sch
+
+
+def build_primfunc_gpu(name: str, n: int, n_padded: int, threads: int = GPU_THREADS) -> tvm.tirx.PrimFunc:
+    tokens = tirx.Var("tokens", "int64")
+    sch = schedule_gpu(te.create_prim_func(list(compute(tokens, n, n_padded))), threads)
+    return sch.mod["main"].with_attr("global_symbol", name)
+
+
+def launch_gpu(n: int, threads: int = GPU_THREADS) -> dict:
+    """Columns over x in threadgroups of ``threads``, tokens over y."""
+    return {"grid": [-(-n // threads), "tokens"], "threads": [threads, 1]}

@@ -21,30 +21,22 @@ Kernels (launch geometry):
   adjacent 64-byte chunks of a row block, so a block streams its rows contiguously), then a
   cross-thread sum that TVM lowers to warp shuffles. grid = N_padded / rows_per_block,
   block = (k_split, rows_per_block).
-- GEMM (dynamic ``tokens``): a block computes ``token_tile`` tokens x ``rows_per_block``
-  rows; each thread owns one row and token_tile register accumulators, so a decoded weight
-  word is used token_tile times. grid = (N_padded / rows_per_block, ceil(tokens /
-  token_tile)), block = rows_per_block; tokens past the count are masked, no padding.
+- GEMM (dynamic ``tiles``: tokens as [tiles, token_tile], padded by the runtime like the CPU
+  dot2 GEMM): a block computes ``token_tile`` tokens x ``rows_per_block`` rows; each thread
+  owns one row and token_tile register accumulators, so a decoded weight word is used
+  token_tile times. grid = (N_padded / rows_per_block, tiles), block = rows_per_block.
+  (A dynamic ``tokens`` split with a predicate made the accumulator's compacted size dynamic:
+  CUDA codegen then fails with "Can only handle constant size stack allocation".)
+- act_quant / dequant GPU schedules live in their modules (``build_primfunc_gpu``).
 
-Compiling (TVM 0.27, measured): ``tvm.compile`` with a cuda target never calls nvcc; the
-Executable's device module (``ex.mod.imports[0]``, type_key "cuda") holds CUDA C source, and
-``export_library`` embeds that source, to be compiled by NVRTC when loaded on a GPU. To embed
-a fatbin instead, register TVM's callback and compile inside the target's scope::
-
-    import os, tvm.support.nvcc  # registers tvm_callback_cuda_compile
-    os.environ["TVM_CUDA_COMPILE_MODE"] = "nvcc"
-    os.environ["TVM_CUDA_NVCC_NO_FAST_MATH"] = "1"  # else nvcc gets --use_fast_math
-    with target:
-        ex = tvm.compile(mod, target=target)
-
-(see ``compile_cuda_fatbin``). Without the scope the callback cannot find the arch. The
---use_fast_math default does not change this integer kernel but makes act_quant's division
-approximate. ``arch`` sm_80 (A100) code runs on sm_90 (H100) too; dp4a needs sm_61+.
+Compiling: ``tvm.compile`` alone leaves CUDA source in the device module, which a device could
+only compile with TVM installed; bitnet_compile/cuda_toolchain.py has nvcc build a fatbin at
+compile time instead (and says why that needs TVM's CUDA runtime loaded). sm_80 (A100) is the
+default arch; its PTX also runs on sm_90 (H100); dp4a needs sm_61+.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -111,14 +103,6 @@ def kernel_shape(n: int, k: int, knobs: dict) -> tuple[dict, dict]:
     full = asdict(GpuKnobs(**knobs))
     n_p, k_p = layout_dot2.padded_shape(n, k, 1, 1)
     return {"n": n, "k": k, "n_padded": round_up(n_p, full["rows_per_block"]), "k_padded": k_p}, full
-
-
-def kernel_views(acts: np.ndarray, packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """int8 acts [T, K_padded] as int32 [T, K/16, 4] and dot2-v1 bytes [N/16, K/16, 16, 4]
-    as uint32 [N/16, K/16, 16] (no copies; little-endian byte j = word bits 8j..8j+7)."""
-    a = np.ascontiguousarray(acts).view(np.int32).reshape(acts.shape[0], acts.shape[1] // CHUNK, 4)
-    w = np.ascontiguousarray(packed).view(np.uint32).reshape(packed.shape[:3])
-    return a, w
 
 
 # ----------------------------------------------------------------------------- the dot4
@@ -232,34 +216,10 @@ def build_primfunc(name: str, n_padded: int, k_padded: int, knobs: GpuKnobs, gem
     return func.with_attr("global_symbol", name)
 
 
-# ----------------------------------------------------------------------------- targets
-
-
-def gpu_target(device: str, arch: str = "sm_80") -> tvm.target.Target:
-    """CUDA (``arch`` sm_61+ for dp4a; sm_80 code also runs on sm_90) or Metal, with an
-    x86-64 host for the launch stubs."""
-    host = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v3"}
-    if device == "cuda":
-        return tvm.target.Target({"kind": "cuda", "arch": arch}, host=host)
-    if device == "metal":
-        return tvm.target.Target({"kind": "metal"}, host=host)
-    raise ValueError(f"no GPU target for device {device!r}")
-
-
-def compile_cuda_fatbin(mod: tvm.IRModule, target: tvm.target.Target):
-    """tvm.compile with nvcc run now: the device module then holds a fatbin (for the target's
-    arch), which ``export_library`` embeds, instead of CUDA source left to NVRTC at load time.
-    Fast math is turned off so float kernels (act_quant's division) stay exact."""
-    import tvm.support.nvcc  # noqa: F401 - registers tvm_callback_cuda_compile
-
-    saved = {key: os.environ.get(key) for key in ("TVM_CUDA_COMPILE_MODE", "TVM_CUDA_NVCC_NO_FAST_MATH")}
-    os.environ.update(TVM_CUDA_COMPILE_MODE="nvcc", TVM_CUDA_NVCC_NO_FAST_MATH="1")
-    try:
-        with target:
-            return tvm.compile(mod, target=target)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+def launch(shape: dict, knobs: dict, gemv: bool) -> dict:
+    """Grid and threadgroup sizes (x first) for the manifest; "tiles" is the GEMM's token tiles."""
+    rows_per_block = knobs["rows_per_block"]
+    blocks = shape["n_padded"] // rows_per_block
+    if gemv:
+        return {"grid": [blocks, 1], "threads": [knobs["k_split"], rows_per_block]}
+    return {"grid": [blocks, "tiles"], "threads": [rows_per_block, 1]}

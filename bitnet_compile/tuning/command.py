@@ -92,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
     remote = Remote.parse(args.rpc, args.rpc_key) if args.rpc else None
     if args.rpc_key and not args.rpc:
         raise UserError("--rpc-key needs --rpc HOST:PORT (the tracker)")
+    if target.is_gpu:
+        raise UserError(f"tuning {target.kind} kernels is not implemented yet (their defaults are in schedules/defaults.json)")
     if remote is None and cross.is_foreign(target.arch):
         raise UserError(
             f"{target.arch} kernels cannot be timed on this {cross.cpu.host_arch()} machine: tune on the device over RPC "

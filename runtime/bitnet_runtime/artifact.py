@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from . import cpu, services
+from . import cpu, gpu, services
 import numpy as np
 
 from .errors import UserError
@@ -73,16 +73,27 @@ class Kernel:
             raise UserError(f"{self.name}: {str(err).splitlines()[0]}") from None
 
 
+METAL_HINT = (
+    "this artifact holds Metal Shading Language kernels (kernels.metal) for an Apple GPU: build them into a "
+    "metallib on macOS and dispatch them with the grids in manifest.json (README 'Metal'); this runtime runs CPU and CUDA artifacts"
+)
+
+
 class Artifact:
     """A loaded artifact: its manifest and its kernels, by name or by linear shape."""
 
     def __init__(self, artifact_dir: Path | str):
         self.dir = Path(artifact_dir)
         self.manifest = read_manifest(self.dir)
+        self.device = (self.manifest.get("device") or {}).get("kind", "cpu")
+        if self.device == "metal":
+            raise UserError(METAL_HINT)
         library = _checked_file(self.dir, self.manifest["library"], "kernel library")
         runtime_library = _checked_file(self.dir, self.manifest["runtime_library"], "runtime library")
         check_cpu(self.manifest)
         services.ensure_runtime_services(runtime_library)
+        if self.device == "cuda":  # the CUDA runtime and TVM's CUDA module loader, before the library that needs them
+            gpu.ensure_cuda_runtime([_checked_file(self.dir, entry, "CUDA runtime library") for entry in self.manifest["device_libraries"]])
         import tvm_ffi
 
         self.module = tvm_ffi.load_module(str(library))
@@ -99,7 +110,12 @@ class Artifact:
             raise UserError(f"unknown kernel {name!r}; this artifact has: {', '.join(self._entries)}")
         if name not in self._kernels:
             entry = self._entries[name]
-            self._kernels[name] = Kernel(name, entry["op"], entry["shape"], entry.get("knobs", {}), self.module[name])
+            function = self.module[name]
+            if self.device == "cuda":
+                import tvm_ffi
+
+                function = gpu.DeviceFunction(function, tvm_ffi.device("cuda", 0))
+            self._kernels[name] = Kernel(name, entry["op"], entry["shape"], entry.get("knobs", {}), function)
         return self._kernels[name]
 
     def output_layer(self, n: int, k: int) -> dict:
@@ -112,6 +128,8 @@ class Artifact:
 
     def linear(self, n: int, k: int) -> dict:
         """The manifest entry (padded shape, kernel names) for an [n, k] weight matrix."""
+        if self.device != "cpu":
+            raise UserError(f"this {self.device} artifact runs its kernels one by one (verify); layers and models run on CPU artifacts only, for now")
         for entry in self.manifest["linears"]:
             if entry["n"] == n and entry["k"] == k:
                 return entry

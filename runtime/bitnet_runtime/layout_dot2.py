@@ -32,6 +32,17 @@ def kernel_views(acts: np.ndarray, acc: np.ndarray, token_tile: int | None = Non
     return acts.reshape(*lead, acts.shape[1] // CHUNK, 4, 4), acc.reshape(*lead, acc.shape[1] // ROWS, ROWS)
 
 
+def word_views(acts: np.ndarray, packed: np.ndarray, token_tile: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The GPU kernels' views, no copies: int8 acts [rows, K] as int32 dwords [1, K/16, 4]
+    (GEMV, ``token_tile`` None) or [rows / token_tile, token_tile, K/16, 4] (GEMM), and the
+    packed bytes [N/16, K/16, 16, 4] as uint32 words [N/16, K/16, 16] (one row's 16 weights of
+    a chunk; little-endian, byte j = bits 8j..8j+7)."""
+    rows = acts.shape[0]
+    lead = (rows,) if token_tile is None else (rows // token_tile, token_tile)
+    words = np.ascontiguousarray(acts).view(np.int32).reshape(*lead, acts.shape[1] // CHUNK, 4)
+    return words, np.ascontiguousarray(packed).view(np.uint32).reshape(packed.shape[:3])
+
+
 def pack_ternary(weights: np.ndarray, n_padded: int, k_padded: int) -> np.ndarray:
     w = check_ternary(weights)
     n, k = w.shape

@@ -16,8 +16,10 @@ FORMAT_VERSION = 2  # 2: dequantize takes one weight scale per output row
 MANIFEST_FILE = "manifest.json"
 LIBRARY_FILE = "kernels.so"
 RUNTIME_LIBRARY_FILE = "libtvm_runtime.so"
+CUDA_SOURCE_FILE = "kernels.cu"  # CUDA artifacts: the generated source, for reading (the library has the fatbin)
+METAL_SOURCE_FILE = "kernels.metal"  # Metal artifacts: the kernels, as Metal Shading Language
 REQUIRED_FIELDS = ("format_version", "target", "required_cpu_features", "family", "library", "runtime_library", "kernels", "linears")
-KERNEL_OPS = ("quantize", "lut_table", "lut_gemv", "lut_gemm", "dot2_gemv", "dot2_gemm", "dequantize", "f16_gemv", "i8_gemv")
+KERNEL_OPS = ("quantize", "lut_table", "lut_gemv", "lut_gemm", "dot2_gemv", "dot2_gemm", "gpu2_gemv", "gpu2_gemm", "dequantize", "f16_gemv", "i8_gemv")
 
 
 def file_sha256(path: Path) -> str:

@@ -85,6 +85,23 @@ def check_dot2_matmul(kernel: Kernel, rng: np.random.Generator) -> bool:
     return np.array_equal(acc[:tokens, : s["n"]], want)
 
 
+def check_gpu2_matmul(kernel: Kernel, rng: np.random.Generator) -> bool:
+    """The GPU kernels on dot2-v1 words: GEMV on one token, GEMM on two token tiles (the
+    second partly zero padding), arrays in the word views the kernels take."""
+    s = kernel.shape
+    tile = None if kernel.op == "gpu2_gemv" else kernel.knobs["token_tile"]
+    tokens = 1 if tile is None else tile + TOKENS
+    rows = layout.round_up(tokens, tile or 1)
+    w, q, want = _matmul_case(rng, s, tokens)
+    acts = aligned_zeros((rows, s["k_padded"]), np.int8)
+    acts[:tokens] = q
+    words, packed = layout_dot2.word_views(acts, aligned_copy(layout_dot2.pack_ternary(w, s["n_padded"], s["k_padded"])), tile)
+    acc = aligned_zeros((rows, s["n_padded"]), np.int32)
+    acc[:] = -1
+    kernel(words, packed, acc.reshape(*words.shape[:-2], s["n_padded"]))
+    return np.array_equal(acc[:tokens, : s["n"]], want)
+
+
 def check_dequantize(kernel: Kernel, rng: np.random.Generator) -> bool:
     s = kernel.shape
     acc = rng.integers(-(2**24), 2**24, (TOKENS, s["n_padded"]), dtype=np.int32)
@@ -178,6 +195,8 @@ def check_kernel(artifact: Artifact, name: str, rng: np.random.Generator) -> boo
         return check_dequantize(kernel, rng)
     if kernel.op.startswith("dot2_"):
         return check_dot2_matmul(kernel, rng)
+    if kernel.op.startswith("gpu2_"):
+        return check_gpu2_matmul(kernel, rng)
     if kernel.op == "f16_gemv":
         return check_f16_gemv(kernel, rng)
     if kernel.op == "i8_gemv":
