@@ -469,10 +469,12 @@ def measure(
 
 def run(args: argparse.Namespace) -> int:
     """The CLI entry point (options: see ``bitnet-compile bench --help``)."""
-    from . import models
+    from . import cross, models
     from .target import parse_target
 
     target = parse_target(args.target)
+    if target.is_gpu or cross.is_foreign(target.arch):
+        raise UserError(f"bench-kernels times kernels on this machine, which cannot run {target.name} code; benchmark on the device")
     if args.shapes:
         linears, label = models.parse_shapes(args.shapes), f"shapes {args.shapes}"
     else:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bitnet_runtime.artifact import Kernel, _checked_file
+from bitnet_runtime.artifact import KernelTable, _checked_file
 from bitnet_runtime.errors import UserError
 from bitnet_runtime.manifest import read_manifest
 
@@ -72,7 +72,7 @@ class KernelHost:
             self.proc.wait(timeout=30)
 
 
-class EmulatedArtifact:
+class EmulatedArtifact(KernelTable):
     """An artifact for a foreign architecture, its kernels callable here through qemu."""
 
     def __init__(self, artifact_dir: Path | str, threads: int = 1):
@@ -82,17 +82,9 @@ class EmulatedArtifact:
         library = _checked_file(self.dir, self.manifest["library"], "kernel library")
         runtime = _checked_file(self.dir, self.manifest["runtime_library"], "runtime library")
         self.host = KernelHost(self.arch, library, runtime, threads)
-        self._entries = {k["name"]: k for k in self.manifest["kernels"]}
 
-    @property
-    def kernel_names(self) -> list[str]:
-        return list(self._entries)
-
-    def kernel(self, name: str) -> Kernel:
-        if name not in self._entries:
-            raise UserError(f"unknown kernel {name!r}; this artifact has: {', '.join(self._entries)}")
-        entry = self._entries[name]
-        return Kernel(name, entry["op"], entry["shape"], entry.get("knobs", {}), lambda *a: self.host.call(name, *a))
+    def _function(self, name: str):
+        return lambda *arrays: self.host.call(name, *arrays)
 
     def close(self) -> None:
         self.host.close()

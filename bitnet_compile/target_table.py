@@ -5,7 +5,8 @@ Status words, most capable first:
     runs here                 this machine executes the kernels (CPU with the features, or a GPU)
     verified under emulation  another CPU architecture whose kernels this machine checks
                               exactly under qemu (bitnet-compile verify DIR)
-    compile-only              the artifact builds here, but nothing here can run it
+    compile-only              the artifact builds here, but nothing here can run it (GPU
+                              artifacts: code generation and files are checked, see tests)
     stub                      listed so the plan is visible; selecting it is a clear error
 """
 
@@ -56,9 +57,20 @@ def _can_emulate(arch: str) -> bool:
     return shutil.which(cross.CROSS[arch].gcc) is not None
 
 
+def _gpu_status(kind: str) -> str:
+    """CUDA runs where the driver sees a GPU and compiles where nvcc is; Metal only compiles here."""
+    if kind == "cuda":
+        if shutil.which("nvcc") is None:
+            return "needs nvcc to compile"
+        from bitnet_runtime.gpu import cuda_device_count
+
+        return "runs here" if cuda_device_count() > 0 else "compile-only"
+    return "compile-only (runs on macOS)"
+
+
 def _other_row(preset: dict) -> TargetRow:
     kind = preset["target"]["kind"]
-    status = {"stub": "stub", "planned": "planned"}.get(preset["status"], "compile-only")
+    status = _gpu_status(kind) if preset["status"] == "supported" else preset["status"]
     return TargetRow(preset["name"], kind, " ".join(preset.get("features", [])), status, "none", preset["description"])
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tvm
 
+from bitnet_compile import cuda_toolchain
 from bitnet_compile.ops import act_quant, dequant, gpu_matmul
 from bitnet_compile.target import parse_target
 from bitnet_runtime import layout, layout_dot2, reference
@@ -100,12 +101,20 @@ def test_dp4a_word_formula_in_numpy():
 # ----------------------------------------------------------------------------- generated sources
 
 
+def _compile_cuda(funcs: dict):
+    """As the compiler does (nvcc fatbin): a plain tvm.compile cannot make CUDA modules once
+    TVM's CUDA runtime is loaded in the process, which compiling a CUDA artifact does."""
+    if shutil.which("nvcc") is None:
+        pytest.skip("needs nvcc")
+    return cuda_toolchain.compile_fatbin(tvm.IRModule(funcs), parse_target("cuda").tvm_target())
+
+
 @pytest.fixture(scope="module")
 def cuda_source() -> str:
     funcs = _funcs("cuda", SOURCE_SHAPES)
     funcs["quant"] = act_quant.build_primfunc_gpu("quant", 2560, 2560)
     funcs["dequant"] = dequant.build_primfunc_gpu("dequant", 2560, 2560)
-    ex = tvm.compile(tvm.IRModule(funcs), target=parse_target("cuda").tvm_target())
+    ex = _compile_cuda(funcs)
     assert ex.mod.imports[0].kind == "cuda"
     return ex.mod.imports[0].inspect_source("cuda")
 
@@ -164,10 +173,8 @@ def _has_cuda() -> bool:
 
 @pytest.mark.skipif(not _has_cuda(), reason="no CUDA device")
 def test_cuda_kernels_exact_on_gpu():
-    import tvm.support.nvcc  # noqa: F401 - the JIT compile callback
-
     dev = tvm.cuda(0)
-    mod = tvm.compile(tvm.IRModule(_funcs("cuda", SHAPES)), target=parse_target("cuda").tvm_target()).mod
+    mod = _compile_cuda(_funcs("cuda", SHAPES)).mod
     for n, k in SHAPES:
         rng = np.random.default_rng(n * 31 + k)
         w = rng.integers(-1, 2, (n, k), dtype=np.int8)
@@ -179,12 +186,10 @@ def test_cuda_kernels_exact_on_gpu():
 
 @pytest.mark.skipif(not _has_cuda(), reason="no CUDA device")
 def test_cuda_quant_dequant_on_gpu():
-    import tvm.support.nvcc  # noqa: F401
-
     dev = tvm.cuda(0)
     k, k_p, n, n_p = 100, 112, 70, 80
     funcs = {"quant": act_quant.build_primfunc_gpu("quant", k, k_p), "dequant": dequant.build_primfunc_gpu("dequant", n, n_p)}
-    mod = tvm.compile(tvm.IRModule(funcs), target=parse_target("cuda").tvm_target()).mod
+    mod = _compile_cuda(funcs).mod
     rng = np.random.default_rng(5)
     x = rng.standard_normal((5, k)).astype(np.float32)
     q_d, s_d = tvm.runtime.tensor(np.zeros((5, k_p), np.int8), device=dev), tvm.runtime.tensor(np.zeros(5, np.float32), device=dev)

@@ -79,7 +79,30 @@ METAL_HINT = (
 )
 
 
-class Artifact:
+class KernelTable:
+    """The manifest's kernels by name, each wrapped once around the function ``_function``
+    gives (a local library's, a GPU's, or an emulator's)."""
+
+    manifest: dict
+
+    def _function(self, name: str) -> Callable[..., Any]:
+        raise NotImplementedError
+
+    @property
+    def kernel_names(self) -> list[str]:
+        return [k["name"] for k in self.manifest["kernels"]]
+
+    def kernel(self, name: str) -> Kernel:
+        cache = self.__dict__.setdefault("_kernels", {})
+        if name not in cache:
+            entry = next((k for k in self.manifest["kernels"] if k["name"] == name), None)
+            if entry is None:
+                raise UserError(f"unknown kernel {name!r}; this artifact has: {', '.join(self.kernel_names)}")
+            cache[name] = Kernel(name, entry["op"], entry["shape"], entry.get("knobs", {}), self._function(name))
+        return cache[name]
+
+
+class Artifact(KernelTable):
     """A loaded artifact: its manifest and its kernels, by name or by linear shape."""
 
     def __init__(self, artifact_dir: Path | str):
@@ -98,25 +121,14 @@ class Artifact:
 
         self.module = tvm_ffi.load_module(str(library))
         services.check_kernel_services(library)
-        self._entries = {k["name"]: k for k in self.manifest["kernels"]}
-        self._kernels: dict[str, Kernel] = {}
 
-    @property
-    def kernel_names(self) -> list[str]:
-        return list(self._entries)
+    def _function(self, name: str) -> Callable[..., Any]:
+        function = self.module[name]
+        if self.device == "cuda":
+            import tvm_ffi
 
-    def kernel(self, name: str) -> Kernel:
-        if name not in self._entries:
-            raise UserError(f"unknown kernel {name!r}; this artifact has: {', '.join(self._entries)}")
-        if name not in self._kernels:
-            entry = self._entries[name]
-            function = self.module[name]
-            if self.device == "cuda":
-                import tvm_ffi
-
-                function = gpu.DeviceFunction(function, tvm_ffi.device("cuda", 0))
-            self._kernels[name] = Kernel(name, entry["op"], entry["shape"], entry.get("knobs", {}), function)
-        return self._kernels[name]
+            function = gpu.DeviceFunction(function, tvm_ffi.device("cuda", 0))
+        return function
 
     def output_layer(self, n: int, k: int) -> dict:
         """The manifest entry of the [vocab, hidden] output layer: its formats and their kernels."""

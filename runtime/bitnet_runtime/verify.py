@@ -69,37 +69,34 @@ def check_lut_matmul(kernel: Kernel, rng: np.random.Generator) -> bool:
     return np.array_equal(acc.reshape(tokens, s["n_padded"])[:, : s["n"]], want)
 
 
-def check_dot2_matmul(kernel: Kernel, rng: np.random.Generator) -> bool:
-    """GEMV on one token; GEMM on two token tiles, the second one partly zero padding."""
+def _two_bit_case(kernel: Kernel, rng: np.random.Generator) -> tuple:
+    """Inputs of a dot2-v1 kernel: GEMV on one token; GEMM on two token tiles, the second one
+    partly zero padding. Returns (token tile or None, tokens, acts, packed, acc, answer)."""
     s = kernel.shape
-    tile = None if kernel.op == "dot2_gemv" else kernel.knobs["token_tile"]
+    tile = None if kernel.op.endswith("_gemv") else kernel.knobs["token_tile"]
     tokens = 1 if tile is None else tile + TOKENS
-    rows = layout.round_up(tokens, tile or 1)
     w, q, want = _matmul_case(rng, s, tokens)
-    acts = aligned_zeros((rows, s["k_padded"]), np.int8)
+    acts = aligned_zeros((layout.round_up(tokens, tile or 1), s["k_padded"]), np.int8)
     acts[:tokens] = q
-    acc = aligned_zeros((rows, s["n_padded"]), np.int32)
     packed = aligned_copy(layout_dot2.pack_ternary(w, s["n_padded"], s["k_padded"]))
+    acc = aligned_zeros((acts.shape[0], s["n_padded"]), np.int32)
+    acc[:] = -1
+    return tile, tokens, acts, packed, acc, want
+
+
+def check_dot2_matmul(kernel: Kernel, rng: np.random.Generator) -> bool:
+    tile, tokens, acts, packed, acc, want = _two_bit_case(kernel, rng)
     acts_view, acc_view = layout_dot2.kernel_views(acts, acc, tile)
     kernel(acts_view, packed, acc_view)
-    return np.array_equal(acc[:tokens, : s["n"]], want)
+    return np.array_equal(acc[:tokens, : kernel.shape["n"]], want)
 
 
 def check_gpu2_matmul(kernel: Kernel, rng: np.random.Generator) -> bool:
-    """The GPU kernels on dot2-v1 words: GEMV on one token, GEMM on two token tiles (the
-    second partly zero padding), arrays in the word views the kernels take."""
-    s = kernel.shape
-    tile = None if kernel.op == "gpu2_gemv" else kernel.knobs["token_tile"]
-    tokens = 1 if tile is None else tile + TOKENS
-    rows = layout.round_up(tokens, tile or 1)
-    w, q, want = _matmul_case(rng, s, tokens)
-    acts = aligned_zeros((rows, s["k_padded"]), np.int8)
-    acts[:tokens] = q
-    words, packed = layout_dot2.word_views(acts, aligned_copy(layout_dot2.pack_ternary(w, s["n_padded"], s["k_padded"])), tile)
-    acc = aligned_zeros((rows, s["n_padded"]), np.int32)
-    acc[:] = -1
-    kernel(words, packed, acc.reshape(*words.shape[:-2], s["n_padded"]))
-    return np.array_equal(acc[:tokens, : s["n"]], want)
+    """The GPU kernels take the same bytes as uint32 words and the activations as dwords."""
+    tile, tokens, acts, packed, acc, want = _two_bit_case(kernel, rng)
+    words, packed_words = layout_dot2.word_views(acts, packed, tile)
+    kernel(words, packed_words, acc.reshape(*words.shape[:-2], acc.shape[1]))
+    return np.array_equal(acc[:tokens, : kernel.shape["n"]], want)
 
 
 def check_dequantize(kernel: Kernel, rng: np.random.Generator) -> bool:
