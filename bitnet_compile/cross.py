@@ -142,13 +142,13 @@ def _fetch_runtime(cross: CrossArch, out: Path) -> None:
                 f"could not download TVM's {cross.arch} runtime ({last}); put libtvm_runtime.so and libtvm_ffi.so "
                 f"of apache-tvm {tvm_version} / apache-tvm-ffi {ffi_version} for {cross.arch} into {out}"
             )
-        staging = Path(tempfile.mkdtemp(dir=out.parent if out.parent.exists() else None))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=out.parent))  # beside the cache entry, so the rename is atomic
         for wheel in Path(tmp).glob("*.whl"):
             _extract_libraries(wheel, staging)
         if not {"libtvm_runtime.so", "libtvm_ffi.so"} <= {p.name for p in staging.iterdir()}:
             shutil.rmtree(staging)
             raise UserError(f"the {cross.arch} wheels of apache-tvm {tvm_version} lack libtvm_runtime.so or libtvm_ffi.so")
-        out.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(out, ignore_errors=True)
         os.replace(staging, out)  # appears whole or not at all
 

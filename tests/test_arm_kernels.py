@@ -141,3 +141,12 @@ def test_tuning_arm_without_rpc_says_how(capsys) -> None:
 
     assert main(["tune", "--target", "arm-neon", "-s", "64x64", "-n", "1"]) == 2
     assert "tune on the device over RPC" in capsys.readouterr().err
+
+
+def test_runtime_download_failure_says_where_to_put_the_libraries(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("BITNET_CACHE", str(tmp_path))
+    failed = subprocess.CompletedProcess([], 1, "", "ERROR: No matching distribution found for apache-tvm")
+    monkeypatch.setattr(cross.subprocess, "run", lambda *a, **k: failed)
+    with pytest.raises(UserError, match="No matching distribution.*put libtvm_runtime.so and libtvm_ffi.so") as info:
+        cross.runtime_libraries("aarch64")
+    assert str(tmp_path) in str(info.value) and not any(tmp_path.rglob("*.so"))
