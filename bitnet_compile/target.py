@@ -8,7 +8,9 @@ code will be compiled for, and pick the kernel variant (`isa`) from those featur
 built, and what the manifest records, is then exactly what LLVM was told.
 
 Targets are data: named presets live in `targets/*.json` at the repository root; the only
-target knowledge in code is the small ordered table `ISA_VARIANTS`.
+target knowledge in code is two small tables, `ISA_VARIANTS` (CPU kernel variants by
+architecture and features) and `GPU_KINDS` (the options of cuda and metal targets and the CPU
+their host launch code is built for).
 """
 
 from __future__ import annotations

@@ -429,3 +429,23 @@ def test_search_quality_benchmark_replays_its_measured_table():
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "| tuner (TPE, default first) |" in done.stdout and "| random (default + random points) |" in done.stdout
+
+
+def test_records_tuned_over_rpc_serve_a_foreign_target(tmp_path, monkeypatch):
+    """arm-neon is tuned on the device (records filed under CPU "remote"): compile on this
+    x86 machine must find them, since nothing measured here could apply to it."""
+    from bitnet_compile import schedule_db
+    from bitnet_compile.target import parse_target
+
+    monkeypatch.setenv(records.RECORDS_ENV, str(tmp_path))
+    target = parse_target("arm-neon")
+    assert schedule_db.knobs_for("lut_gemv", target, 2560, 2560)[1] == "default"
+    template = templates.get("lut_gemv")
+    fp = records.fingerprint(target, remote=True)
+    best = {"kblock": 16, "row_blocks_per_task": 2}
+    record = {"op": "lut_gemv", "default": {"knobs": {"kblock": 32, "row_blocks_per_task": 1}}, "trials": [], "measured": 9,
+              "best": {"knobs": best, "seconds": 1e-5}, "speedup": 1.1}  # fmt: skip
+    key = records.record_key("lut_gemv", template.version, template.layout, 2560, 2560, target.num_cores)
+    records.update(records.path_for(fp, tmp_path), fp, key, record)
+    knobs, source = schedule_db.knobs_for("lut_gemv", target, 2560, 2560)
+    assert knobs == best and source.startswith("tuned")

@@ -73,6 +73,8 @@ def plan_work(args: argparse.Namespace, target) -> tuple[list[Work], str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from bitnet_runtime.cpu import host_arch
+
     from .. import cross
     from ..target import parse_target
     from . import templates
@@ -96,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"tuning {target.kind} kernels is not implemented yet (their defaults are in schedules/defaults.json)")
     if remote is None and cross.is_foreign(target.arch):
         raise UserError(
-            f"{target.arch} kernels cannot be timed on this {cross.cpu.host_arch()} machine: tune on the device over RPC "
+            f"{target.arch} kernels cannot be timed on this {host_arch()} machine: tune on the device over RPC "
             "(there: python -m tvm.exec.rpc_server --host 0.0.0.0 --port 9090; here: --rpc DEVICE:9090)"
         )
     work, label = plan_work(args, target)
