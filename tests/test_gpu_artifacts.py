@@ -144,3 +144,11 @@ def test_missing_nvcc_is_named(monkeypatch) -> None:
     monkeypatch.delenv("CUDA_HOME", raising=False)
     with pytest.raises(UserError, match="needs nvcc"):
         cuda_toolchain.nvcc()
+
+
+def test_compiler_verify_of_a_gpu_artifact_is_one_line(metal_artifact, capsys) -> None:
+    from bitnet_compile.cli import main
+
+    assert main(["verify", str(metal_artifact[0])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: this artifact holds Metal Shading Language kernels") and err.count("\n") == 1
