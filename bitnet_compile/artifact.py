@@ -225,7 +225,7 @@ def schedule_summary(kernels: list[KernelPlan], target: TargetSpec) -> str:
 def tvm_runtime_library(target: TargetSpec) -> Path:
     """TVM's libtvm_runtime.so for the target's architecture, shipped inside the artifact: the
     compiler's own for this machine's, the same release's from PyPI for another (cross.py)."""
-    path = cross.runtime_libraries(target.arch)["runtime"]
+    path = cross.runtime_libraries(target.arch, target.triple)["runtime"]
     if not path.is_file():
         raise UserError(f"TVM's runtime library is missing at {path}: reinstall apache-tvm")
     return path

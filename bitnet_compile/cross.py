@@ -110,9 +110,21 @@ def runtime_dir(arch: str) -> Path:
     return cache_root() / "tvm-runtime" / f"{arch}-tvm{tvm_version}-ffi{ffi_version}"
 
 
-def runtime_libraries(arch: str) -> dict[str, Path]:
+ANDROID_RUNTIME_ENV = "BITNET_ANDROID_TVM_RUNTIME"
+
+
+def runtime_libraries(arch: str, triple: str = "") -> dict[str, Path]:
     """libtvm_runtime.so and libtvm_ffi.so built for ``arch``: the installed ones for this
-    machine, else the cached ones, fetched from PyPI the first time."""
+    machine, else the cached ones, fetched from PyPI the first time. Android's bionic libc
+    needs its own build of TVM's runtime, which PyPI does not have: the user points to one."""
+    if triple.endswith("android"):
+        given = os.environ.get(ANDROID_RUNTIME_ENV)
+        if not given or not Path(given).is_file():
+            raise UserError(
+                f"an Android artifact ships TVM's libtvm_runtime.so built with the NDK for bionic, which PyPI does not have: "
+                f"build it (TVM's CMake with the NDK toolchain file, ANDROID_ABI=arm64-v8a) and set {ANDROID_RUNTIME_ENV} to it"
+            )
+        return {"runtime": Path(given)}
     if not is_foreign(arch):
         import tvm
         import tvm_ffi

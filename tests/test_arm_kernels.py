@@ -150,3 +150,9 @@ def test_runtime_download_failure_says_where_to_put_the_libraries(monkeypatch, t
     with pytest.raises(UserError, match="No matching distribution.*put libtvm_runtime.so and libtvm_ffi.so") as info:
         cross.runtime_libraries("aarch64")
     assert str(tmp_path) in str(info.value) and not any(tmp_path.rglob("*.so"))
+
+
+def test_android_runtime_library_must_be_given(monkeypatch) -> None:
+    monkeypatch.delenv(cross.ANDROID_RUNTIME_ENV, raising=False)
+    with pytest.raises(UserError, match=f"bionic.*{cross.ANDROID_RUNTIME_ENV}"):
+        cross.runtime_libraries("aarch64", "aarch64-linux-android")
