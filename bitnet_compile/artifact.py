@@ -65,7 +65,7 @@ def _on_gpu(isa: str, gpu_build, cpu_build):
 
 
 def _dot2_builder(gemv: bool):
-    return lambda p, isa: dot2_matmul.build_primfunc(p.name, p.shape["n_padded"], p.shape["k_padded"], dot2_matmul.Dot2Knobs(**p.knobs), gemv)
+    return lambda p, isa: dot2_matmul.build_primfunc(p.name, p.shape["n_padded"], p.shape["k_padded"], dot2_matmul.Dot2Knobs(**p.knobs), gemv, isa)
 
 
 # operator -> PrimFunc builder: what each manifest "op" is generated from
@@ -347,7 +347,7 @@ def build(
     appear only once fully written."""
     import tvm
 
-    family = family or choose(target, "auto", schedule_db.family_preference())
+    family = family or choose(target, "auto", schedule_db.family_preference(target.isa))
     kernels, entries = plan(linears, target, family)
     output_entry = None
     if output_layer and target.is_gpu:

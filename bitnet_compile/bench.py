@@ -61,7 +61,7 @@ def families_for(target: TargetSpec) -> list[Family]:
     from . import schedule_db
     from .families import FAMILIES
 
-    return [FAMILIES[name] for name in schedule_db.family_preference() if not FAMILIES[name].missing(target)]
+    return [FAMILIES[name] for name in schedule_db.family_preference(target.isa) if not FAMILIES[name].missing(target)]
 
 
 def build(target: TargetSpec, linears: list[Linear], out_dir: Path, tokens: int, repeat: int, stream_bytes: int) -> dict:

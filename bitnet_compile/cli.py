@@ -40,7 +40,7 @@ def _add_compile(sub) -> None:
     what.add_argument("-m", "--model", help="model preset (2b-4t, large, or a hub id), a config.json, or a directory holding one")
     what.add_argument("-s", "--shapes", help="linear shapes as NxK[,NxK...] (out x in features)")
     p.add_argument("-o", "--output", type=Path, default=None, help="artifact directory (default: artifacts/<model>-<family>-<isa>)")
-    p.add_argument("-f", "--family", default="auto", help="kernel family: auto (default: dot2 where AVX-512 VNNI exists, else lut), lut, dot2")
+    p.add_argument("-f", "--family", default="auto", help="kernel family: auto (default: dot2 where AVX-512 VNNI exists, gpu2 on GPUs, else lut), lut, dot2, gpu2")
     _add_records_option(p)
 
 
@@ -155,7 +155,7 @@ def run_compile(args: argparse.Namespace) -> int:
     from .target import parse_target
 
     target = parse_target(args.target)
-    family = choose(target, args.family, schedule_db.family_preference())
+    family = choose(target, args.family, schedule_db.family_preference(target.isa))
     if args.model:
         shape = models.resolve(args.model)
         linears, label = shape.linears(), shape.name

@@ -1,11 +1,12 @@
 """Kernel families: the ways a ternary linear layer can be computed, each with its weight
-layout and what the target must have. Which one a target gets is data
-(``families`` in schedules/defaults.json, first available wins) or the user's choice.
+layout and what the target must have. Which one a target gets is data (``families`` in
+schedules/defaults.json, per ISA variant, first available wins) or the user's choice.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 from .errors import UserError
 from .target import TargetSpec
@@ -15,22 +16,24 @@ from .target import TargetSpec
 class Family:
     name: str
     layout: str
-    isas: frozenset[str]  # vector ISA variants it has kernels for
-    features: frozenset[str]  # LLVM features it needs beyond the ISA variant
+    variants: Mapping[str, frozenset[str]]  # ISA variant it has kernels for -> LLVM features those need beyond it
     summary: str
+
+    @property
+    def isas(self) -> frozenset[str]:
+        return frozenset(self.variants)
 
     def missing(self, target: TargetSpec) -> list[str]:
         """What the target lacks for this family (empty: available)."""
-        lacks = sorted(self.features - target.features)
-        if target.isa not in self.isas:
-            lacks.insert(0, f"an {'/'.join(sorted(self.isas))} kernel variant (target is {target.isa})")
-        return lacks
+        if target.isa not in self.variants:
+            return [f"an {'/'.join(sorted(self.isas))} kernel variant (target is {target.isa})"]
+        return sorted(self.variants[target.isa] - target.features)
 
 
 FAMILIES = {
-    "lut": Family("lut", "lut4-v1", frozenset({"avx2", "avx512", "neon"}), frozenset(), "table lookup with vpshufb (AVX2 ymm, AVX-512 zmm) or tbl (NEON)"),
-    "dot2": Family("dot2", "dot2-v1", frozenset({"avx512"}), frozenset({"avx512vnni"}), "2-bit weights with VNNI vpdpbusd (AVX-512)"),
-    "gpu2": Family("gpu2", "dot2-v1", frozenset({"cuda", "metal"}), frozenset(), "2-bit weights decoded in registers, __dp4a on CUDA, int32 byte products on Metal"),
+    "lut": Family("lut", "lut4-v1", {"avx2": frozenset(), "avx512": frozenset(), "neon": frozenset()}, "table lookup with vpshufb (AVX2 ymm, AVX-512 zmm) or tbl (NEON)"),
+    "dot2": Family("dot2", "dot2-v1", {"avx512": frozenset({"avx512vnni"}), "neon": frozenset({"dotprod"})}, "2-bit weights with VNNI vpdpbusd (AVX-512) or sdot (NEON)"),
+    "gpu2": Family("gpu2", "dot2-v1", {"cuda": frozenset(), "metal": frozenset()}, "2-bit weights decoded in registers, __dp4a on CUDA, int32 byte products on Metal"),
 }
 
 

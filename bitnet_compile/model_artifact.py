@@ -24,7 +24,7 @@ def for_model(model: str, target: TargetSpec, family_name: str = "auto", echo=la
     """The artifact a model needs on ``target``, compiled once into the cache (keyed by the
     model's shapes, the target, the family, the schedule knobs and the compiler's version)."""
     shape = models.resolve(model)
-    family = choose(target, family_name, schedule_db.family_preference())
+    family = choose(target, family_name, schedule_db.family_preference(target.isa))
     ident = [__version__, FORMAT_VERSION, shape.linear_shapes, shape.vocab, shape.hidden, target.to_json(), family.name, schedule_db.fingerprint(target)]
     key = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
     out = cache_root() / "artifacts" / f"{shape.hidden}h-{shape.vocab}v-{family.name}-{target.isa}-{key}"

@@ -29,8 +29,9 @@ def _defaults() -> dict:
         raise UserError(f"cannot read schedule defaults {path}: {err}") from None
 
 
-def family_preference() -> list[str]:
-    return list(_defaults()["families"])
+def family_preference(isa: str) -> list[str]:
+    """The kernel families ``auto`` tries for an ISA variant, in order (first runnable wins)."""
+    return list(_defaults()["families"].get(isa, []))
 
 
 def default_knobs(op: str, isa: str) -> dict:

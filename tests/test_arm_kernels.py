@@ -52,6 +52,34 @@ def test_library_is_aarch64_with_tbl_and_sdot(arm_artifact: Path) -> None:
     assert runtime.read_bytes()[18:20] == (183).to_bytes(2, "little")
 
 
+@pytest.fixture(scope="module")
+def arm_dot2_artifact(tmp_path_factory) -> Path:
+    """The opt-in sdot family: GEMV and GEMM on dot2-v1, fields decoded for sdot."""
+    from bitnet_compile.families import FAMILIES
+
+    out = tmp_path_factory.mktemp("arm-dot2") / "artifact"
+    artifact.build(parse_target("arm-neon"), [Linear(f"l{n}x{k}", n, k) for n, k in MATMUL_SHAPES], out, FAMILIES["dot2"])
+    return out
+
+
+def test_neon_prefers_lut_and_offers_dot2(arm_artifact: Path, arm_dot2_artifact: Path) -> None:
+    import json
+
+    assert json.loads((arm_artifact / "manifest.json").read_text())["family"] == "lut"
+    manifest = json.loads((arm_dot2_artifact / "manifest.json").read_text())
+    assert manifest["family"] == "dot2" and {k["op"] for k in manifest["kernels"]} == {"quantize", "dot2_gemv", "dot2_gemm", "dequantize"}
+    asm = subprocess.run(["aarch64-linux-gnu-objdump", "-d", str(arm_dot2_artifact / "kernels.so")], capture_output=True, text=True, check=True).stdout
+    assert asm.count("\tsdot\t") >= 16 and "\ttbl\t" not in asm
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_dot2_kernels_exact_under_emulation(arm_dot2_artifact: Path, threads: int) -> None:
+    lines: list[str] = []
+    with _emulated(arm_dot2_artifact, threads) as emulated:
+        assert verify(emulated, seed=threads, echo=lines.append), "\n".join(lines)
+    assert lines[-1] == f"{len(lines) - 1} passed, 0 failed"
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_every_kernel_exact_under_emulation(arm_artifact: Path, threads: int) -> None:
     lines: list[str] = []

@@ -1,9 +1,11 @@
-"""2-bit ternary matmul with VNNI: int32 out[M, N] = q[M, K] @ W[N, K]^T, weights in layout dot2-v1.
+"""2-bit ternary matmul with VNNI or sdot: int32 out[M, N] = q[M, K] @ W[N, K]^T, weights in layout dot2-v1.
 
-The second kernel family, used where AVX-512 VNNI exists: no table, no per-token preprocessing
-beyond int8 quantization, and one vpdpbusd per 16 rows x 4 weights. For GEMM the decoded
-weights of a k-chunk stay in registers across a tile of tokens, which the LUT family cannot
-do (its lookups are per token).
+The second kernel family, the default where AVX-512 VNNI exists and opt-in on NEON (sdot): no
+table, no per-token preprocessing beyond int8 quantization, and one vpdpbusd (four sdot) per
+16 rows x 4 weights. For GEMM the decoded weights of a k-chunk stay in registers across a tile
+of tokens, which the LUT family cannot do (its lookups are per token). The GEMV masks fields
+in place on AVX-512 (``compute_gemv``); sdot cannot take a masked field (up to 192 as a signed
+byte), so on NEON the GEMV decodes them like the GEMM (``compute_gemv_decoded``).
 
 Exactness: products are u8 {0, 1, 2} (times 4^f in the masked GEMV form) by s8, summed in
 int32; |acc| <= 192 * 128 * K / 4, exact for K up to about 350 000. The +1 of the storage is
@@ -25,7 +27,7 @@ from bitnet_runtime.layout_dot2 import CHUNK
 from bitnet_runtime.memory import aligned_copy, aligned_zeros
 
 from ..errors import UserError
-from ..intrinsics.x86_dot2 import DECODED_INTRIN, FIELDS_INTRIN, ROWS, decoded_field_term, masked_field_term
+from ..intrinsics.dot2_products import DECODED_INTRINS, FIELDS_INTRIN, ROWS, decoded_field_term, masked_field_term
 from ..tuning.measure import Case, exact, exact_product
 from ..tuning.space import Constraint, SearchSpace
 
@@ -113,6 +115,21 @@ def compute_gemv(n: int, k: int) -> tuple[te.Tensor, te.Tensor, te.Tensor]:
     return acts, packed, out
 
 
+def compute_gemv_decoded(n: int, k: int) -> tuple[te.Tensor, te.Tensor, te.Tensor]:
+    """One token, fields decoded to {0, 1, 2} (the NEON GEMV); same arguments as ``compute_gemv``."""
+    acts = te.placeholder((1, k // CHUNK, 4, 4), "int8", name="acts")
+    packed = te.placeholder((n // ROWS, k // CHUNK, ROWS, 4), "uint8", name="packed")
+    c, f, j = (te.reduce_axis((0, ext), name) for ext, name in ((k // CHUNK, "c"), (4, "f"), (4, "j")))
+    part = te.compute(
+        (1, n // ROWS, ROWS),
+        lambda t, nb, i: te.sum(decoded_field_term(packed[nb, c, i, j], acts[t, c, f, j], f), axis=[c, f, j]),
+        name="partial",
+    )
+    asum = _activation_sum(acts, (1,))
+    out = te.compute((1, n // ROWS, ROWS), lambda t, nb, i: part[t, nb, i] - asum[t], name="out")
+    return acts, packed, out
+
+
 def compute_gemm(tiles, token_tile: int, n: int, k: int) -> tuple[te.Tensor, te.Tensor, te.Tensor]:
     """Tokens as [tiles, token_tile] (the runtime pads the count), fields decoded to {0, 1, 2}."""
     acts = te.placeholder((tiles, token_tile, k // CHUNK, 4, 4), "int8", name="acts")
@@ -149,7 +166,27 @@ def schedule_gemv(func: tvm.tirx.PrimFunc, knobs: Dot2Knobs) -> tvm.s_tir.Schedu
     return sch
 
 
-def schedule_gemm(func: tvm.tirx.PrimFunc, knobs: Dot2Knobs) -> tvm.s_tir.Schedule:
+def schedule_gemv_decoded(func: tvm.tirx.PrimFunc, knobs: Dot2Knobs, isa: str) -> tvm.s_tir.Schedule:
+    """As ``schedule_gemv``, with one accumulator per row block (the decoded intrinsic)."""
+    sch = tvm.s_tir.Schedule(func)
+    out, part = sch.get_sblock("out"), sch.get_sblock("partial")
+    _, nb, _ = sch.get_loops(out)
+    task, _ = sch.split(nb, [None, knobs.row_blocks])
+    sch.parallel(task)
+    sch.compute_at(part, task, preserve_unit_loops=True)
+    sch.set_scope(part, 0, "local")
+    pnb, pi, pc, pf, pj = sch.get_loops(part)[-5:]
+    chunk, unrolled = sch.split(pc, [None, knobs.k_unroll])
+    sch.reorder(chunk, unrolled, pnb, pi, pf, pj)
+    sch.decompose_reduction(part, chunk)
+    sch.tensorize(pi, DECODED_INTRINS[isa])
+    sch.unroll(unrolled)
+    sch.unroll(pnb)
+    sch.vectorize(sch.get_loops(out)[-1])
+    return sch
+
+
+def schedule_gemm(func: tvm.tirx.PrimFunc, knobs: Dot2Knobs, isa: str = "avx512") -> tvm.s_tir.Schedule:
     """Tasks of ``row_blocks`` row blocks; per token tile and k-chunk the decoded weights are
     reused by ``token_tile`` tokens: row_blocks * token_tile accumulators in registers."""
     sch = tvm.s_tir.Schedule(func)
@@ -163,21 +200,25 @@ def schedule_gemm(func: tvm.tirx.PrimFunc, knobs: Dot2Knobs) -> tvm.s_tir.Schedu
     pt, pnb, pi, pc, pf, pj = sch.get_loops(part)[-6:]
     sch.reorder(pc, pnb, pt, pi, pf, pj)
     sch.decompose_reduction(part, pc)
-    sch.tensorize(pi, DECODED_INTRIN)
+    sch.tensorize(pi, DECODED_INTRINS[isa])
     sch.unroll(pnb)
     sch.unroll(pt)
     sch.vectorize(sch.get_loops(out)[-1])
     return sch
 
 
-def build_primfunc(name: str, n: int, k: int, knobs: Dot2Knobs, gemv: bool) -> tvm.tirx.PrimFunc:
+def build_primfunc(name: str, n: int, k: int, knobs: Dot2Knobs, gemv: bool, isa: str = "avx512") -> tvm.tirx.PrimFunc:
     """Scheduled PrimFunc over padded shapes (n a multiple of 16 * row_blocks, k of 16 * k_unroll)."""
     knobs.check(gemv)
+    if isa not in DECODED_INTRINS:
+        raise UserError(f"the dot2 kernels have no {isa} variant (they have {', '.join(DECODED_INTRINS)})")
     if n % (ROWS * knobs.row_blocks) or k % (CHUNK * (knobs.k_unroll if gemv else 1)):
         raise ValueError(f"unpadded shape n={n} k={k} for {knobs}")
-    if gemv:
+    if gemv and isa == "avx512":
         sch = schedule_gemv(te.create_prim_func(list(compute_gemv(n, k))), knobs)
+    elif gemv:
+        sch = schedule_gemv_decoded(te.create_prim_func(list(compute_gemv_decoded(n, k))), knobs, isa)
     else:
         tiles = tirx.Var("tiles", "int64")
-        sch = schedule_gemm(te.create_prim_func(list(compute_gemm(tiles, knobs.token_tile, n, k))), knobs)
+        sch = schedule_gemm(te.create_prim_func(list(compute_gemm(tiles, knobs.token_tile, n, k))), knobs, isa)
     return sch.mod["main"].with_attr("global_symbol", name)

@@ -30,7 +30,7 @@ ops/bandwidth.py's rate, with it all three variants at 99-104% (328 MB: 29 ms on
 the accumulators to their (L1-resident) local buffer each step: no measurable cost here.
 
 Both intrinsics are written with LLVM's x86 intrinsics (TVM's own VNNI intrinsic fails LLVM 22
-verification, see intrinsics/x86_dot2.py) and live here, used by this operator only. Tiles
+verification, see intrinsics/dot2_products.py) and live here, used by this operator only. Tiles
 run in parallel; each task streams its tiles' weights contiguously.
 """
 

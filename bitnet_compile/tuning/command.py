@@ -51,7 +51,7 @@ def plan_work(args: argparse.Namespace, target) -> tuple[list[Work], str]:
     from ..families import choose
     from . import templates
 
-    family = choose(target, args.family, schedule_db.family_preference())
+    family = choose(target, args.family, schedule_db.family_preference(target.isa))
     if args.model:
         shape = models.resolve(args.model)
         layers, label = [(lin.n, lin.k) for lin in shape.linears()], shape.name

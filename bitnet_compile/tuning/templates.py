@@ -101,7 +101,7 @@ def _register_builtin() -> None:
     for op, gemv in (("dot2_gemv", True), ("dot2_gemm", False)):
         register(Template(
             op, f"{op}-{1 if gemv else 2}", layout_dot2.VERSION, "dram", 1 if gemv else GEMM_TOKENS,
-            frozenset({"avx512"}), dot2_matmul.GEMV_SPACE if gemv else dot2_matmul.GEMM_SPACE, no_context,
+            frozenset({"avx512", "neon"}), dot2_matmul.GEMV_SPACE if gemv else dot2_matmul.GEMM_SPACE, no_context,
             (lambda g: lambda n, k, kn, t: dot2_matmul.kernel_shape(n, k, kn, g))(gemv), dot2_matmul.make_case, _builder(op),
             case_knobs=() if gemv else ("token_tile",),
         ))  # fmt: skip

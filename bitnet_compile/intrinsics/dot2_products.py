@@ -1,15 +1,17 @@
-"""2-bit ternary dot products as TVM tensor intrinsics for AVX-512 VNNI (vpdpbusd).
+"""2-bit ternary dot products as TVM tensor intrinsics: vpdpbusd (AVX-512 VNNI) and sdot (NEON).
 
 Weights are stored as w + 1 in {0, 1, 2}, four to a byte (layout dot2-v1). vpdpbusd multiplies
 unsigned bytes by signed bytes and sums each group of four into int32: exact for every int8
-activation. The kernel subtracts sum(activations) once per token to undo the +1.
+activation. The kernel subtracts sum(activations) once per token to undo the +1. NEON's sdot
+multiplies signed by signed, which holds {0, 1, 2} too, but not a masked field (up to 192).
 
 Two forms of the same product:
 - ``fields`` (GEMV): each byte field is *masked* in place (p & 3 << 2f), so the product carries
   a factor 4^f that the epilogue divides out exactly (acc_f >> 2f); one vpand per field, no
   shifts, and four independent accumulators.
-- ``decoded`` (GEMM): each field is shifted down to {0, 1, 2} once and reused by many tokens,
-  all four fields feeding one accumulator per token.
+- ``decoded`` (GEMM; on NEON the GEMV too): each field is shifted down to {0, 1, 2} once and
+  reused by many tokens, all four fields feeding one accumulator per token. On NEON one call is
+  16 sdot: 4 fields x 4 registers of 4 rows.
 
 The GEMV form prefetches its weight stream ahead (see lut_shuffle.py for why, and why its
 vectors are ``T.meta_var``).
@@ -24,7 +26,8 @@ ROWS = 16  # int32 lanes of a zmm: rows per vpdpbusd
 VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
 FIELDS_INTRIN = "bitnet_dot2_fields_avx512"
 PREFETCH_BYTES = 4096  # software prefetch distance per weight stream (a task reads row_blocks streams)
-DECODED_INTRIN = "bitnet_dot2_decoded_avx512"
+DECODED_INTRINS = {"avx512": "bitnet_dot2_decoded_avx512", "neon": "bitnet_dot2_decoded_neon"}
+SDOT = "llvm.aarch64.neon.sdot"
 
 
 def masked_field_term(p, a, f):
@@ -40,6 +43,17 @@ def decoded_field_term(p, a, f):
 
 def _broadcast_dword(a4):
     return T.Shuffle([a4] * ROWS, list(range(4 * ROWS)))
+
+
+def _broadcast_q(a4):
+    """The activation dword in all four lanes of a NEON q register."""
+    return T.Shuffle([a4] * 4, list(range(16)))
+
+
+def _field(p, shift: int, three):
+    """Field (shift / 2) of eight 16-bit lanes as {0, 1, 2} bytes (the mask drops what the
+    16-bit shift brings in from the neighbour byte)."""
+    return T.reinterpret("int8x16", T.bitwise_and(T.shift_right(p, T.broadcast(T.uint16(shift), 8)), three))
 
 
 @T.prim_func(s_tir=True)
@@ -112,5 +126,25 @@ def _decoded_impl(
         C.vstore([0], T.call_llvm_pure_intrin("int32x16", VPDPBUSD, c2, f3, _broadcast_dword(A.vload([3, 0], "int8x4"))))
 
 
+@T.prim_func(s_tir=True)
+def _decoded_neon_impl(
+    P: T.Buffer((16, 4), "uint8", offset_factor=1),
+    A: T.Buffer((4, 4), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], P[0:16, 0:4], A[0:4, 0:4])
+        T.writes(C[0:16])
+        for part in T.unroll(4):  # rows 4 * part .. 4 * part + 3: one q register of weights
+            p = T.meta_var(T.reinterpret("uint16x8", P.vload([part * 4, 0], "uint8x16")))
+            three = T.meta_var(T.broadcast(T.uint16(0x0303), 8))
+            acc = T.meta_var(C.vload([part * 4], "int32x4"))
+            c0 = T.meta_var(T.call_llvm_pure_intrin("int32x4", SDOT, acc, T.reinterpret("int8x16", T.bitwise_and(p, three)), _broadcast_q(A.vload([0, 0], "int8x4"))))
+            c1 = T.meta_var(T.call_llvm_pure_intrin("int32x4", SDOT, c0, _field(p, 2, three), _broadcast_q(A.vload([1, 0], "int8x4"))))
+            c2 = T.meta_var(T.call_llvm_pure_intrin("int32x4", SDOT, c1, _field(p, 4, three), _broadcast_q(A.vload([2, 0], "int8x4"))))
+            C.vstore([part * 4], T.call_llvm_pure_intrin("int32x4", SDOT, c2, _field(p, 6, three), _broadcast_q(A.vload([3, 0], "int8x4"))))
+
+
 TensorIntrin.register(FIELDS_INTRIN, _fields_desc, _fields_impl, override=True)
-TensorIntrin.register(DECODED_INTRIN, _decoded_desc, _decoded_impl, override=True)
+TensorIntrin.register(DECODED_INTRINS["avx512"], _decoded_desc, _decoded_impl, override=True)
+TensorIntrin.register(DECODED_INTRINS["neon"], _decoded_desc, _decoded_neon_impl, override=True)
