@@ -145,9 +145,11 @@ def compute_gemm(tiles, token_tile: int, n: int, k: int) -> tuple[te.Tensor, te.
     return acts, packed, out
 
 
-def schedule_gemv(func: tvm.tirx.PrimFunc, knobs: Dot2Knobs) -> tvm.s_tir.Schedule:
+def schedule_gemv(func: tvm.tirx.PrimFunc, knobs: Dot2Knobs, isa: str = "avx512") -> tvm.s_tir.Schedule:
     """Tasks of ``row_blocks`` row blocks; per task the k-chunks (unrolled by ``k_unroll``)
-    feed 4 * row_blocks accumulators, one tensorized vpdpbusd quartet per block and chunk."""
+    feed the accumulators, one tensorized step per block and chunk: on AVX-512 a vpdpbusd
+    quartet on the masked fields (4 * row_blocks accumulators, ``compute_gemv``), on NEON the
+    decoded intrinsic (row_blocks accumulators, ``compute_gemv_decoded``)."""
     sch = tvm.s_tir.Schedule(func)
     out, part = sch.get_sblock("out"), sch.get_sblock("partial")
     _, nb, _ = sch.get_loops(out)
@@ -155,31 +157,16 @@ def schedule_gemv(func: tvm.tirx.PrimFunc, knobs: Dot2Knobs) -> tvm.s_tir.Schedu
     sch.parallel(task)
     sch.compute_at(part, task, preserve_unit_loops=True)
     sch.set_scope(part, 0, "local")
-    _, pnb, pf, pi, pc, pj = sch.get_loops(part)[-6:]
+    if isa == "avx512":
+        pnb, pf, pi, pc, pj = sch.get_loops(part)[-5:]
+        inner, at, intrin = (pnb, pf, pi, pj), pf, FIELDS_INTRIN
+    else:
+        pnb, pi, pc, pf, pj = sch.get_loops(part)[-5:]
+        inner, at, intrin = (pnb, pi, pf, pj), pi, DECODED_INTRINS[isa]
     chunk, unrolled = sch.split(pc, [None, knobs.k_unroll])
-    sch.reorder(chunk, unrolled, pnb, pf, pi, pj)
+    sch.reorder(chunk, unrolled, *inner)
     sch.decompose_reduction(part, chunk)
-    sch.tensorize(pf, FIELDS_INTRIN)
-    sch.unroll(unrolled)
-    sch.unroll(pnb)
-    sch.vectorize(sch.get_loops(out)[-1])
-    return sch
-
-
-def schedule_gemv_decoded(func: tvm.tirx.PrimFunc, knobs: Dot2Knobs, isa: str) -> tvm.s_tir.Schedule:
-    """As ``schedule_gemv``, with one accumulator per row block (the decoded intrinsic)."""
-    sch = tvm.s_tir.Schedule(func)
-    out, part = sch.get_sblock("out"), sch.get_sblock("partial")
-    _, nb, _ = sch.get_loops(out)
-    task, _ = sch.split(nb, [None, knobs.row_blocks])
-    sch.parallel(task)
-    sch.compute_at(part, task, preserve_unit_loops=True)
-    sch.set_scope(part, 0, "local")
-    pnb, pi, pc, pf, pj = sch.get_loops(part)[-5:]
-    chunk, unrolled = sch.split(pc, [None, knobs.k_unroll])
-    sch.reorder(chunk, unrolled, pnb, pi, pf, pj)
-    sch.decompose_reduction(part, chunk)
-    sch.tensorize(pi, DECODED_INTRINS[isa])
+    sch.tensorize(at, intrin)
     sch.unroll(unrolled)
     sch.unroll(pnb)
     sch.vectorize(sch.get_loops(out)[-1])
@@ -214,10 +201,9 @@ def build_primfunc(name: str, n: int, k: int, knobs: Dot2Knobs, gemv: bool, isa:
         raise UserError(f"the dot2 kernels have no {isa} variant (they have {', '.join(DECODED_INTRINS)})")
     if n % (ROWS * knobs.row_blocks) or k % (CHUNK * (knobs.k_unroll if gemv else 1)):
         raise ValueError(f"unpadded shape n={n} k={k} for {knobs}")
-    if gemv and isa == "avx512":
-        sch = schedule_gemv(te.create_prim_func(list(compute_gemv(n, k))), knobs)
-    elif gemv:
-        sch = schedule_gemv_decoded(te.create_prim_func(list(compute_gemv_decoded(n, k))), knobs, isa)
+    if gemv:
+        compute = compute_gemv if isa == "avx512" else compute_gemv_decoded
+        sch = schedule_gemv(te.create_prim_func(list(compute(n, k))), knobs, isa)
     else:
         tiles = tirx.Var("tiles", "int64")
         sch = schedule_gemm(te.create_prim_func(list(compute_gemm(tiles, knobs.token_tile, n, k))), knobs, isa)
