@@ -152,3 +152,15 @@ def test_compiler_verify_of_a_gpu_artifact_is_one_line(metal_artifact, capsys) -
     assert main(["verify", str(metal_artifact[0])]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: this artifact holds Metal Shading Language kernels") and err.count("\n") == 1
+
+
+def test_gpu_defaults_lie_in_the_knob_spaces() -> None:
+    """The spaces a GPU tuner will search hold the shipped defaults, valid for the 2B-4T shapes."""
+    from bitnet_compile import schedule_db
+
+    for kind in ("cuda", "metal"):
+        for op, space in (("gpu2_gemv", gpu_matmul.GEMV_SPACE), ("gpu2_gemm", gpu_matmul.GEMM_SPACE)):
+            knobs = schedule_db.default_knobs(op, kind)
+            assert not space.outside_domains(knobs), (op, kind, knobs)
+            for n, k in ((3840, 2560), (2560, 6912)):
+                assert not space.violations(knobs, {"n": n, "k": k, "threads": 1}), (op, kind, n, k)
