@@ -28,6 +28,7 @@ SUBCOMMANDS = ("compile", "verify", "run", "chat", "bench", "bench-kernels", "du
 DEFAULT_TARGET = "llvm -mcpu=native"
 VERIFY_HINTS = {
     "llvm": "verify on the device with: python -m bitnet_runtime verify {out}",
+    "foreign": "verify here under qemu with: bitnet-compile verify {out}; on the device with: python -m bitnet_runtime verify {out}",
     "cuda": "verify on a machine with an NVIDIA GPU with: python -m bitnet_runtime verify {out}",
     "metal": "Metal source in {out}: build and run it on macOS as README 'Metal' describes",
 }
@@ -170,7 +171,10 @@ def run_compile(args: argparse.Namespace) -> int:
     for path in sorted(out.iterdir()):
         if path.is_file():
             print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
-    print(VERIFY_HINTS.get(target.kind, VERIFY_HINTS["llvm"]).format(out=out), file=sys.stderr)
+    from .cross import is_foreign
+
+    hint = "foreign" if target.kind == "llvm" and is_foreign(target.arch) else target.kind
+    print(VERIFY_HINTS[hint].format(out=out), file=sys.stderr)
     return 0 if manifest.is_file() else 1
 
 
