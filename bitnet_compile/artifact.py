@@ -4,7 +4,8 @@
 Layout of an artifact directory (format version 2), by target kind (``EMITTERS``):
     CPU (llvm)   kernels.so, libtvm_runtime.so (for the target's architecture)
     CUDA         kernels.so (host launch code + an nvcc fatbin), libtvm_runtime.so,
-                 libtvm_runtime_cuda.so (TVM's CUDA module loader), kernels.cu (the source)
+                 libcudart.so.13 and libtvm_runtime_cuda.so (the CUDA runtime and TVM's CUDA
+                 module loader), kernels.cu (the source, for reading)
     Metal        kernels.metal (Metal Shading Language source; the host side is macOS's)
     manifest.json  written last: its presence means the artifact is complete
 """

@@ -66,7 +66,6 @@ _ISA_EXTENSIONS: frozenset[str] = frozenset(
     }
 )  # fmt: skip
 
-_SUPPORTED_KINDS: frozenset[str] = frozenset({"llvm", "cuda", "metal"})
 _OPTIONS: tuple[str, ...] = ("mtriple", "mcpu", "mattr", "num-cores")  # accepted llvm options
 
 # GPU kinds: the options each accepts, and the CPU its host code (kernel launches) is built for.
@@ -76,6 +75,7 @@ GPU_KINDS: Mapping[str, dict[str, Any]] = {
     "metal": {"options": (), "default_arch": "", "host": {"mtriple": "arm64-apple-macos", "mcpu": "apple-m1"}},
 }
 MIN_CUDA_ARCH = 61  # __dp4a
+_SUPPORTED_KINDS: frozenset[str] = frozenset({"llvm", *GPU_KINDS})
 _CLI_SYNTAX = "'llvm -mcpu=<cpu|native> [-mtriple=<triple>] [-mattr=+f,-g] [-num-cores=N]'"
 _JSON_SYNTAX = '\'{"kind": "llvm", "mcpu": ..., "mtriple": ..., "mattr": [...], "num-cores": N}\''
 

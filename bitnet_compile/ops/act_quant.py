@@ -16,18 +16,22 @@ reference = _reference.quantize_activations
 VECTOR = 16  # float32 lanes of a zmm; on ymm LLVM splits it in two
 
 
-def compute(tokens, k: int, k_padded: int) -> tuple[te.Tensor, te.Tensor, te.Tensor]:
+def compute(tokens, k: int, k_padded: int, scale_from_absmax: bool = False) -> tuple[te.Tensor, te.Tensor, te.Tensor]:
+    """x -> (q, scale). With ``scale_from_absmax`` (the GPU form) q recomputes its scale from
+    absmax (the same float32 division, so bit-identical) instead of reading the scale output:
+    on a GPU one thread writes that output, and reading it back in other threads would race,
+    while absmax sits in shared memory behind the reduction's barrier."""
     x = te.placeholder((tokens, k), "float32", name="x")
     r = te.reduce_axis((0, k), "r")
     absmax = te.compute((tokens,), lambda m: te.max(te.abs(x[m, r]), axis=r), name="absmax")
-    scale = te.compute(
-        (tokens,),
-        lambda m: tirx.const(127.0, "float32") / te.max(absmax[m], tirx.const(float(_reference.ABSMAX_FLOOR), "float32")),
-        name="scale",
-    )
+
+    def scale_of(m):
+        return tirx.const(127.0, "float32") / te.max(absmax[m], tirx.const(float(_reference.ABSMAX_FLOOR), "float32"))
+
+    scale = te.compute((tokens,), scale_of, name="scale")
 
     def quantize(m, c):
-        rounded = tirx.nearbyint(x[m, c] * scale[m])
+        rounded = tirx.nearbyint(x[m, c] * (scale_of(m) if scale_from_absmax else scale[m]))
         clamped = te.min(te.max(rounded, tirx.const(-128.0, "float32")), tirx.const(127.0, "float32"))
         return tirx.Select(c < k, clamped.astype("int8"), tirx.const(0, "int8"))
 
@@ -71,29 +75,6 @@ def build_primfunc(name: str, k: int, k_padded: int) -> tvm.tirx.PrimFunc:
 GPU_THREADS = 256  # threads per token: one block per token
 
 
-def compute_gpu(tokens, k: int, k_padded: int) -> tuple[te.Tensor, te.Tensor, te.Tensor]:
-    """The same arithmetic as ``compute``, but q takes its scale from absmax directly (the
-    same float32 division, so bit-identical): on a GPU the scale output is written by one
-    thread, and reading it back in other threads would race; absmax sits in shared memory
-    behind the reduction's barrier."""
-    x = te.placeholder((tokens, k), "float32", name="x")
-    r = te.reduce_axis((0, k), "r")
-    absmax = te.compute((tokens,), lambda m: te.max(te.abs(x[m, r]), axis=r), name="absmax")
-
-    def scale_of(m):
-        return tirx.const(127.0, "float32") / te.max(absmax[m], tirx.const(float(_reference.ABSMAX_FLOOR), "float32"))
-
-    scale = te.compute((tokens,), scale_of, name="scale")
-
-    def quantize(m, c):
-        rounded = tirx.nearbyint(x[m, c] * scale_of(m))
-        clamped = te.min(te.max(rounded, tirx.const(-128.0, "float32")), tirx.const(127.0, "float32"))
-        return tirx.Select(c < k, clamped.astype("int8"), tirx.const(0, "int8"))
-
-    q = te.compute((tokens, k_padded), quantize, name="q")
-    return x, q, scale
-
-
 def schedule_gpu(func: tvm.tirx.PrimFunc, threads: int = GPU_THREADS) -> tvm.s_tir.Schedule:
     """One block per token (blockIdx.x): the absmax is a cross-thread max over threadIdx.x
     (warp shuffles, then shared memory across warps) into shared memory; then every thread
@@ -113,7 +94,7 @@ def schedule_gpu(func: tvm.tirx.PrimFunc, threads: int = GPU_THREADS) -> tvm.s_t
 
 def build_primfunc_gpu(name: str, k: int, k_padded: int, threads: int = GPU_THREADS) -> tvm.tirx.PrimFunc:
     tokens = tirx.Var("tokens", "int64")
-    sch = schedule_gpu(te.create_prim_func(list(compute_gpu(tokens, k, k_padded))), threads)
+    sch = schedule_gpu(te.create_prim_func(list(compute(tokens, k, k_padded, scale_from_absmax=True))), threads)
     return sch.mod["main"].with_attr("global_symbol", name)
 
 

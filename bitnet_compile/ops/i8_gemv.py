@@ -29,8 +29,8 @@ ops/bandwidth.py's rate, with it all three variants at 99-104% (328 MB: 29 ms on
 14 ms on 2; 2-core Xeon, median of 5 rounds). With the prefetch in the loop LLVM also stores
 the accumulators to their (L1-resident) local buffer each step: no measurable cost here.
 
-Both intrinsics are written with LLVM's x86 intrinsics (TVM's own VNNI intrinsic fails LLVM 22
-verification, see intrinsics/dot2_products.py) and live here, used by this operator only. Tiles
+The intrinsics are written with LLVM's target intrinsics (TVM's own VNNI intrinsic fails LLVM
+22 verification, see intrinsics/dot2_products.py) and live here, used by this operator only. Tiles
 run in parallel; each task streams its tiles' weights contiguously.
 """
 
