@@ -200,6 +200,19 @@ def test_failing_candidates_are_recorded_and_the_study_goes_on(tmp_path):
     assert "7 trials (4 failed)" in done.stderr
 
 
+def test_a_worker_that_closes_its_pipe_before_it_dies_is_a_crash_not_a_hang(tmp_path):
+    """A segfaulting worker's pipe reaches end of file a moment before the process can be
+    reaped; that moment, stretched here to a second, must not be read as a timeout."""
+    from bitnet_compile.tuning.worker import Worker
+
+    dies_slowly = "import os, signal, sys, time; sys.stdin.readline(); os.close(1); time.sleep(1); os.kill(os.getpid(), signal.SIGSEGV)"
+    worker = Worker(1, log_path=tmp_path / "worker.log")
+    worker.proc = subprocess.Popen([sys.executable, "-c", dies_slowly], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    with worker:
+        (result,) = worker.run({"candidates": [{}]}, 20)
+    assert result["state"] == "crash" and "SIGSEGV" in result["reason"], result
+
+
 # ----------------------------------------------------------------------------- resume, sharing
 
 

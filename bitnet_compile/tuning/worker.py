@@ -182,27 +182,31 @@ class Worker:
             stderr=log, env=env, text=True, start_new_session=True,
         )  # fmt: skip
         log.close()
-        reply = self._read(READY_TIMEOUT_S)
-        if not reply or not reply.get("ready"):
-            reason = self._death() if reply is None else f"unexpected first line {reply!r}"
+        heard, reply = self._read(READY_TIMEOUT_S)
+        if reply is None or not reply.get("ready"):
+            reason = f"unexpected first line {reply!r}" if reply else self._death() if heard == "eof" else "no reply"
             self.close()
             raise WorkerError(f"the measuring worker did not start: {reason}")
         self.info = reply
 
-    def _read(self, timeout: float) -> dict | None:
-        """The next line as JSON, or None when the worker died or ``timeout`` passed."""
+    def _read(self, timeout: float) -> tuple[str, dict | None]:
+        """("reply", the next line as JSON), ("eof", None) or ("timeout", None).
+
+        End of file and silence are told apart here, not by polling the process afterwards:
+        a worker that segfaults closes its pipe a moment before it can be reaped, and a poll in
+        that moment would call the crash a hang."""
         assert self.proc and self.proc.stdout
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
         if not ready:
-            return None
+            return "timeout", None
         line = self.proc.stdout.readline()
-        return json.loads(line) if line else None
+        return ("reply", json.loads(line)) if line else ("eof", None)
 
     def _death(self) -> str:
         """Why the worker is gone: its exit status or signal, and the end of its log."""
         assert self.proc
         try:
-            code = self.proc.wait(timeout=5)
+            code = self.proc.wait(timeout=30)  # a crashing process may still be writing its core dump
         except subprocess.TimeoutExpired:
             return "no reply"
         what = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
@@ -225,10 +229,10 @@ class Worker:
             reason = self._death()
             self.proc = None
             return [{"state": "crash", "reason": reason} for _ in job["candidates"]]
-        reply = self._read(timeout)
+        heard, reply = self._read(timeout)
         if reply is not None:
             return reply["results"]
-        if self.proc.poll() is None:  # still running: it hangs
+        if heard == "timeout":
             self.close()
             return [{"state": "timeout", "reason": f"no result within {timeout:.0f} s (worker killed)"} for _ in job["candidates"]]
         reason = self._death()
