@@ -72,6 +72,8 @@ _OPTIONS: tuple[str, ...] = ("mtriple", "mcpu", "mattr", "num-cores")  # accepte
 # A generic host CPU, because the artifact runs on whatever server or Mac holds the GPU.
 GPU_KINDS: Mapping[str, dict[str, Any]] = {
     "cuda": {"options": ("arch",), "default_arch": "sm_80", "host": {"mtriple": "x86_64-linux-gnu", "mcpu": "x86-64"}},
+    # Metal keeps TVM's 16-lane warp: with 32, the GEMV's sum broadcasts from a lane outside
+    # the SIMD group (undefined in MSL); with 16 it adds one threadgroup-memory step instead.
     "metal": {"options": (), "default_arch": "", "host": {"mtriple": "arm64-apple-macos", "mcpu": "apple-m1"}},
 }
 MIN_CUDA_ARCH = 61  # __dp4a

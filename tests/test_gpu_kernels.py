@@ -161,6 +161,13 @@ def test_metal_source(metal_source):
     assert "__dp4a" not in metal_source
 
 
+def test_metal_shuffles_stay_inside_the_simd_group(metal_source):
+    """A lane index built from threadIdx.y points outside the 32-wide SIMD group (undefined in
+    MSL); TVM emits one when Metal's warp is set to 32 lanes, which is why it stays at 16."""
+    shuffles = re.findall(r"simd_shuffle(?:_down)?\(([^;]*)\);", metal_source)
+    assert shuffles and not [s for s in shuffles if "threadIdx.y" in s]
+
+
 # ----------------------------------------------------------------------------- on a real GPU
 
 
