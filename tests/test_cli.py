@@ -8,11 +8,19 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_without_tvm
 
 
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "bitnet_compile", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def test_help_and_the_parser_do_not_import_the_compiler():
+    """Every subcommand's options are built before any command runs, so none of them may pull
+    in TVM and the kernel templates (that once made `bitnet-compile --help` take 12 s)."""
+    for args in ([], ["tune"], ["schedules"], ["compile"]):
+        done = run_without_tvm(f"from bitnet_compile.cli import main\nmain({[*args, '--help']!r})")
+        assert done.returncode == 0 and "usage: bitnet-compile" in done.stdout, (args, done.stderr)
 
 
 def test_compile_native_verbatim_then_verify(tmp_path):

@@ -8,10 +8,13 @@ import importlib
 import sys
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..errors import UserError
 from . import records
-from .study import Study, StudySpec, open_storage, run_study
+
+if TYPE_CHECKING:
+    from .study import StudySpec
 
 DEFAULT_TRIALS = 20
 DEFAULT_BUDGET_S = 600
@@ -79,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from ..target import parse_target
     from . import templates
     from .rpc import Remote
+    from .study import Study, StudySpec, open_storage, run_study
     from .worker import Worker, WorkerError
 
     for module in args.plugin:
