@@ -184,7 +184,7 @@ class Worker:
         log.close()
         heard, reply = self._read(READY_TIMEOUT_S)
         if reply is None or not reply.get("ready"):
-            reason = f"unexpected first line {reply!r}" if reply else self._death() if heard == "eof" else "no reply"
+            reason = f"unexpected first line {reply!r}" if reply else self._death() if heard == "eof" else f"no reply within {READY_TIMEOUT_S} s"
             self.close()
             raise WorkerError(f"the measuring worker did not start: {reason}")
         self.info = reply
