@@ -3,6 +3,9 @@ for the AVX2 (ymm) and AVX-512 (zmm) variants."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -12,7 +15,7 @@ from bitnet_compile.errors import UserError
 from bitnet_runtime import layout, reference
 from bitnet_runtime.memory import aligned_copy, aligned_zeros
 
-from conftest import compile_module, isa_params
+from conftest import REPO, compile_module, isa_params
 
 # (N, K): tiny, odd in both dimensions, not multiples of 4 or of a row block, and K = 16384
 # where int16 accumulation would overflow if a k-block were not widened in time.
@@ -150,3 +153,23 @@ def test_dequantize_exact(elementwise_module, k, k_padded):
         out = aligned_zeros((tokens, n), np.float32)
         elementwise_module[f"dequant_{k}"](aligned_copy(acc), aligned_copy(act_scale), aligned_copy(weight_scale), out)
         np.testing.assert_array_equal(out, reference.dequantize(acc[:, :n], act_scale, weight_scale))
+
+
+_LAZY_INTRINSICS = """
+from tvm.s_tir import TensorIntrin
+import bitnet_compile.tuning.templates  # imports every CPU kernel module
+from bitnet_compile.intrinsics import _BUILDERS
+from bitnet_compile.intrinsics.lut_shuffle import VECTOR_ISAS
+from bitnet_compile.ops import lut_matmul
+known = lambda: [n for n in _BUILDERS if TensorIntrin.get(n, allow_missing=True)]
+assert len(_BUILDERS) >= 9 and known() == [], known()
+lut_matmul.build_primfunc("g", 64, 128, "avx2", lut_matmul.LutKnobs(kblock=32), True)
+assert known() == [VECTOR_ISAS["avx2"].intrin_name], known()
+"""
+
+
+def test_intrinsics_are_parsed_only_when_a_schedule_needs_them():
+    """Parsing every TVMScript intrinsic at import made each compile and tuning worker start
+    seconds slower; a fresh process must parse none until it tensorizes, then just that one."""
+    done = subprocess.run([sys.executable, "-c", _LAZY_INTRINSICS], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr

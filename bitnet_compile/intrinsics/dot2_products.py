@@ -19,8 +19,10 @@ vectors are ``T.meta_var``).
 
 from __future__ import annotations
 
-from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
+from tvm.tirx import PrimFunc
+
+from . import declare
 
 ROWS = 16  # int32 lanes of a zmm: rows per vpdpbusd
 VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
@@ -56,95 +58,114 @@ def _field(p, shift: int, three):
     return T.reinterpret("int8x16", T.bitwise_and(T.shift_right(p, T.broadcast(T.uint16(shift), 8)), three))
 
 
-@T.prim_func(s_tir=True)
-def _fields_desc(
-    P: T.Buffer((16, 4), "uint8", offset_factor=1),
-    A: T.Buffer((4, 4), "int8", offset_factor=1),
-    C: T.Buffer((4, 16), "int32", offset_factor=1, scope="local"),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:4, 0:16], P[0:16, 0:4], A[0:4, 0:4])
-        T.writes(C[0:4, 0:16])
-        for f, i, j in T.grid(4, 16, 4):
-            with T.sblock("update"):
-                vf, vi, vj = T.axis.remap("SSR", [f, i, j])
-                C[vf, vi] = C[vf, vi] + masked_field_term(P[vi, vj], A[vf, vj], vf)
+def _fields() -> tuple[PrimFunc, PrimFunc]:
+    """The masked-field GEMV step (AVX-512)."""
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        P: T.Buffer((16, 4), "uint8", offset_factor=1),
+        A: T.Buffer((4, 4), "int8", offset_factor=1),
+        C: T.Buffer((4, 16), "int32", offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:4, 0:16], P[0:16, 0:4], A[0:4, 0:4])
+            T.writes(C[0:4, 0:16])
+            for f, i, j in T.grid(4, 16, 4):
+                with T.sblock("update"):
+                    vf, vi, vj = T.axis.remap("SSR", [f, i, j])
+                    C[vf, vi] = C[vf, vi] + masked_field_term(P[vi, vj], A[vf, vj], vf)
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        P: T.Buffer((16, 4), "uint8", offset_factor=1),
+        A: T.Buffer((4, 4), "int8", offset_factor=1),
+        C: T.Buffer((4, 16), "int32", offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:4, 0:16], P[0:16, 0:4], A[0:4, 0:4])
+            T.writes(C[0:4, 0:16])
+            p = T.meta_var(P.vload([0, 0], "uint8x64"))
+            for f in T.unroll(4):
+                mask = T.meta_var(T.broadcast(T.shift_left(T.uint8(3), T.Cast("uint8", f * 2)), 64))
+                field = T.meta_var(T.reinterpret("int8x64", T.bitwise_and(p, mask)))
+                acts = T.meta_var(_broadcast_dword(A.vload([f, 0], "int8x4")))
+                C.vstore([f, 0], T.call_llvm_pure_intrin("int32x16", VPDPBUSD, C.vload([f, 0], "int32x16"), field, acts))
+            T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", P.access_ptr("r", offset=PREFETCH_BYTES), T.int32(0), T.int32(3), T.int32(1)))
+
+    return desc, impl
 
 
-@T.prim_func(s_tir=True)
-def _fields_impl(
-    P: T.Buffer((16, 4), "uint8", offset_factor=1),
-    A: T.Buffer((4, 4), "int8", offset_factor=1),
-    C: T.Buffer((4, 16), "int32", offset_factor=1, scope="local"),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:4, 0:16], P[0:16, 0:4], A[0:4, 0:4])
-        T.writes(C[0:4, 0:16])
-        p = T.meta_var(P.vload([0, 0], "uint8x64"))
-        for f in T.unroll(4):
-            mask = T.meta_var(T.broadcast(T.shift_left(T.uint8(3), T.Cast("uint8", f * 2)), 64))
-            field = T.meta_var(T.reinterpret("int8x64", T.bitwise_and(p, mask)))
-            acts = T.meta_var(_broadcast_dword(A.vload([f, 0], "int8x4")))
-            C.vstore([f, 0], T.call_llvm_pure_intrin("int32x16", VPDPBUSD, C.vload([f, 0], "int32x16"), field, acts))
-        T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", P.access_ptr("r", offset=PREFETCH_BYTES), T.int32(0), T.int32(3), T.int32(1)))
+def _decoded_desc() -> PrimFunc:
+    """What both ISAs' decoded step computes."""
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        P: T.Buffer((16, 4), "uint8", offset_factor=1),
+        A: T.Buffer((4, 4), "int8", offset_factor=1),
+        C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], P[0:16, 0:4], A[0:4, 0:4])
+            T.writes(C[0:16])
+            for i, f, j in T.grid(16, 4, 4):
+                with T.sblock("update"):
+                    vi, vf, vj = T.axis.remap("SRR", [i, f, j])
+                    C[vi] = C[vi] + decoded_field_term(P[vi, vj], A[vf, vj], vf)
+
+    return desc
 
 
-@T.prim_func(s_tir=True)
-def _decoded_desc(
-    P: T.Buffer((16, 4), "uint8", offset_factor=1),
-    A: T.Buffer((4, 4), "int8", offset_factor=1),
-    C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:16], P[0:16, 0:4], A[0:4, 0:4])
-        T.writes(C[0:16])
-        for i, f, j in T.grid(16, 4, 4):
-            with T.sblock("update"):
-                vi, vf, vj = T.axis.remap("SRR", [i, f, j])
-                C[vi] = C[vi] + decoded_field_term(P[vi, vj], A[vf, vj], vf)
+def _decoded_avx512() -> tuple[PrimFunc, PrimFunc]:
+    """Four vpdpbusd, one per decoded field."""
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        P: T.Buffer((16, 4), "uint8", offset_factor=1),
+        A: T.Buffer((4, 4), "int8", offset_factor=1),
+        C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], P[0:16, 0:4], A[0:4, 0:4])
+            T.writes(C[0:16])
+            # 16-bit shifts: the & 0x0303 drops the bits a shift brings in from the neighbour byte
+            p = T.reinterpret("uint16x32", P.vload([0, 0], "uint8x64"))
+            three = T.broadcast(T.uint16(0x0303), 32)
+            f0 = T.reinterpret("int8x64", T.bitwise_and(p, three))
+            f1 = T.reinterpret("int8x64", T.bitwise_and(T.shift_right(p, T.broadcast(T.uint16(2), 32)), three))
+            f2 = T.reinterpret("int8x64", T.bitwise_and(T.shift_right(p, T.broadcast(T.uint16(4), 32)), three))
+            f3 = T.reinterpret("int8x64", T.bitwise_and(T.shift_right(p, T.broadcast(T.uint16(6), 32)), three))
+            c0 = T.call_llvm_pure_intrin("int32x16", VPDPBUSD, C.vload([0], "int32x16"), f0, _broadcast_dword(A.vload([0, 0], "int8x4")))
+            c1 = T.call_llvm_pure_intrin("int32x16", VPDPBUSD, c0, f1, _broadcast_dword(A.vload([1, 0], "int8x4")))
+            c2 = T.call_llvm_pure_intrin("int32x16", VPDPBUSD, c1, f2, _broadcast_dword(A.vload([2, 0], "int8x4")))
+            C.vstore([0], T.call_llvm_pure_intrin("int32x16", VPDPBUSD, c2, f3, _broadcast_dword(A.vload([3, 0], "int8x4"))))
+
+    return _decoded_desc(), impl
 
 
-@T.prim_func(s_tir=True)
-def _decoded_impl(
-    P: T.Buffer((16, 4), "uint8", offset_factor=1),
-    A: T.Buffer((4, 4), "int8", offset_factor=1),
-    C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:16], P[0:16, 0:4], A[0:4, 0:4])
-        T.writes(C[0:16])
-        # 16-bit shifts: the & 0x0303 drops the bits a shift brings in from the neighbour byte
-        p = T.reinterpret("uint16x32", P.vload([0, 0], "uint8x64"))
-        three = T.broadcast(T.uint16(0x0303), 32)
-        f0 = T.reinterpret("int8x64", T.bitwise_and(p, three))
-        f1 = T.reinterpret("int8x64", T.bitwise_and(T.shift_right(p, T.broadcast(T.uint16(2), 32)), three))
-        f2 = T.reinterpret("int8x64", T.bitwise_and(T.shift_right(p, T.broadcast(T.uint16(4), 32)), three))
-        f3 = T.reinterpret("int8x64", T.bitwise_and(T.shift_right(p, T.broadcast(T.uint16(6), 32)), three))
-        c0 = T.call_llvm_pure_intrin("int32x16", VPDPBUSD, C.vload([0], "int32x16"), f0, _broadcast_dword(A.vload([0, 0], "int8x4")))
-        c1 = T.call_llvm_pure_intrin("int32x16", VPDPBUSD, c0, f1, _broadcast_dword(A.vload([1, 0], "int8x4")))
-        c2 = T.call_llvm_pure_intrin("int32x16", VPDPBUSD, c1, f2, _broadcast_dword(A.vload([2, 0], "int8x4")))
-        C.vstore([0], T.call_llvm_pure_intrin("int32x16", VPDPBUSD, c2, f3, _broadcast_dword(A.vload([3, 0], "int8x4"))))
+def _decoded_neon() -> tuple[PrimFunc, PrimFunc]:
+    """16 sdot: 4 fields x 4 registers of 4 rows."""
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        P: T.Buffer((16, 4), "uint8", offset_factor=1),
+        A: T.Buffer((4, 4), "int8", offset_factor=1),
+        C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], P[0:16, 0:4], A[0:4, 0:4])
+            T.writes(C[0:16])
+            for part in T.unroll(4):  # rows 4 * part .. 4 * part + 3: one q register of weights
+                p = T.meta_var(T.reinterpret("uint16x8", P.vload([part * 4, 0], "uint8x16")))
+                three = T.meta_var(T.broadcast(T.uint16(0x0303), 8))
+                acc = T.meta_var(C.vload([part * 4], "int32x4"))
+                c0 = T.meta_var(T.call_llvm_pure_intrin("int32x4", SDOT, acc, T.reinterpret("int8x16", T.bitwise_and(p, three)), _broadcast_q(A.vload([0, 0], "int8x4"))))
+                c1 = T.meta_var(T.call_llvm_pure_intrin("int32x4", SDOT, c0, _field(p, 2, three), _broadcast_q(A.vload([1, 0], "int8x4"))))
+                c2 = T.meta_var(T.call_llvm_pure_intrin("int32x4", SDOT, c1, _field(p, 4, three), _broadcast_q(A.vload([2, 0], "int8x4"))))
+                C.vstore([part * 4], T.call_llvm_pure_intrin("int32x4", SDOT, c2, _field(p, 6, three), _broadcast_q(A.vload([3, 0], "int8x4"))))
+
+    return _decoded_desc(), impl
 
 
-@T.prim_func(s_tir=True)
-def _decoded_neon_impl(
-    P: T.Buffer((16, 4), "uint8", offset_factor=1),
-    A: T.Buffer((4, 4), "int8", offset_factor=1),
-    C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:16], P[0:16, 0:4], A[0:4, 0:4])
-        T.writes(C[0:16])
-        for part in T.unroll(4):  # rows 4 * part .. 4 * part + 3: one q register of weights
-            p = T.meta_var(T.reinterpret("uint16x8", P.vload([part * 4, 0], "uint8x16")))
-            three = T.meta_var(T.broadcast(T.uint16(0x0303), 8))
-            acc = T.meta_var(C.vload([part * 4], "int32x4"))
-            c0 = T.meta_var(T.call_llvm_pure_intrin("int32x4", SDOT, acc, T.reinterpret("int8x16", T.bitwise_and(p, three)), _broadcast_q(A.vload([0, 0], "int8x4"))))
-            c1 = T.meta_var(T.call_llvm_pure_intrin("int32x4", SDOT, c0, _field(p, 2, three), _broadcast_q(A.vload([1, 0], "int8x4"))))
-            c2 = T.meta_var(T.call_llvm_pure_intrin("int32x4", SDOT, c1, _field(p, 4, three), _broadcast_q(A.vload([2, 0], "int8x4"))))
-            C.vstore([part * 4], T.call_llvm_pure_intrin("int32x4", SDOT, c2, _field(p, 6, three), _broadcast_q(A.vload([3, 0], "int8x4"))))
-
-
-TensorIntrin.register(FIELDS_INTRIN, _fields_desc, _fields_impl, override=True)
-TensorIntrin.register(DECODED_INTRINS["avx512"], _decoded_desc, _decoded_impl, override=True)
-TensorIntrin.register(DECODED_INTRINS["neon"], _decoded_desc, _decoded_neon_impl, override=True)
+declare(FIELDS_INTRIN, _fields)
+declare(DECODED_INTRINS["avx512"], _decoded_avx512)
+declare(DECODED_INTRINS["neon"], _decoded_neon)

@@ -20,11 +20,14 @@ let-bound vectors to heap workspaces.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from tvm import tirx
-from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
+from tvm.tirx import PrimFunc
+
+from . import declare
 
 
 PREFETCH_BYTES = 8192  # software prefetch distance of the weight stream (one per task)
@@ -87,7 +90,7 @@ def _lookup(isa: VectorISA, plane: tirx.PrimExpr, idx: tirx.PrimExpr) -> tirx.Pr
     return T.Shuffle(slices, list(range(isa.rows)))
 
 
-def _register(isa: VectorISA) -> None:
+def _lookup_intrin(isa: VectorISA) -> tuple[PrimFunc, PrimFunc]:
     rows, lanes = isa.rows, isa.rows // 16
     half = rows // 2
     u8v, i8v, i16v = f"uint8x{rows}", f"int8x{rows}", f"int16x{half}"
@@ -137,8 +140,8 @@ def _register(isa: VectorISA) -> None:
             C.vstore([1, 0, 0], C.vload([1, 0, 0], i16v) + second)
             T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", P.access_ptr("r", offset=PREFETCH_BYTES), T.int32(0), T.int32(3), T.int32(1)))
 
-    TensorIntrin.register(isa.intrin_name, desc, impl, override=True)
+    return desc, impl
 
 
 for _isa in VECTOR_ISAS.values():
-    _register(_isa)
+    declare(_isa.intrin_name, functools.partial(_lookup_intrin, _isa))

@@ -27,6 +27,7 @@ from bitnet_runtime.layout_dot2 import CHUNK
 from bitnet_runtime.memory import aligned_copy, aligned_zeros
 
 from ..errors import UserError
+from ..intrinsics import registered
 from ..intrinsics.dot2_products import DECODED_INTRINS, FIELDS_INTRIN, ROWS, decoded_field_term, masked_field_term
 from ..tuning.measure import Case, exact, exact_product
 from ..tuning.space import Constraint, SearchSpace
@@ -166,7 +167,7 @@ def schedule_gemv(func: tvm.tirx.PrimFunc, knobs: Dot2Knobs, isa: str = "avx512"
     chunk, unrolled = sch.split(pc, [None, knobs.k_unroll])
     sch.reorder(chunk, unrolled, *inner)
     sch.decompose_reduction(part, chunk)
-    sch.tensorize(at, intrin)
+    sch.tensorize(at, registered(intrin))
     sch.unroll(unrolled)
     sch.unroll(pnb)
     sch.vectorize(sch.get_loops(out)[-1])
@@ -187,7 +188,7 @@ def schedule_gemm(func: tvm.tirx.PrimFunc, knobs: Dot2Knobs, isa: str = "avx512"
     pt, pnb, pi, pc, pf, pj = sch.get_loops(part)[-6:]
     sch.reorder(pc, pnb, pt, pi, pf, pj)
     sch.decompose_reduction(part, pc)
-    sch.tensorize(pi, DECODED_INTRINS[isa])
+    sch.tensorize(pi, registered(DECODED_INTRINS[isa]))
     sch.unroll(pnb)
     sch.unroll(pt)
     sch.vectorize(sch.get_loops(out)[-1])

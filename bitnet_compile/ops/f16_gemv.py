@@ -32,7 +32,6 @@ from dataclasses import dataclass
 import numpy as np
 import tvm
 from tvm import te
-from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
 from bitnet_runtime import layout_f16
@@ -41,6 +40,7 @@ from bitnet_runtime.layout_f16 import ROWS
 from bitnet_runtime.memory import aligned_copy, aligned_zeros
 
 from ..errors import UserError
+from ..intrinsics import declare, registered
 from ..tuning.measure import Case
 from ..tuning.space import SearchSpace
 
@@ -49,38 +49,42 @@ PREFETCH_BYTES = 4096  # software prefetch distance of a tile's weight stream
 INTRIN = "bitnet_f16_fma_prefetch"
 
 
-@T.prim_func(s_tir=True)
-def _desc(
-    W: T.Buffer((ROWS,), "float16", offset_factor=1),
-    X: T.Buffer((1,), "float32", offset_factor=1),
-    C: T.Buffer((ROWS,), "float32", offset_factor=1, scope="local"),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:ROWS], W[0:ROWS], X[0:1])
-        T.writes(C[0:ROWS])
-        for lane in T.serial(ROWS):
-            with T.sblock("update"):
-                vl = T.axis.remap("S", [lane])
-                C[vl] = C[vl] + T.Cast("float32", W[vl]) * X[0]
+def _intrin() -> tuple[tvm.tirx.PrimFunc, tvm.tirx.PrimFunc]:
+    """One k step of 64 lanes: widen, fused multiply-add, prefetch both cache lines ahead."""
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        W: T.Buffer((ROWS,), "float16", offset_factor=1),
+        X: T.Buffer((1,), "float32", offset_factor=1),
+        C: T.Buffer((ROWS,), "float32", offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:ROWS], W[0:ROWS], X[0:1])
+            T.writes(C[0:ROWS])
+            for lane in T.serial(ROWS):
+                with T.sblock("update"):
+                    vl = T.axis.remap("S", [lane])
+                    C[vl] = C[vl] + T.Cast("float32", W[vl]) * X[0]
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        W: T.Buffer((ROWS,), "float16", offset_factor=1),
+        X: T.Buffer((1,), "float32", offset_factor=1),
+        C: T.Buffer((ROWS,), "float32", offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:ROWS], W[0:ROWS], X[0:1])
+            T.writes(C[0:ROWS])
+            weights = T.meta_var(T.Cast("float32x64", W.vload([0], "float16x64")))
+            C.vstore([0], C.vload([0], "float32x64") + weights * T.broadcast(X[0], ROWS))
+            for line in T.unroll(2):  # one k step is 128 bytes: both its cache lines (offsets in float16 elements)
+                ahead = T.meta_var(W.access_ptr("r", offset=(PREFETCH_BYTES + 64 * line) // 2))
+                T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", ahead, T.int32(0), T.int32(3), T.int32(1)))
+
+    return desc, impl
 
 
-@T.prim_func(s_tir=True)
-def _impl(
-    W: T.Buffer((ROWS,), "float16", offset_factor=1),
-    X: T.Buffer((1,), "float32", offset_factor=1),
-    C: T.Buffer((ROWS,), "float32", offset_factor=1, scope="local"),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:ROWS], W[0:ROWS], X[0:1])
-        T.writes(C[0:ROWS])
-        weights = T.meta_var(T.Cast("float32x64", W.vload([0], "float16x64")))
-        C.vstore([0], C.vload([0], "float32x64") + weights * T.broadcast(X[0], ROWS))
-        for line in T.unroll(2):  # one k step is 128 bytes: both its cache lines (offsets in float16 elements)
-            ahead = T.meta_var(W.access_ptr("r", offset=(PREFETCH_BYTES + 64 * line) // 2))
-            T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", ahead, T.int32(0), T.int32(3), T.int32(1)))
-
-
-TensorIntrin.register(INTRIN, _desc, _impl, override=True)
+declare(INTRIN, _intrin)
 
 
 @dataclass(frozen=True)
@@ -149,7 +153,7 @@ def schedule(func: tvm.tirx.PrimFunc, k: int, knobs: F16Knobs) -> tvm.s_tir.Sche
     sch.reorder(r, r_inner, lane)
     if knobs.prefetch:
         sch.decompose_reduction(out, r)
-        sch.tensorize(lane, INTRIN)
+        sch.tensorize(lane, registered(INTRIN))
     else:
         sch.vectorize(lane)
         sch.decompose_reduction(out, r)

@@ -36,12 +36,12 @@ run in parallel; each task streams its tiles' weights contiguously.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 import tvm
 from tvm import te
-from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
 from bitnet_runtime import layout_i8
@@ -50,6 +50,7 @@ from bitnet_runtime.layout_i8 import CHUNK, ROWS, SHIFT
 from bitnet_runtime.memory import aligned_copy, aligned_zeros
 
 from ..errors import UserError
+from ..intrinsics import declare, registered
 from ..tuning.measure import Case, exact
 from ..tuning.space import SearchSpace
 
@@ -130,36 +131,40 @@ def _broadcast_dword(a4, lanes: int):
     return T.Shuffle([a4] * (lanes // CHUNK), list(range(lanes)))
 
 
-@T.prim_func(s_tir=True)
-def _vnni_desc(
-    P: T.Buffer((16, 4), "int8", offset_factor=1),
-    A: T.Buffer((4,), "int8", offset_factor=1),
-    C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:16], P[0:16, 0:4], A[0:4])
-        T.writes(C[0:16])
-        for i, j in T.grid(16, 4):
-            with T.sblock("update"):
-                vi, vj = T.axis.remap("SR", [i, j])
-                C[vi] = C[vi] + shifted_term(P[vi, vj], A[vj])
+def _vnni() -> tuple[tvm.tirx.PrimFunc, tvm.tirx.PrimFunc]:
+    """16 rows x 4 weights in one vpdpbusd, activations shifted to unsigned."""
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        P: T.Buffer((16, 4), "int8", offset_factor=1),
+        A: T.Buffer((4,), "int8", offset_factor=1),
+        C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], P[0:16, 0:4], A[0:4])
+            T.writes(C[0:16])
+            for i, j in T.grid(16, 4):
+                with T.sblock("update"):
+                    vi, vj = T.axis.remap("SR", [i, j])
+                    C[vi] = C[vi] + shifted_term(P[vi, vj], A[vj])
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        P: T.Buffer((16, 4), "int8", offset_factor=1),
+        A: T.Buffer((4,), "int8", offset_factor=1),
+        C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], P[0:16, 0:4], A[0:4])
+            T.writes(C[0:16])
+            acts = T.meta_var(T.bitwise_xor(_broadcast_dword(A.vload([0], "int8x4"), 64), T.broadcast(T.int8(-128), 64)))
+            C.vstore([0], T.call_llvm_pure_intrin("int32x16", VPDPBUSD, C.vload([0], "int32x16"), acts, P.vload([0, 0], "int8x64")))
+            T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", P.access_ptr("r", offset=PREFETCH_BYTES), T.int32(0), T.int32(3), T.int32(1)))
+
+    return desc, impl
 
 
-@T.prim_func(s_tir=True)
-def _vnni_impl(
-    P: T.Buffer((16, 4), "int8", offset_factor=1),
-    A: T.Buffer((4,), "int8", offset_factor=1),
-    C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:16], P[0:16, 0:4], A[0:4])
-        T.writes(C[0:16])
-        acts = T.meta_var(T.bitwise_xor(_broadcast_dword(A.vload([0], "int8x4"), 64), T.broadcast(T.int8(-128), 64)))
-        C.vstore([0], T.call_llvm_pure_intrin("int32x16", VPDPBUSD, C.vload([0], "int32x16"), acts, P.vload([0, 0], "int8x64")))
-        T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", P.access_ptr("r", offset=PREFETCH_BYTES), T.int32(0), T.int32(3), T.int32(1)))
-
-
-def _register_pmaddwd(isa: str) -> None:
+def _pmaddwd(isa: str) -> tuple[tvm.tirx.PrimFunc, tvm.tirx.PrimFunc]:
     intrin, lanes = PMADDWD[isa]  # int16 lanes per register; one call covers lanes // 4 rows
     rows = lanes // CHUNK
     i8v, i16v, i32v = f"int8x{lanes}", f"int16x{lanes}", f"int32x{lanes // 2}"
@@ -193,43 +198,47 @@ def _register_pmaddwd(isa: str) -> None:
                 C.vstore([part * rows, 0], C.vload([part * rows, 0], i32v) + T.call_llvm_pure_intrin(i32v, intrin, w, acts))
             T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", P.access_ptr("r", offset=PREFETCH_BYTES), T.int32(0), T.int32(3), T.int32(1)))
 
-    TensorIntrin.register(PMADDWD_INTRIN[isa], desc, impl, override=True)
+    return desc, impl
 
 
-@T.prim_func(s_tir=True)
-def _sdot_desc(
-    P: T.Buffer((16, 4), "int8", offset_factor=1),
-    A: T.Buffer((4,), "int8", offset_factor=1),
-    C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:16], P[0:16, 0:4], A[0:4])
-        T.writes(C[0:16])
-        for i, j in T.grid(16, 4):
-            with T.sblock("update"):
-                vi, vj = T.axis.remap("SR", [i, j])
-                C[vi] = C[vi] + T.Cast("int32", P[vi, vj]) * T.Cast("int32", A[vj])
+def _sdot() -> tuple[tvm.tirx.PrimFunc, tvm.tirx.PrimFunc]:
+    """16 rows x 4 weights in four sdot, signed by signed (no shift)."""
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        P: T.Buffer((16, 4), "int8", offset_factor=1),
+        A: T.Buffer((4,), "int8", offset_factor=1),
+        C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], P[0:16, 0:4], A[0:4])
+            T.writes(C[0:16])
+            for i, j in T.grid(16, 4):
+                with T.sblock("update"):
+                    vi, vj = T.axis.remap("SR", [i, j])
+                    C[vi] = C[vi] + T.Cast("int32", P[vi, vj]) * T.Cast("int32", A[vj])
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        P: T.Buffer((16, 4), "int8", offset_factor=1),
+        A: T.Buffer((4,), "int8", offset_factor=1),
+        C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], P[0:16, 0:4], A[0:4])
+            T.writes(C[0:16])
+            acts = T.meta_var(_broadcast_dword(A.vload([0], "int8x4"), 16))
+            for part in T.unroll(4):
+                C.vstore([part * 4], T.call_llvm_pure_intrin("int32x4", SDOT, C.vload([part * 4], "int32x4"), P.vload([part * 4, 0], "int8x16"), acts))
+            T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", P.access_ptr("r", offset=PREFETCH_BYTES), T.int32(0), T.int32(3), T.int32(1)))
+
+    return desc, impl
 
 
-@T.prim_func(s_tir=True)
-def _sdot_impl(
-    P: T.Buffer((16, 4), "int8", offset_factor=1),
-    A: T.Buffer((4,), "int8", offset_factor=1),
-    C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:16], P[0:16, 0:4], A[0:4])
-        T.writes(C[0:16])
-        acts = T.meta_var(_broadcast_dword(A.vload([0], "int8x4"), 16))
-        for part in T.unroll(4):
-            C.vstore([part * 4], T.call_llvm_pure_intrin("int32x4", SDOT, C.vload([part * 4], "int32x4"), P.vload([part * 4, 0], "int8x16"), acts))
-        T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", P.access_ptr("r", offset=PREFETCH_BYTES), T.int32(0), T.int32(3), T.int32(1)))
-
-
-TensorIntrin.register(VNNI_INTRIN, _vnni_desc, _vnni_impl, override=True)
-TensorIntrin.register(SDOT_INTRIN, _sdot_desc, _sdot_impl, override=True)
+declare(VNNI_INTRIN, _vnni)
+declare(SDOT_INTRIN, _sdot)
 for _isa in PMADDWD:
-    _register_pmaddwd(_isa)
+    declare(PMADDWD_INTRIN[_isa], functools.partial(_pmaddwd, _isa))
 
 
 # ----------------------------------------------------------------------------- compute
@@ -305,7 +314,7 @@ def schedule(func: tvm.tirx.PrimFunc, variant: str, chunks: int, knobs: I8Knobs)
     else:
         sch.reorder(npass, co, ci, g, ii, j)
     sch.decompose_reduction(part, co)
-    sch.tensorize(ii, intrin)
+    sch.tensorize(ii, registered(intrin))
     sch.unroll(ci)
     sch.unroll(g)
     _, lane = sch.split(sch.get_loops(out)[-1], [None, 16])

@@ -24,6 +24,7 @@ from bitnet_runtime.layout import GROUP
 from bitnet_runtime.memory import aligned_copy, aligned_zeros
 
 from ..errors import UserError
+from ..intrinsics import registered
 from ..intrinsics.lut_shuffle import VECTOR_ISAS, VectorISA, lookup_term
 from ..tuning.measure import Case, exact, exact_product
 from ..tuning.space import Constraint, SearchSpace
@@ -126,7 +127,7 @@ def schedule(func: tvm.tirx.PrimFunc, isa: VectorISA, knobs: LutKnobs, gemv: boo
     ph, pl, pi, pjj, pe = sch.get_loops(part)[-5:]
     sch.reorder(pjj, ph, pl, pi, pe)
     sch.decompose_reduction(part, pjj)
-    sch.tensorize(ph, isa.intrin_name)
+    sch.tensorize(ph, registered(isa.intrin_name))
     widen = sch.fuse(*sch.get_loops(out)[-3:])
     sch.vectorize(widen)
     if gemv:
