@@ -173,3 +173,22 @@ def test_intrinsics_are_parsed_only_when_a_schedule_needs_them():
     seconds slower; a fresh process must parse none until it tensorizes, then just that one."""
     done = subprocess.run([sys.executable, "-c", _LAZY_INTRINSICS], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr
+
+
+
+def _zero_knob_cases():
+    from bitnet_compile.ops import dot2_matmul, f16_gemv, gpu_matmul, i8_gemv
+
+    return [
+        (lambda: lut_matmul.LutKnobs(row_blocks_per_task=0).check(), "row_blocks_per_task"),
+        (lambda: dot2_matmul.Dot2Knobs(k_unroll=0).check(True), "k_unroll"),
+        (lambda: gpu_matmul.GpuKnobs(k_split=0).check(True), "k_split"),
+        (lambda: i8_gemv.I8Knobs(k_unroll=0).check(), "k_unroll"),
+        (lambda: f16_gemv.F16Knobs(k_unroll=0).check(), "k_unroll"),
+    ]
+
+
+@pytest.mark.parametrize("check,name", _zero_knob_cases())
+def test_a_zero_count_knob_is_a_one_line_error_naming_it(check, name):
+    with pytest.raises(UserError, match=f"^knob {name}=0 must be >= 1$"):
+        check()

@@ -30,7 +30,7 @@ from ..errors import UserError
 from ..intrinsics import registered
 from ..intrinsics.dot2_products import DECODED_INTRINS, FIELDS_INTRIN, ROWS, decoded_field_term, masked_field_term
 from ..tuning.measure import Case, exact, exact_product
-from ..tuning.space import Constraint, SearchSpace
+from ..tuning.space import Constraint, SearchSpace, require_positive
 
 reference = _reference.ternary_matmul
 
@@ -51,9 +51,7 @@ class Dot2Knobs:
     token_tile: int = 8
 
     def check(self, gemv: bool) -> None:
-        for name in ("row_blocks", "k_unroll", "token_tile"):
-            if getattr(self, name) < 1:
-                raise UserError(f"knob {name}={getattr(self, name)} must be >= 1")
+        require_positive(self, "row_blocks", "k_unroll", "token_tile")
         if not gemv and self.row_blocks * self.token_tile > 24:
             raise UserError(f"knobs row_blocks * token_tile = {self.row_blocks * self.token_tile} exceed the 24 accumulator registers")
 

@@ -39,10 +39,9 @@ from bitnet_runtime import reference as _reference
 from bitnet_runtime.layout_f16 import ROWS
 from bitnet_runtime.memory import aligned_copy, aligned_zeros
 
-from ..errors import UserError
 from ..intrinsics import declare, registered
 from ..tuning.measure import Case
-from ..tuning.space import SearchSpace
+from ..tuning.space import SearchSpace, require_positive
 
 reference = _reference.f16_gemv
 PREFETCH_BYTES = 4096  # software prefetch distance of a tile's weight stream
@@ -97,8 +96,7 @@ class F16Knobs:
     prefetch: bool = True
 
     def check(self) -> None:
-        if self.k_unroll < 1:
-            raise UserError(f"knob k_unroll={self.k_unroll} must be >= 1")
+        require_positive(self, "k_unroll")
 
     def unroll_for(self, k: int) -> int:
         return max(d for d in range(1, self.k_unroll + 1) if k % d == 0)

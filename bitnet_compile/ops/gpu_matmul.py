@@ -39,7 +39,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import tvm
 from tvm import te, tirx
 
@@ -49,7 +48,7 @@ from bitnet_runtime.layout import round_up
 from bitnet_runtime.layout_dot2 import CHUNK, ROWS
 
 from ..errors import UserError
-from ..tuning.space import Constraint, SearchSpace
+from ..tuning.space import Constraint, SearchSpace, require_positive
 
 reference = _reference.ternary_matmul
 
@@ -77,9 +76,7 @@ class GpuKnobs:
     token_tile: int = 8
 
     def check(self, gemv: bool) -> None:
-        for name in ("rows_per_block", "k_split", "token_tile"):
-            if getattr(self, name) < 1:
-                raise UserError(f"knob {name}={getattr(self, name)} must be >= 1")
+        require_positive(self, "rows_per_block", "k_split", "token_tile")
         threads = self.rows_per_block * (self.k_split if gemv else 1)
         if threads > MAX_THREADS:
             raise UserError(f"knobs give {threads} threads per block, more than {MAX_THREADS}")

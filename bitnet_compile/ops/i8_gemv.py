@@ -52,7 +52,7 @@ from bitnet_runtime.memory import aligned_copy, aligned_zeros
 from ..errors import UserError
 from ..intrinsics import declare, registered
 from ..tuning.measure import Case, exact
-from ..tuning.space import SearchSpace
+from ..tuning.space import SearchSpace, require_positive
 
 reference = _reference.i8_gemv
 GROUP = 16  # rows per intrinsic call: one zmm of int32, one 64-byte cache line of weights
@@ -94,8 +94,7 @@ class I8Knobs:
     groups_per_pass: int = 4
 
     def check(self) -> None:
-        if self.k_unroll < 1:
-            raise UserError(f"knob k_unroll={self.k_unroll} must be >= 1")
+        require_positive(self, "k_unroll")
         if self.groups_per_pass not in (1, 2, 4):
             raise UserError(f"knob groups_per_pass={self.groups_per_pass} must be 1, 2 or 4")
 

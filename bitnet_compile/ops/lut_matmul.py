@@ -27,7 +27,7 @@ from ..errors import UserError
 from ..intrinsics import registered
 from ..intrinsics.lut_shuffle import VECTOR_ISAS, VectorISA, lookup_term
 from ..tuning.measure import Case, exact, exact_product
-from ..tuning.space import Constraint, SearchSpace
+from ..tuning.space import Constraint, SearchSpace, require_positive
 
 reference = _reference.ternary_matmul
 MAX_KBLOCK = 63  # int16 partial sums: 63 groups * 512 < 32768
@@ -49,8 +49,7 @@ class LutKnobs:
     def check(self) -> None:
         if not 1 <= self.kblock <= MAX_KBLOCK:
             raise UserError(f"knob kblock={self.kblock} out of range 1..{MAX_KBLOCK} (int16 partial sums would overflow)")
-        if self.row_blocks_per_task < 1:
-            raise UserError(f"knob row_blocks_per_task={self.row_blocks_per_task} must be >= 1")
+        require_positive(self, "row_blocks_per_task")
 
 
 # What the tuner explores (GEMV and GEMM alike); ``rows`` is the ISA's rows per block. A kblock

@@ -8,6 +8,16 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from ..errors import UserError
+
+
+def require_positive(knobs: object, *names: str) -> None:
+    """Knobs reach a kernel from records, defaults.json and the command line, so each count
+    (unrolls, blocks, splits) is checked before it can become a zero-trip loop or a split by 0."""
+    for name in names:
+        if getattr(knobs, name) < 1:
+            raise UserError(f"knob {name}={getattr(knobs, name)} must be >= 1")
+
 
 @dataclass(frozen=True)
 class Constraint:
