@@ -1,25 +1,225 @@
-"""The artifact's ``manifest.json``: what is in the library, for which CPU, in which layout.
+"""The artifact's ``manifest.json``, typed: what is in the library, for which CPU, in which layout.
 
-Read and checked before anything is loaded, so a wrong or damaged artifact is a one-line
-error instead of a crash inside native code.
+The compiler builds a ``Manifest`` and writes ``to_json()``; the runtime reads it back with
+``read_manifest``, which checks every field's type before anything is loaded, so a wrong or
+damaged artifact is a one-line error instead of a crash inside native code. A manifest of
+another format version is refused with the command that rebuilds it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .errors import UserError
 
-FORMAT_VERSION = 2  # 2: dequantize takes one weight scale per output row
+FORMAT_VERSION = 3  # 3: typed manifest, kernel knobs only those the kernel has; 2: per-row weight scales
 MANIFEST_FILE = "manifest.json"
 LIBRARY_FILE = "kernels.so"
 RUNTIME_LIBRARY_FILE = "libtvm_runtime.so"
 CUDA_SOURCE_FILE = "kernels.cu"  # CUDA artifacts: the generated source, for reading (the library has the fatbin)
 METAL_SOURCE_FILE = "kernels.metal"  # Metal artifacts: the kernels, as Metal Shading Language
-REQUIRED_FIELDS = ("format_version", "target", "required_cpu_features", "family", "library", "runtime_library", "kernels", "linears")
 KERNEL_OPS = ("quantize", "lut_table", "lut_gemv", "lut_gemm", "dot2_gemv", "dot2_gemm", "gpu2_gemv", "gpu2_gemm", "dequantize", "f16_gemv", "i8_gemv")
+REBUILD = "rebuild it with bitnet-compile (e.g. bitnet-compile --target TARGET --model MODEL -o DIR)"
+
+
+class _Reader:
+    """Typed access to one JSON object of the manifest; errors name the field's path."""
+
+    def __init__(self, data: Any, where: str):
+        if not isinstance(data, dict):
+            raise UserError(f"manifest is corrupted: {where} is not a JSON object")
+        self.data, self.where = data, where
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ..., none: bool = False) -> Any:
+        if key not in self.data:
+            if default is ...:
+                raise UserError(f"manifest is corrupted: {self.where}.{key} is missing")
+            return default
+        value = self.data[key]
+        if value is None and none:
+            return None
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, (int, str))):
+            raise UserError(f"manifest is corrupted: {self.where}.{key} has the wrong type ({type(value).__name__})")
+        return value
+
+    def obj(self, key: str, none: bool = False) -> "_Reader | None":
+        value = self.get(key, dict, none=none)
+        return None if value is None else _Reader(value, f"{self.where}.{key}")
+
+    def objects(self, key: str, default: Any = ...) -> list["_Reader"]:
+        items = self.get(key, list, default)
+        return [_Reader(item, f"{self.where}.{key}[{i}]") for i, item in enumerate(items)]
+
+    def str_map(self, key: str) -> dict[str, str]:
+        value = self.get(key, dict)
+        if not all(isinstance(v, str) for v in value.values()):
+            raise UserError(f"manifest is corrupted: {self.where}.{key} must map names to strings")
+        return dict(value)
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """A file of the artifact directory and its sha256 (checked before it is loaded)."""
+
+    file: str
+    sha256: str
+
+    @classmethod
+    def from_json(cls, r: _Reader) -> "FileEntry":
+        return cls(r.get("file", str), r.get("sha256", str))
+
+
+@dataclass(frozen=True)
+class KernelEntry:
+    """One compiled kernel: its symbol, operator, padded shape, schedule knobs and their source."""
+
+    name: str
+    op: str
+    shape: dict[str, Any]
+    knobs: dict[str, Any] = field(default_factory=dict)
+    knob_source: str = "fixed"
+
+    @classmethod
+    def from_json(cls, r: _Reader) -> "KernelEntry":
+        op = r.get("op", str)
+        if op not in KERNEL_OPS:
+            raise UserError(f"manifest is corrupted: {r.where}.op {op!r} is not a kernel this runtime knows ({', '.join(KERNEL_OPS)})")
+        return cls(r.get("name", str), op, r.get("shape", dict), r.get("knobs", dict, {}), r.get("knob_source", str, "fixed"))
+
+
+@dataclass(frozen=True)
+class LinearEntry:
+    """A ternary linear layer's shape, padding, weight layout and the kernels that compute it."""
+
+    name: str
+    n: int
+    k: int
+    n_padded: int
+    k_padded: int
+    layout: str
+    layout_params: dict[str, Any]
+    kernels: dict[str, str]
+
+    @classmethod
+    def from_json(cls, r: _Reader) -> "LinearEntry":
+        sizes = [r.get(key, int) for key in ("n", "k", "n_padded", "k_padded")]
+        return cls(r.get("name", str), *sizes, r.get("layout", str), r.get("layout_params", dict), r.str_map("kernels"))
+
+    @property
+    def shape(self) -> dict[str, int]:
+        return {"n": self.n, "k": self.k, "n_padded": self.n_padded, "k_padded": self.k_padded}
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """One output-layer format (f16, i8): its weight layout, kernels and padding where it pads."""
+
+    layout: str
+    kernels: dict[str, str]
+    n_padded: int | None = None
+    k_padded: int | None = None
+
+    @classmethod
+    def from_json(cls, r: _Reader) -> "OutputFormat":
+        return cls(r.get("layout", str), r.str_map("kernels"), r.get("n_padded", int, None, none=True), r.get("k_padded", int, None, none=True))
+
+
+@dataclass(frozen=True)
+class OutputLayer:
+    """The [vocab, hidden] output layer's kernels, by format."""
+
+    n: int
+    k: int
+    formats: dict[str, OutputFormat]
+
+    @classmethod
+    def from_json(cls, r: _Reader) -> "OutputLayer":
+        formats = r.obj("formats")
+        return cls(r.get("n", int), r.get("k", int), {name: OutputFormat.from_json(formats.obj(name)) for name in formats.data})
+
+
+@dataclass(frozen=True)
+class Device:
+    """A GPU artifact's device code: kind (cuda, metal), arch, code form, launch geometry and
+    (Metal) buffer bindings per kernel."""
+
+    kind: str
+    code: str
+    launch: dict[str, Any]
+    arch: str | None = None
+    arguments: dict[str, Any] | None = None
+
+    @classmethod
+    def from_json(cls, r: _Reader) -> "Device":
+        return cls(r.get("kind", str), r.get("code", str), r.get("launch", dict), r.get("arch", str, None, none=True), r.get("arguments", dict, None, none=True))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything the runtime needs to know before it loads native code."""
+
+    created: str
+    compiler: dict[str, str]
+    model: str | None
+    target: dict[str, Any]  # TargetSpec.to_json(): kind, arch, triple, mcpu, isa, features, ...
+    required_cpu_features: tuple[str, ...]
+    family: str
+    library: FileEntry
+    runtime_library: FileEntry | None
+    kernels: tuple[KernelEntry, ...]
+    linears: tuple[LinearEntry, ...]
+    output_layer: OutputLayer | None = None
+    device_libraries: tuple[FileEntry, ...] = ()
+    sources: tuple[FileEntry, ...] = ()
+    device: Device | None = None
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def device_kind(self) -> str:
+        return self.device.kind if self.device else "cpu"
+
+    def kernel(self, name: str) -> KernelEntry | None:
+        return next((k for k in self.kernels if k.name == name), None)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["format_version"] = self.format_version
+        return data
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, data: Any) -> "Manifest":
+        r = _Reader(data, "manifest")
+        version = r.data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise UserError(f"artifact has manifest format version {version!r}; this runtime reads version {FORMAT_VERSION}: {REBUILD}")
+        features = r.get("required_cpu_features", list)
+        if not all(isinstance(f, str) for f in features):
+            raise UserError("manifest is corrupted: manifest.required_cpu_features must be a list of strings")
+        runtime_library, output_layer, device = r.obj("runtime_library", none=True), r.obj("output_layer", none=True), r.obj("device", none=True)
+        return cls(
+            created=r.get("created", str),
+            compiler=r.get("compiler", dict),
+            model=r.get("model", str, None, none=True),
+            target=r.get("target", dict),
+            required_cpu_features=tuple(features),
+            family=r.get("family", str),
+            library=FileEntry.from_json(r.obj("library")),
+            runtime_library=runtime_library and FileEntry.from_json(runtime_library),
+            kernels=tuple(KernelEntry.from_json(k) for k in r.objects("kernels")),
+            linears=tuple(LinearEntry.from_json(e) for e in r.objects("linears")),
+            output_layer=output_layer and OutputLayer.from_json(output_layer),
+            device_libraries=tuple(FileEntry.from_json(f) for f in r.objects("device_libraries", [])),
+            sources=tuple(FileEntry.from_json(f) for f in r.objects("sources", [])),
+            device=device and Device.from_json(device),
+            format_version=version,
+        )
 
 
 def file_sha256(path: Path) -> str:
@@ -30,26 +230,17 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_manifest(artifact_dir: Path) -> dict:
+def read_manifest(artifact_dir: Path) -> Manifest:
     path = artifact_dir / MANIFEST_FILE
     if not artifact_dir.is_dir():
         raise UserError(f"artifact directory {artifact_dir} does not exist")
     if not path.is_file():
         raise UserError(f"{path} is missing: not an artifact, or its build did not finish")
     try:
-        manifest = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UserError(f"{path} is corrupted: {err}") from None
-    if not isinstance(manifest, dict):
-        raise UserError(f"{path} is corrupted: not a JSON object")
-    missing = [f for f in REQUIRED_FIELDS if f not in manifest]
-    if missing:
-        raise UserError(f"{path} is corrupted: missing {', '.join(missing)}")
-    if manifest["format_version"] != FORMAT_VERSION:
-        raise UserError(
-            f"{path} has format version {manifest['format_version']!r}; this runtime reads version {FORMAT_VERSION}: rebuild the artifact"
-        )
-    for kernel in manifest["kernels"]:
-        if not isinstance(kernel, dict) or kernel.get("op") not in KERNEL_OPS or "name" not in kernel or "shape" not in kernel:
-            raise UserError(f"{path} is corrupted: bad kernel entry {kernel!r:.80}")
-    return manifest
+    try:
+        return Manifest.from_json(data)
+    except UserError as err:
+        raise UserError(f"{path}: {err}") from None
