@@ -40,12 +40,12 @@ WITHIN = 0.05
 
 def exhaustive(op: str, n: int, k: int, threads: int, target) -> tuple[dict[str, float], dict[str, dict]]:
     """Kernel key -> seconds, and kernel key -> knobs, for every distinct kernel of the space."""
-    from bitnet_compile.tuning import templates
-    from bitnet_compile.tuning.measure import stream_bytes
+    from bitnet_compile.ops import registry
+    from bitnet_compile.measure import stream_bytes
     from bitnet_compile.tuning.study import CONFIRM_REPEATS, CONFIRM_ROUNDS
     from bitnet_compile.tuning.worker import Worker
 
-    template = templates.get(op)
+    template = registry.get_tunable(op)
     distinct: dict[str, dict] = {}
     for point in template.space.points(template.names(n, k, target, threads)):
         _, built = template.shape(n, k, point, target)
@@ -76,9 +76,9 @@ def replay(op: str, n: int, k: int, threads: int, target, table: dict[str, float
 
     from bitnet_compile import schedule_db
     from bitnet_compile.tuning import study as study_mod
-    from bitnet_compile.tuning import templates
+    from bitnet_compile.ops import registry
 
-    spec = study_mod.StudySpec(templates.get(op), n, k, threads, target)
+    spec = study_mod.StudySpec(registry.get_tunable(op), n, k, threads, target)
     s = study_mod.Study(spec, optuna.storages.InMemoryStorage(), schedule_db.default_knobs(op, target.isa), seed=seed)
     worker = TableWorker(s, table)
     stuck = 0
@@ -108,9 +108,9 @@ def real_tune(op: str, n: int, k: int, budget: int, table: dict[str, float]) -> 
         (path,) = Path(tmp).glob("*.json")
         (record,) = json.loads(path.read_text())["records"].values()
     from bitnet_compile.target import parse_target
-    from bitnet_compile.tuning import templates
+    from bitnet_compile.ops import registry
 
-    template, target = templates.get(op), parse_target("llvm -mcpu=native")
+    template, target = registry.get_tunable(op), parse_target("llvm -mcpu=native")
     _, built = template.shape(n, k, record["best"]["knobs"], target)
     key = json.dumps(built, sort_keys=True)
     return {"knobs": record["best"]["knobs"], "seconds": table[key], "ratio": table[key] / min(table.values())}
@@ -124,7 +124,9 @@ def check_records(model: str, target, threads: int, only: str | None = None) -> 
     """Markdown rows: each kernel shape's default and record pick against its exhaustive
     optimum; and the exhaustive tables (knobs -> seconds) by record key."""
     from bitnet_compile import schedule_db
-    from bitnet_compile.tuning import records, templates, views
+    from bitnet_compile import records
+    from bitnet_compile.ops import registry
+    from bitnet_compile.tuning import views
     from bitnet_compile.tuning.command import plan_work
 
     args = argparse.Namespace(model=model, shapes=None, kernels=None, family="auto")
@@ -132,7 +134,7 @@ def check_records(model: str, target, threads: int, only: str | None = None) -> 
     data = records.read(records.path_for(records.fingerprint(target)))["records"]
     rows, tables = [], {}
     for item in work:
-        template = templates.get(item.op)
+        template = registry.get_tunable(item.op)
         key = records.record_key(item.op, template.version, template.layout, item.n, item.k, threads)
         if only and only not in key:
             continue
@@ -164,14 +166,15 @@ def main() -> int:
     args = p.parse_args()
     from bitnet_compile import schedule_db
     from bitnet_compile.target import parse_target
-    from bitnet_compile.tuning import templates, views
-    from bitnet_compile.tuning.measure import cpu_model
+    from bitnet_compile.ops import registry
+    from bitnet_compile.tuning import views
+    from bitnet_compile.measure import cpu_model
 
     target = parse_target("llvm -mcpu=native")
     threads = args.threads or target.num_cores
     n, k = (int(v) for v in args.shape.lower().split("x"))
     if args.table:
-        template = templates.get(args.kernel)
+        template = registry.get_tunable(args.kernel)
         points = [json.loads(point) for point in json.loads(args.table.read_text())["table"]]
         seconds = list(json.loads(args.table.read_text())["table"].values())
         distinct = {_key(template, n, k, point, target): point for point in points}
@@ -180,7 +183,7 @@ def main() -> int:
         table, distinct = exhaustive(args.kernel, n, k, threads, target)
     optimum = min(table.values())
     best_key = min(table, key=table.get)
-    template = templates.get(args.kernel)
+    template = registry.get_tunable(args.kernel)
     _, default_built = template.shape(n, k, schedule_db.default_knobs(args.kernel, target.isa), target)
     default_key = json.dumps(default_built, sort_keys=True)
     budget = max(2, math.ceil(BUDGET * len(table)))

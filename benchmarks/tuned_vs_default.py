@@ -32,7 +32,7 @@ def artifacts(model: str, records: str | None) -> str:
     """The cached artifact for ``model`` on this CPU with ``records`` as the records directory."""
     from bitnet_compile.model_artifact import for_model
     from bitnet_compile.target import parse_target
-    from bitnet_compile.tuning.records import RECORDS_ENV
+    from bitnet_compile.records import RECORDS_ENV
 
     saved = os.environ.get(RECORDS_ENV)
     if records is None:
@@ -80,7 +80,7 @@ def main() -> int:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
     from bitnet_compile.isolation import module_command
-    from bitnet_compile.tuning.measure import cpu_model
+    from bitnet_compile.measure import cpu_model
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = {"tuned": artifacts(args.model, None), "default": artifacts(args.model, str(Path(tmp) / "no-records"))}

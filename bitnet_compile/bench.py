@@ -4,7 +4,7 @@ machine's DRAM read bandwidth, on a model's linear shapes; print a Markdown repo
 Why it is built this way:
 - Every kernel family the target can run (``lut``, and ``dot2`` where VNNI exists) is timed,
   each beside the same int8 baseline on the same weights and tokens. Family kernels come from
-  ``artifact.plan``, so they are exactly what an artifact holds; with the baseline and the
+  ``plan.plan``, so they are exactly what an artifact holds; with the baseline and the
   read-only bandwidth kernel they are compiled once into one library in a temporary directory.
 - TVM's thread pool takes its size from TVM_NUM_THREADS once, at first use, so each thread
   count is measured in its own process (``python -m bitnet_compile.bench --worker DIR
@@ -37,8 +37,8 @@ from bitnet_runtime import services
 
 from .errors import UserError
 from .models import Linear
-from .tuning.measure import WARM_MS, cpu_model, l3_bytes, time_cached, time_streamed, weight_rotation
-from .tuning.measure import stream_bytes as default_stream_bytes
+from .measure import WARM_MS, cpu_model, l3_bytes, time_cached, time_streamed, weight_rotation
+from .measure import stream_bytes as default_stream_bytes
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from .families import Family
@@ -67,13 +67,13 @@ def families_for(target: TargetSpec) -> list[Family]:
 def build(target: TargetSpec, linears: list[Linear], out_dir: Path, tokens: int, repeat: int, stream_bytes: int) -> dict:
     """Compile every kernel into ``out_dir/LIBRARY`` and describe the work in ``out_dir/SPEC``.
 
-    Family kernels come from ``artifact.plan``, so they have exactly the names, padded shapes
+    Family kernels come from ``plan.plan``, so they have exactly the names, padded shapes
     and knobs an artifact would give them; quantize/dequantize are left out (not timed here).
     """
     import tvm
 
-    from . import artifact
-    from .ops import bandwidth, int8_matmul
+    from .ops import bandwidth, int8_matmul, registry
+    from .plan import plan
 
     families = families_for(target)
     if not families:
@@ -81,11 +81,13 @@ def build(target: TargetSpec, linears: list[Linear], out_dir: Path, tokens: int,
     funcs: dict = {}
     work = [{"name": lin.name, "n": lin.n, "k": lin.k, "kernels": {}} for lin in linears]
     for family in families:
-        plans, entries = artifact.plan(linears, target, family)
-        funcs |= {p.name: p.primfunc(target.isa) for p in plans if p.op not in ("quantize", "dequantize") and p.name not in funcs}
+        kernels, entries = plan(linears, target, family)
+        for k in kernels:
+            if k.op not in ("quantize", "dequantize") and k.name not in funcs:
+                funcs[k.name] = registry.get(k.op).build(k.name, k.shape, k.knobs, target)
         for item, entry in zip(work, entries):
             keep = ("n_padded", "k_padded", "layout", "layout_params", "kernels")
-            item["kernels"][family.name] = {key: entry[key] for key in keep}
+            item["kernels"][family.name] = {key: getattr(entry, key) for key in keep}
     for item in work:
         n, k8 = item["n"], int8_matmul.padded_k(item["k"])
         names = {"gemv": f"int8_gemv_n{n}_k{item['k']}", "gemm": f"int8_gemm_n{n}_k{item['k']}"}

@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         argv.insert(0, "compile")
     args = parser().parse_args(argv)
     if getattr(args, "records", None):  # read by every lookup of tuned knobs, in this process and its workers
-        from .tuning.records import RECORDS_ENV
+        from .records import RECORDS_ENV
 
         os.environ[RECORDS_ENV] = str(args.records.resolve())
     try:

@@ -29,7 +29,7 @@ import numpy as np
 
 from bitnet_runtime.errors import UserError
 
-from .tuning.measure import cpu_model, l3_bytes, stream_bytes
+from .measure import cpu_model, l3_bytes, stream_bytes
 from .isolation import module_command
 
 BANDWIDTH_FILE = "bandwidth.so"

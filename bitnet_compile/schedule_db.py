@@ -1,7 +1,9 @@
 """Schedule knobs as data. ``schedules/defaults.json`` holds, per kernel and vector ISA, the
-knobs used where no tuning record matches, and the kernel families in order of preference;
-``schedules/records/*.json`` (tuning/records.py) hold tuned knobs per target fingerprint,
-kernel, layout, shape and thread count, and win where they match.
+knobs used where no tuning record matches (the only place a knob has a default: the knob
+dataclasses in ops/ have none), and the kernel families in order of preference;
+``schedules/records/*.json`` (records.py) hold tuned knobs per target fingerprint, kernel,
+layout, shape and thread count, and win where they match (plan.knobs_for). Why the defaults
+are what they are: docs/tuning.md.
 """
 
 from __future__ import annotations
@@ -9,24 +11,24 @@ from __future__ import annotations
 import hashlib
 import json
 from functools import cache
-from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
+from . import records
+from .data import SCHEDULES_DIR
 from .errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from .target import TargetSpec
 
-SCHEDULES_DIR = Path(__file__).resolve().parent.parent / "schedules"
+DEFAULTS_FILE = SCHEDULES_DIR / "defaults.json"
 
 
 @cache
 def _defaults() -> dict:
-    path = SCHEDULES_DIR / "defaults.json"
     try:
-        return json.loads(path.read_text())
+        return json.loads(DEFAULTS_FILE.read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"cannot read schedule defaults {path}: {err}") from None
+        raise UserError(f"cannot read schedule defaults {DEFAULTS_FILE}: {err}") from None
 
 
 def family_preference(isa: str) -> list[str]:
@@ -36,29 +38,13 @@ def family_preference(isa: str) -> list[str]:
 
 def default_knobs(op: str, isa: str) -> dict:
     try:
-        return dict(_defaults()[op][isa])
+        return dict(_defaults()["knobs"][op][isa])
     except KeyError:
-        raise UserError(f"no schedule defaults for kernel {op!r} on ISA {isa!r} in {SCHEDULES_DIR}/defaults.json") from None
-
-
-def knobs_for(op: str, target: "TargetSpec", n: int, k: int, accept: Callable[[dict], bool] | None = None) -> tuple[dict, str]:
-    """Knobs for one kernel of an (n, k) layer on ``target`` at its core count, and where they
-    came from (for the manifest and the compile log): the matching tuning record's best that
-    ``accept`` allows, else the defaults."""
-    from .tuning import records, templates
-
-    template = templates.TEMPLATES.get(op)
-    if template is not None:
-        found = records.lookup(target, op, template.version, template.layout, n, k, target.num_cores, accept or (lambda _: True))
-        if found:
-            return found
-    return default_knobs(op, target.isa), "default"
+        raise UserError(f"no schedule defaults for kernel {op!r} on ISA {isa!r} in {DEFAULTS_FILE}") from None
 
 
 def fingerprint(target: "TargetSpec") -> str:
     """Changes whenever any knob the target's kernels could get does (defaults, or its tuning
     records): part of cached artifacts' keys."""
-    from .tuning import records
-
     tuned = b"".join(p.read_bytes() for p in records.paths_for(target) if p.is_file())
     return hashlib.sha256(json.dumps(_defaults(), sort_keys=True).encode() + tuned).hexdigest()[:16]

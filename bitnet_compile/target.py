@@ -21,6 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
+from bitnet_compile.data import TARGETS_DIR
 from bitnet_compile.errors import UserError
 from bitnet_runtime.services import usable_cores
 
@@ -35,8 +36,8 @@ __all__ = [
     "parse_target",
 ]
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "targets"
-"""Where the named presets live (repository root; an editable install finds it)."""
+PRESET_DIR = TARGETS_DIR
+"""Where the named presets live (the checkout's targets/, or the wheel's packaged copy)."""
 
 # Kernel variants in order of preference: (isa, arch, LLVM features it needs). The first row
 # whose arch matches and whose features are all present wins. Add a row here (and flip a

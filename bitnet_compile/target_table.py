@@ -36,7 +36,7 @@ class TargetRow:
 
 
 def _cpu_row(preset: dict) -> TargetRow:
-    from .tuning import records
+    from . import records
 
     spec = parse_target(preset["name"])
     features = " ".join(f for f in KERNEL_FEATURES if f in spec.features)

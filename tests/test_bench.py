@@ -65,7 +65,7 @@ def test_bandwidth_kernel_matches_reference():
 
 
 def test_stream_bytes_bounds():
-    from bitnet_compile.tuning import measure
+    from bitnet_compile import measure
 
     assert measure.stream_bytes(0) == measure.MIN_STREAM_BYTES
     assert measure.stream_bytes(300 << 20) == 600 << 20

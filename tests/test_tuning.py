@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 
 from bitnet_compile.families import FAMILIES
-from bitnet_compile.tuning import records, templates
-from bitnet_compile.tuning.space import Constraint, SearchSpace
+from bitnet_compile import records
+from bitnet_compile.ops import registry
+from bitnet_compile.ops.space import Constraint, SearchSpace
 
 from conftest import HOST
 
@@ -80,7 +81,7 @@ def test_defaults_are_valid_points_for_the_2b_4t_shapes(op, n, k):
     from bitnet_compile.target import parse_target
 
     target = parse_target("x86-avx512-vnni")
-    template = templates.get(op)
+    template = registry.get_tunable(op)
     default = schedule_db.default_knobs(op, "avx512")
     for threads in (1, 2):
         assert not template.space.violations(default, template.names(n, k, target, threads)), (op, default)
@@ -100,9 +101,9 @@ def test_every_builtin_template_measures_exactly_on_odd_shapes(tmp_path):
     with Worker(1, log_path=tmp_path / "worker.log") as worker:
         for op in ("lut_gemv", "lut_gemm", "dot2_gemv", "dot2_gemm", "f16_gemv", "i8_gemv"):
             for n, k in ((100, 72), (33, 250)):
-                point = next(iter(templates.get(op).space.points(templates.get(op).names(n, k, target, 1))))
+                point = next(iter(registry.get_tunable(op).space.points(registry.get_tunable(op).names(n, k, target, 1))))
                 job = {"op": op, "n": n, "k": k, "candidates": [point], "target": target.to_json(), "threads": 1, "seed": 3,
-                       "repeats": 2, "rounds": 1, "stream_bytes": 1 << 20, "timing": templates.get(op).timing, "rpc": None}  # fmt: skip
+                       "repeats": 2, "rounds": 1, "stream_bytes": 1 << 20, "timing": registry.get_tunable(op).timing, "rpc": None}  # fmt: skip
                 (result,) = worker.run(job, 120)
                 assert result["state"] == "ok", (op, n, k, result)
                 assert result["seconds"] > 0
@@ -136,7 +137,7 @@ def _scripted_study(tmp_path: Path, rounds, trials: int = 6) -> dict:
     from bitnet_compile.target import parse_target
     from bitnet_compile.tuning.study import Study, StudySpec, run_study
 
-    spec = StudySpec(templates.get("toy_grid"), 8, 8, 1, parse_target("x86-avx2"))
+    spec = StudySpec(registry.get_tunable("toy_grid"), 8, 8, 1, parse_target("x86-avx2"))
     study = Study(spec, optuna.storages.InMemoryStorage(), {"split": 1, "delay": 0.3}, records_dir=tmp_path)
     worker = _ScriptedWorker(rounds)
     record = run_study(study, worker, trials, time.monotonic() + 60, 1)
@@ -319,7 +320,7 @@ def test_an_rpc_server_with_other_threads_fails_the_trials_with_the_fix(tmp_path
 
 
 def _write_record(directory: Path, target, op: str, n: int, k: int, best: dict, trials: list[dict]) -> Path:
-    template = templates.get(op)
+    template = registry.get_tunable(op)
     fp = records.fingerprint(target)
     path = records.path_for(fp, directory)
     record = {"op": op, "version": template.version, "layout": template.layout, "n": n, "k": k, "threads": target.num_cores,
@@ -332,7 +333,7 @@ def _write_record(directory: Path, target, op: str, n: int, k: int, best: dict, 
 
 @VNNI
 def test_compile_uses_matching_records_and_says_so(tmp_path, monkeypatch):
-    from bitnet_compile import artifact
+    from bitnet_compile import plan
     from bitnet_compile.models import Linear
     from bitnet_compile.target import parse_target
 
@@ -344,13 +345,13 @@ def test_compile_uses_matching_records_and_says_so(tmp_path, monkeypatch):
     _write_record(tmp_path, target, "dot2_gemv", 2560, 1024, gemv, [])
     # the GEMM's best (4 row blocks) does not divide the GEMV's padding (162 blocks of 16): its best compatible trial is used
     _write_record(tmp_path, target, "dot2_gemm", 2560, 1024, trials[0]["knobs"], trials)
-    kernels, entries = artifact.plan([Linear("a", 2560, 1024), Linear("b", 512, 1024)], target, FAMILIES["dot2"])
+    kernels, entries = plan.plan([Linear("a", 2560, 1024), Linear("b", 512, 1024)], target, FAMILIES["dot2"])
     by_name = {k.name: k for k in kernels}
     assert by_name["dot2_gemv_n2560_k1024"].knobs["row_blocks"] == 3 and by_name["dot2_gemv_n2560_k1024"].knob_source.startswith("tuned")
     assert by_name["dot2_gemm_n2560_k1024"].knobs["token_tile"] == 3 and "compatible" in by_name["dot2_gemm_n2560_k1024"].knob_source
-    assert entries[0]["n_padded"] == 2592 and entries[0]["k_padded"] == 1024
+    assert entries[0].n_padded == 2592 and entries[0].k_padded == 1024
     assert by_name["dot2_gemv_n512_k1024"].knob_source == "default"
-    line = artifact.schedule_summary(kernels, target)
+    line = plan.schedule_summary(kernels, target)
     assert "2 of 4 tunable kernels tuned" in line and "dot2_gemv_n512_k1024" in line
 
 
@@ -447,18 +448,18 @@ def test_search_quality_benchmark_replays_its_measured_table():
 def test_records_tuned_over_rpc_serve_a_foreign_target(tmp_path, monkeypatch):
     """arm-neon is tuned on the device (records filed under CPU "remote"): compile on this
     x86 machine must find them, since nothing measured here could apply to it."""
-    from bitnet_compile import schedule_db
+    from bitnet_compile import plan
     from bitnet_compile.target import parse_target
 
     monkeypatch.setenv(records.RECORDS_ENV, str(tmp_path))
     target = parse_target("arm-neon")
-    assert schedule_db.knobs_for("lut_gemv", target, 2560, 2560)[1] == "default"
-    template = templates.get("lut_gemv")
+    assert plan.knobs_for("lut_gemv", target, 2560, 2560)[1] == "default"
+    template = registry.get_tunable("lut_gemv")
     fp = records.fingerprint(target, remote=True)
     best = {"kblock": 16, "row_blocks_per_task": 2}
     record = {"op": "lut_gemv", "default": {"knobs": {"kblock": 32, "row_blocks_per_task": 1}}, "trials": [], "measured": 9,
               "best": {"knobs": best, "seconds": 1e-5}, "speedup": 1.1}  # fmt: skip
     key = records.record_key("lut_gemv", template.version, template.layout, 2560, 2560, target.num_cores)
     records.update(records.path_for(fp, tmp_path), fp, key, record)
-    knobs, source = schedule_db.knobs_for("lut_gemv", target, 2560, 2560)
+    knobs, source = plan.knobs_for("lut_gemv", target, 2560, 2560)
     assert knobs == best and source.startswith("tuned")

@@ -1,4 +1,4 @@
-"""Kernel templates for the tuner's tests, loaded with ``--plugin tuning_plugin``: a doubling
+"""Toy operators for the tuner's tests, loaded with ``--plugin tuning_plugin``: a doubling
 kernel whose ``flaw`` knob makes a candidate wrong, crash its worker, hang, or fail to
 compile, and a slow grid for resuming and sharing studies."""
 
@@ -11,9 +11,10 @@ import numpy as np
 import tvm
 from tvm import te
 
-from bitnet_compile.tuning import templates
-from bitnet_compile.tuning.measure import Case, exact
-from bitnet_compile.tuning.space import Constraint, SearchSpace
+from bitnet_compile.ops import registry
+from bitnet_compile.ops.operator import Operator
+from bitnet_compile.ops.case import Case, exact
+from bitnet_compile.ops.space import Constraint, SearchSpace
 
 
 def _shape(n: int, k: int, knobs: dict, target) -> tuple[dict, dict]:
@@ -23,7 +24,7 @@ def _shape(n: int, k: int, knobs: dict, target) -> tuple[dict, dict]:
 def _case(shape: dict, knobs: dict, rng: np.random.Generator, tokens: int) -> Case:
     a = rng.integers(-1000, 1000, shape["n"] * shape["k"], dtype=np.int32)
     out = np.zeros_like(a)
-    return Case((a, out), 0, out, exact(lambda: out, a * 2))
+    return Case((a, out), 0, out, exact(lambda: out, _reference(a)))
 
 
 def _build(name: str, shape: dict, knobs: dict, target):
@@ -44,13 +45,17 @@ def _build(name: str, shape: dict, knobs: dict, target):
     return sch.mod["main"].with_attr("global_symbol", name)
 
 
-def _template(op: str, space: SearchSpace) -> templates.Template:
+def _reference(a: np.ndarray) -> np.ndarray:
+    return a * 2
+
+
+def _template(op: str, space: SearchSpace) -> Operator:
     x86 = frozenset({"avx2", "avx512"})
-    return templates.Template(op, f"{op}-1", "toy-v1", "cache", 1, x86, space, lambda t: {}, _shape, _case, _build)
+    return Operator(op, f"{op}-1", "toy-v1", x86, space, _shape, _case, _build, _reference, timing="cache")
 
 
-templates.register(_template("toy_flaws", SearchSpace(
+registry.register(_template("toy_flaws", SearchSpace(
     knobs={"split": (1, 2, 4), "flaw": ("none", "wrong", "crash", "hang", "compile")},
     constraints=(Constraint("flaw == 'none' or split == 1", "one flawed candidate of each kind is enough"),),
 )))  # fmt: skip
-templates.register(_template("toy_grid", SearchSpace(knobs={"split": (1, 2, 4, 8), "delay": (0.3, 0.31, 0.32)})))
+registry.register(_template("toy_grid", SearchSpace(knobs={"split": (1, 2, 4, 8), "delay": (0.3, 0.31, 0.32)})))

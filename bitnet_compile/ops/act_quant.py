@@ -7,10 +7,20 @@ Rounding is half-to-even (LLVM's nearbyint), like torch.round and numpy.round.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+import numpy as np
 import tvm
 from tvm import te, tirx
 
 from bitnet_runtime import reference as _reference
+from bitnet_runtime.memory import aligned_copy, aligned_zeros
+
+from .case import Case, exact
+from .operator import CPU_ISAS, FIXED, GPU_ISAS, Operator
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from ..target import TargetSpec
 
 reference = _reference.quantize_activations
 VECTOR = 16  # float32 lanes of a zmm; on ymm LLVM splits it in two
@@ -101,3 +111,33 @@ def build_primfunc_gpu(name: str, k: int, k_padded: int, threads: int = GPU_THRE
 def launch_gpu(threads: int = GPU_THREADS) -> dict:
     """One threadgroup per token."""
     return {"grid": ["tokens"], "threads": [threads]}
+
+
+# ----------------------------------------------------------------------------- the operator
+
+
+def kernel_shape(n: int, k: int, knobs: dict, target: "TargetSpec") -> tuple[dict, dict]:
+    """Unpadded: the planner hands quantize the padded K of the matmul it feeds."""
+    return {"n": n, "k": k, "n_padded": n, "k_padded": k}, knobs
+
+
+def make_case(shape: dict, knobs: dict, rng: np.random.Generator, tokens: int) -> Case:
+    """Normal activations at a random magnitude; with two or more tokens the second is all
+    zero, which must hit the scale floor, not divide by zero. Exact: q and the scales."""
+    k, k_p = shape["k"], shape["k_padded"]
+    x = aligned_copy((rng.standard_normal((tokens, k)) * rng.uniform(0.01, 100)).astype(np.float32))
+    x[1:2] = 0.0
+    q, scale = aligned_zeros((tokens, k_p), np.int8), aligned_zeros((tokens,), np.float32)
+    want_q, want_scale = reference(x, k_p)
+    check_q, check_scale = exact(lambda: q, want_q), exact(lambda: scale, want_scale)
+    return Case((x, q, scale), 0, q, lambda: check_q() or check_scale())
+
+
+def build(name: str, shape: dict, knobs: dict, target: "TargetSpec") -> tvm.tirx.PrimFunc:
+    """The same compute on every target; only the schedule differs between CPU and GPU."""
+    return (build_primfunc_gpu if target.is_gpu else build_primfunc)(name, shape["k"], shape["k_padded"])
+
+
+OPERATORS = (
+    Operator("quantize", "quantize-1", None, CPU_ISAS | GPU_ISAS, FIXED, kernel_shape, make_case, build, reference, launch=lambda shape, knobs: launch_gpu()),
+)

@@ -7,10 +7,20 @@ only the N real columns; the reciprocal is taken once per token, not per element
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+import numpy as np
 import tvm
 from tvm import te, tirx
 
 from bitnet_runtime import reference as _reference
+from bitnet_runtime.memory import aligned_copy, aligned_zeros
+
+from .case import Case, exact
+from .operator import CPU_ISAS, FIXED, GPU_ISAS, Operator
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from ..target import TargetSpec
 
 reference = _reference.dequantize
 VECTOR = 16
@@ -67,3 +77,35 @@ def build_primfunc_gpu(name: str, n: int, n_padded: int, threads: int = GPU_THRE
 def launch_gpu(n: int, threads: int = GPU_THREADS) -> dict:
     """Columns over x in threadgroups of ``threads``, tokens over y."""
     return {"grid": [-(-n // threads), "tokens"], "threads": [threads, 1]}
+
+
+# ----------------------------------------------------------------------------- the operator
+
+
+def kernel_shape(n: int, k: int, knobs: dict, target: "TargetSpec") -> tuple[dict, dict]:
+    """Unpadded: the planner hands dequantize the padded N of the matmul it reads."""
+    return {"n": n, "k": k, "n_padded": n, "k_padded": k}, knobs
+
+
+def make_case(shape: dict, knobs: dict, rng: np.random.Generator, tokens: int) -> Case:
+    """Accumulators of up to 2**24 and scales over five decades; exact."""
+    n, n_p = shape["n"], shape["n_padded"]
+    acc = aligned_copy(rng.integers(-(2**24), 2**24, (tokens, n_p), dtype=np.int32))
+    act_scale = aligned_copy(rng.uniform(0.1, 1000, tokens).astype(np.float32))
+    weight_scale = aligned_copy(rng.uniform(0.01, 2, n).astype(np.float32))
+    out = aligned_zeros((tokens, n), np.float32)
+    want = reference(acc[:, :n], act_scale, weight_scale)
+    return Case((acc, act_scale, weight_scale, out), 0, out, exact(lambda: out, want))
+
+
+def build(name: str, shape: dict, knobs: dict, target: "TargetSpec") -> tvm.tirx.PrimFunc:
+    """The same compute on every target; only the schedule differs between CPU and GPU."""
+    return (build_primfunc_gpu if target.is_gpu else build_primfunc)(name, shape["n"], shape["n_padded"])
+
+
+OPERATORS = (
+    Operator(
+        "dequantize", "dequantize-1", None, CPU_ISAS | GPU_ISAS, FIXED, kernel_shape, make_case, build, reference,
+        launch=lambda shape, knobs: launch_gpu(shape["n"]),
+    ),
+)  # fmt: skip

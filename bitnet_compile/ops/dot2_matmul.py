@@ -14,7 +14,9 @@ removed by subtracting sum(q) per token.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tvm
@@ -29,30 +31,47 @@ from bitnet_runtime.memory import aligned_copy, aligned_zeros
 from ..errors import UserError
 from ..intrinsics import registered
 from ..intrinsics.dot2_products import DECODED_INTRINS, FIELDS_INTRIN, ROWS, decoded_field_term, masked_field_term
-from ..tuning.measure import Case, exact, exact_product
-from ..tuning.space import Constraint, SearchSpace, require_positive
+from .case import Case, exact, exact_product
+from .operator import GEMM_TOKENS, Operator, knobs_of
+from .space import Constraint, SearchSpace, require_positive
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from ..target import TargetSpec
 
 reference = _reference.ternary_matmul
 
 
 @dataclass(frozen=True)
-class Dot2Knobs:
-    """Schedule knobs of the dot2 matmul.
+class Dot2GemvKnobs:
+    """Schedule knobs of the dot2 GEMV.
 
     row_blocks: blocks of 16 rows one task computes side by side (independent accumulators
         hide vpdpbusd latency; the weights of a k-chunk are read once per block).
-    k_unroll: k-chunks (16 weights) unrolled in the GEMV loop.
-    token_tile: GEMM tokens sharing one decode of the weights (row_blocks * token_tile int32
+    k_unroll: k-chunks (16 weights) unrolled in the loop.
+    """
+
+    row_blocks: int
+    k_unroll: int
+
+    def check(self) -> None:
+        require_positive(self, "row_blocks", "k_unroll")
+
+
+@dataclass(frozen=True)
+class Dot2GemmKnobs:
+    """Schedule knobs of the dot2 GEMM.
+
+    row_blocks: as for the GEMV.
+    token_tile: tokens sharing one decode of the weights (row_blocks * token_tile int32
         accumulators must fit the 32 zmm registers).
     """
 
-    row_blocks: int = 4
-    k_unroll: int = 2
-    token_tile: int = 8
+    row_blocks: int
+    token_tile: int
 
-    def check(self, gemv: bool) -> None:
-        require_positive(self, "row_blocks", "k_unroll", "token_tile")
-        if not gemv and self.row_blocks * self.token_tile > 24:
+    def check(self) -> None:
+        require_positive(self, "row_blocks", "token_tile")
+        if self.row_blocks * self.token_tile > 24:
             raise UserError(f"knobs row_blocks * token_tile = {self.row_blocks * self.token_tile} exceed the 24 accumulator registers")
 
 
@@ -67,11 +86,11 @@ GEMM_SPACE = SearchSpace(
 )
 
 
-def kernel_shape(n: int, k: int, knobs: dict, gemv: bool) -> tuple[dict, dict]:
-    """The manifest shape of an (n, k) layer padded for these knobs alone, and the full knobs."""
-    full = asdict(Dot2Knobs(**knobs))
-    n_p, k_p = layout_dot2.padded_shape(n, k, full["row_blocks"], full["k_unroll"] if gemv else 1)
-    return {"n": n, "k": k, "n_padded": n_p, "k_padded": k_p}, full
+def kernel_shape(n: int, k: int, knobs: dict, target: "TargetSpec", gemv: bool) -> tuple[dict, dict]:
+    """The manifest shape of an (n, k) layer padded for these knobs alone (N to whole tasks of
+    row blocks, K to whole unrolled steps for the GEMV), and the knobs."""
+    n_p, k_p = layout_dot2.padded_shape(n, k, knobs["row_blocks"], knobs.get("k_unroll", 1) if gemv else 1)
+    return {"n": n, "k": k, "n_padded": n_p, "k_padded": k_p}, knobs
 
 
 def make_case(shape: dict, knobs: dict, rng: np.random.Generator, tokens: int) -> Case:
@@ -144,7 +163,7 @@ def compute_gemm(tiles, token_tile: int, n: int, k: int) -> tuple[te.Tensor, te.
     return acts, packed, out
 
 
-def schedule_gemv(func: tvm.tirx.PrimFunc, knobs: Dot2Knobs, isa: str = "avx512") -> tvm.s_tir.Schedule:
+def schedule_gemv(func: tvm.tirx.PrimFunc, knobs: Dot2GemvKnobs, isa: str = "avx512") -> tvm.s_tir.Schedule:
     """Tasks of ``row_blocks`` row blocks; per task the k-chunks (unrolled by ``k_unroll``)
     feed the accumulators, one tensorized step per block and chunk: on AVX-512 a vpdpbusd
     quartet on the masked fields (4 * row_blocks accumulators, ``compute_gemv``), on NEON the
@@ -172,7 +191,7 @@ def schedule_gemv(func: tvm.tirx.PrimFunc, knobs: Dot2Knobs, isa: str = "avx512"
     return sch
 
 
-def schedule_gemm(func: tvm.tirx.PrimFunc, knobs: Dot2Knobs, isa: str = "avx512") -> tvm.s_tir.Schedule:
+def schedule_gemm(func: tvm.tirx.PrimFunc, knobs: Dot2GemmKnobs, isa: str = "avx512") -> tvm.s_tir.Schedule:
     """Tasks of ``row_blocks`` row blocks; per token tile and k-chunk the decoded weights are
     reused by ``token_tile`` tokens: row_blocks * token_tile accumulators in registers."""
     sch = tvm.s_tir.Schedule(func)
@@ -193,9 +212,11 @@ def schedule_gemm(func: tvm.tirx.PrimFunc, knobs: Dot2Knobs, isa: str = "avx512"
     return sch
 
 
-def build_primfunc(name: str, n: int, k: int, knobs: Dot2Knobs, gemv: bool, isa: str = "avx512") -> tvm.tirx.PrimFunc:
-    """Scheduled PrimFunc over padded shapes (n a multiple of 16 * row_blocks, k of 16 * k_unroll)."""
-    knobs.check(gemv)
+def build_primfunc(name: str, n: int, k: int, knobs: Dot2GemvKnobs | Dot2GemmKnobs, isa: str = "avx512") -> tvm.tirx.PrimFunc:
+    """Scheduled PrimFunc over padded shapes (n a multiple of 16 * row_blocks, k of 16 * k_unroll);
+    the knobs' class says which kernel: GEMV or GEMM."""
+    knobs.check()
+    gemv = isinstance(knobs, Dot2GemvKnobs)
     if isa not in DECODED_INTRINS:
         raise UserError(f"the dot2 kernels have no {isa} variant (they have {', '.join(DECODED_INTRINS)})")
     if n % (ROWS * knobs.row_blocks) or k % (CHUNK * (knobs.k_unroll if gemv else 1)):
@@ -207,3 +228,20 @@ def build_primfunc(name: str, n: int, k: int, knobs: Dot2Knobs, gemv: bool, isa:
         tiles = tirx.Var("tiles", "int64")
         sch = schedule_gemm(te.create_prim_func(list(compute_gemm(tiles, knobs.token_tile, n, k))), knobs, isa)
     return sch.mod["main"].with_attr("global_symbol", name)
+
+
+def build(name: str, shape: dict, knobs: dict, target: "TargetSpec", gemv: bool) -> tvm.tirx.PrimFunc:
+    typed = knobs_of(Dot2GemvKnobs if gemv else Dot2GemmKnobs, knobs)
+    return build_primfunc(name, shape["n_padded"], shape["k_padded"], typed, target.isa)
+
+
+OPERATORS = (
+    Operator(
+        "dot2_gemv", "dot2_gemv-1", layout_dot2.VERSION, frozenset(DECODED_INTRINS), GEMV_SPACE, partial(kernel_shape, gemv=True),
+        make_case, partial(build, gemv=True), reference,
+    ),
+    Operator(
+        "dot2_gemm", "dot2_gemm-2", layout_dot2.VERSION, frozenset(DECODED_INTRINS), GEMM_SPACE, partial(kernel_shape, gemv=False),
+        make_case, partial(build, gemv=False), reference, tokens=GEMM_TOKENS, case_knobs=("token_tile",),
+    ),
+)  # fmt: skip

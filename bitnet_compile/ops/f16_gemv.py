@@ -28,6 +28,7 @@ within noise.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tvm
@@ -40,8 +41,12 @@ from bitnet_runtime.layout_f16 import ROWS
 from bitnet_runtime.memory import aligned_copy, aligned_zeros
 
 from ..intrinsics import declare, registered
-from ..tuning.measure import Case
-from ..tuning.space import SearchSpace, require_positive
+from .case import Case
+from .operator import CPU_ISAS, Operator, knobs_of
+from .space import SearchSpace, require_positive
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from ..target import TargetSpec
 
 reference = _reference.f16_gemv
 PREFETCH_BYTES = 4096  # software prefetch distance of a tile's weight stream
@@ -92,8 +97,8 @@ class F16Knobs:
     prefetch: each k step also prefetches the tile's stream PREFETCH_BYTES ahead (a tensorized
     step); without it the lane loop is simply vectorized."""
 
-    k_unroll: int = 2
-    prefetch: bool = True
+    k_unroll: int
+    prefetch: bool
 
     def check(self) -> None:
         require_positive(self, "k_unroll")
@@ -105,7 +110,8 @@ class F16Knobs:
 SPACE = SearchSpace(knobs={"k_unroll": (1, 2, 4, 8), "prefetch": (True, False)})
 
 
-def kernel_shape(n: int, k: int, knobs: dict) -> tuple[dict, dict]:
+def kernel_shape(n: int, k: int, knobs: dict, target: "TargetSpec") -> tuple[dict, dict]:
+    """Rows to whole tiles; K is not padded."""
     return {"n": n, "k": k, "n_padded": layout_f16.padded_rows(n), "k_padded": k}, knobs
 
 
@@ -161,10 +167,17 @@ def schedule(func: tvm.tirx.PrimFunc, k: int, knobs: F16Knobs) -> tvm.s_tir.Sche
     return sch
 
 
-def build_primfunc(name: str, n_padded: int, k: int, knobs: F16Knobs = F16Knobs()) -> tvm.tirx.PrimFunc:
+def build_primfunc(name: str, n_padded: int, k: int, knobs: F16Knobs) -> tvm.tirx.PrimFunc:
     """Arguments (x float32 [1, k], packed float16 [n_padded/64, k, 64], out float32 [n_padded/64, 64])."""
     knobs.check()
     if n_padded % ROWS or n_padded < ROWS:
         raise ValueError(f"n_padded={n_padded} is not a positive multiple of {ROWS}: pad with layout_f16.padded_rows")
     sch = schedule(te.create_prim_func(list(compute(n_padded // ROWS, k))), k, knobs)
     return sch.mod["main"].with_attr("global_symbol", name)
+
+
+def build(name: str, shape: dict, knobs: dict, target: "TargetSpec") -> tvm.tirx.PrimFunc:
+    return build_primfunc(name, shape["n_padded"], shape["k"], knobs_of(F16Knobs, knobs))
+
+
+OPERATORS = (Operator("f16_gemv", "f16_gemv-1", layout_f16.VERSION, CPU_ISAS, SPACE, kernel_shape, make_case, build, reference),)

@@ -37,7 +37,9 @@ default arch; its PTX also runs on sm_90 (H100); dp4a needs sm_61+.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING
 
 import tvm
 from tvm import te, tirx
@@ -48,7 +50,12 @@ from bitnet_runtime.layout import round_up
 from bitnet_runtime.layout_dot2 import CHUNK, ROWS
 
 from ..errors import UserError
-from ..tuning.space import Constraint, SearchSpace, require_positive
+from .case import Case
+from .operator import GPU_ISAS, Operator, knobs_of
+from .space import Constraint, SearchSpace, require_positive
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from ..target import TargetSpec
 
 reference = _reference.ternary_matmul
 
@@ -60,26 +67,43 @@ MAX_THREADS = 1024  # per block, CUDA and Metal
 
 
 @dataclass(frozen=True)
-class GpuKnobs:
-    """Launch knobs of the GPU matmul.
+class GpuGemvKnobs:
+    """Launch knobs of the GPU GEMV.
 
-    rows_per_block: output rows one thread block computes (GEMV: threadIdx.y; GEMM:
-        threadIdx.x, one row per thread). N_padded must be a multiple.
-    k_split: GEMV threads per row (threadIdx.x), each summing every k_split-th chunk before
-        the cross-thread sum; a power of two up to the warp (32) keeps the sum in shuffles.
-    token_tile: GEMM tokens per block, i.e. register accumulators per thread, each decoded
-        weight word reused that many times.
+    rows_per_block: output rows one thread block computes (threadIdx.y). N_padded must be a
+        multiple.
+    k_split: threads per row (threadIdx.x), each summing every k_split-th chunk before the
+        cross-thread sum; a power of two up to the warp (32) keeps the sum in shuffles.
     """
 
-    rows_per_block: int = 16
-    k_split: int = 32
-    token_tile: int = 8
+    rows_per_block: int
+    k_split: int
 
-    def check(self, gemv: bool) -> None:
-        require_positive(self, "rows_per_block", "k_split", "token_tile")
-        threads = self.rows_per_block * (self.k_split if gemv else 1)
-        if threads > MAX_THREADS:
-            raise UserError(f"knobs give {threads} threads per block, more than {MAX_THREADS}")
+    def check(self) -> None:
+        require_positive(self, "rows_per_block", "k_split")
+        _check_threads(self.rows_per_block * self.k_split)
+
+
+@dataclass(frozen=True)
+class GpuGemmKnobs:
+    """Launch knobs of the GPU GEMM.
+
+    rows_per_block: output rows one thread block computes (threadIdx.x, one row per thread).
+    token_tile: tokens per block, i.e. register accumulators per thread, each decoded weight
+        word reused that many times.
+    """
+
+    rows_per_block: int
+    token_tile: int
+
+    def check(self) -> None:
+        require_positive(self, "rows_per_block", "token_tile")
+        _check_threads(self.rows_per_block)
+
+
+def _check_threads(threads: int) -> None:
+    if threads > MAX_THREADS:
+        raise UserError(f"knobs give {threads} threads per block, more than {MAX_THREADS}")
 
 
 GEMV_SPACE = SearchSpace(
@@ -95,11 +119,11 @@ GEMM_SPACE = SearchSpace(
 )
 
 
-def kernel_shape(n: int, k: int, knobs: dict) -> tuple[dict, dict]:
-    """The manifest shape of an (n, k) layer padded for these knobs, and the full knobs."""
-    full = asdict(GpuKnobs(**knobs))
+def kernel_shape(n: int, k: int, knobs: dict, target: "TargetSpec | None" = None) -> tuple[dict, dict]:
+    """The manifest shape of an (n, k) layer padded for these knobs (N to whole blocks of
+    rows_per_block and of 16 rows, K to whole chunks), and the knobs."""
     n_p, k_p = layout_dot2.padded_shape(n, k, 1, 1)
-    return {"n": n, "k": k, "n_padded": round_up(n_p, full["rows_per_block"]), "k_padded": k_p}, full
+    return {"n": n, "k": k, "n_padded": round_up(n_p, knobs["rows_per_block"]), "k_padded": k_p}, knobs
 
 
 # ----------------------------------------------------------------------------- the dot4
@@ -160,7 +184,7 @@ def compute(lead: tuple, n: int, k: int, device: str) -> tuple[te.Tensor, te.Ten
 # ----------------------------------------------------------------------------- schedules
 
 
-def schedule_gemv(func: tvm.tirx.PrimFunc, knobs: GpuKnobs) -> tvm.s_tir.Schedule:
+def schedule_gemv(func: tvm.tirx.PrimFunc, knobs: GpuGemvKnobs) -> tvm.s_tir.Schedule:
     """Rows over blocks and threadIdx.y; chunks interleaved over threadIdx.x (c = step *
     k_split + lane, so a warp reads consecutive chunks) and summed across the lanes."""
     sch = tvm.s_tir.Schedule(func)
@@ -175,7 +199,7 @@ def schedule_gemv(func: tvm.tirx.PrimFunc, knobs: GpuKnobs) -> tvm.s_tir.Schedul
     return sch
 
 
-def schedule_gemm(func: tvm.tirx.PrimFunc, knobs: GpuKnobs) -> tvm.s_tir.Schedule:
+def schedule_gemm(func: tvm.tirx.PrimFunc, knobs: GpuGemmKnobs) -> tvm.s_tir.Schedule:
     """One row per thread, token_tile accumulators in registers (a local cache written back
     under the thread loop, so it compacts to token_tile ints), chunks serial, tokens unrolled
     innermost so each decoded word serves the whole tile."""
@@ -195,16 +219,18 @@ def schedule_gemm(func: tvm.tirx.PrimFunc, knobs: GpuKnobs) -> tvm.s_tir.Schedul
     return sch
 
 
-def _check_shape(n: int, k: int, knobs: GpuKnobs) -> None:
+def _check_shape(n: int, k: int, knobs: GpuGemvKnobs | GpuGemmKnobs) -> None:
     if n % ROWS or n % knobs.rows_per_block or k % CHUNK:
         raise ValueError(f"unpadded shape n={n} k={k} for {knobs} (n a multiple of 16 and rows_per_block, k of 16)")
 
 
-def build_primfunc(name: str, n_padded: int, k_padded: int, knobs: GpuKnobs, gemv: bool, device: str) -> tvm.tirx.PrimFunc:
-    """The named PrimFunc: scheduled for ``cuda`` / ``metal``, unscheduled (serial loops, the
-    same algebra) for ``cpu``. The GEMM takes tokens as [tiles, token_tile] like the CPU dot2
-    GEMM: the runtime pads a prompt to whole tiles (zero rows cost no correctness)."""
-    knobs.check(gemv)
+def build_primfunc(name: str, n_padded: int, k_padded: int, knobs: GpuGemvKnobs | GpuGemmKnobs, device: str) -> tvm.tirx.PrimFunc:
+    """The named PrimFunc (GEMV or GEMM by the knobs' class): scheduled for ``cuda`` /
+    ``metal``, unscheduled (serial loops, the same algebra) for ``cpu``. The GEMM takes tokens
+    as [tiles, token_tile] like the CPU dot2 GEMM: the runtime pads a prompt to whole tiles
+    (zero rows cost no correctness)."""
+    knobs.check()
+    gemv = isinstance(knobs, GpuGemvKnobs)
     _check_shape(n_padded, k_padded, knobs)
     lead = (1,) if gemv else (tirx.Var("tiles", "int64"), knobs.token_tile)
     func = te.create_prim_func(list(compute(lead, n_padded, k_padded, device)))
@@ -220,3 +246,23 @@ def launch(shape: dict, knobs: dict, gemv: bool) -> dict:
     if gemv:
         return {"grid": [blocks, 1], "threads": [knobs["k_split"], rows_per_block]}
     return {"grid": [blocks, "tiles"], "threads": [rows_per_block, 1]}
+
+
+def make_case(shape: dict, knobs: dict, rng, tokens: int) -> Case:
+    """GPU kernels run on a GPU only; their arithmetic is checked on the CPU by building them
+    for device "cpu" (tests/test_gpu_kernels.py), not through a tuner case."""
+    raise UserError("GPU kernels have no CPU test case: they are checked with the 'cpu' device build (tests) and verify on a GPU")
+
+
+def build(name: str, shape: dict, knobs: dict, target: "TargetSpec", gemv: bool) -> tvm.tirx.PrimFunc:
+    typed = knobs_of(GpuGemvKnobs if gemv else GpuGemmKnobs, knobs)
+    return build_primfunc(name, shape["n_padded"], shape["k_padded"], typed, target.isa)
+
+
+OPERATORS = tuple(
+    Operator(
+        op, f"{op}-1", layout_dot2.VERSION, GPU_ISAS, space, kernel_shape, make_case, partial(build, gemv=gemv), reference,
+        launch=partial(launch, gemv=gemv),
+    )
+    for op, space, gemv in (("gpu2_gemv", GEMV_SPACE, True), ("gpu2_gemm", GEMM_SPACE, False))
+)  # fmt: skip

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tvm
@@ -51,8 +52,12 @@ from bitnet_runtime.memory import aligned_copy, aligned_zeros
 
 from ..errors import UserError
 from ..intrinsics import declare, registered
-from ..tuning.measure import Case, exact
-from ..tuning.space import SearchSpace, require_positive
+from .case import Case, exact
+from .operator import CPU_ISAS, Operator, knobs_of
+from .space import SearchSpace, require_positive
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from ..target import TargetSpec
 
 reference = _reference.i8_gemv
 GROUP = 16  # rows per intrinsic call: one zmm of int32, one 64-byte cache line of weights
@@ -90,8 +95,8 @@ class I8Knobs:
     registers: on AVX2 the 64 rows of pair sums take all 16 ymm and LLVM spills two, which
     still measured 1.4x faster than two passes of 32 rows)."""
 
-    k_unroll: int = 2
-    groups_per_pass: int = 4
+    k_unroll: int
+    groups_per_pass: int
 
     def check(self) -> None:
         require_positive(self, "k_unroll")
@@ -105,9 +110,10 @@ class I8Knobs:
 SPACE = SearchSpace(knobs={"k_unroll": (1, 2, 4, 8), "groups_per_pass": (1, 2, 4)})
 
 
-def kernel_shape(n: int, k: int, knobs: dict, variant: str) -> tuple[dict, dict]:
+def kernel_shape(n: int, k: int, knobs: dict, target: "TargetSpec") -> tuple[dict, dict]:
+    """Rows to whole tiles, K to whole chunks; the shape names the variant the target gets."""
     n_p, k_p = layout_i8.padded_shape(n, k)
-    return {"n": n, "k": k, "n_padded": n_p, "k_padded": k_p, "variant": variant}, knobs
+    return {"n": n, "k": k, "n_padded": n_p, "k_padded": k_p, "variant": variant_for(target.isa, target.features)}, knobs
 
 
 def make_case(shape: dict, knobs: dict, rng: np.random.Generator, tokens: int) -> Case:
@@ -321,7 +327,7 @@ def schedule(func: tvm.tirx.PrimFunc, variant: str, chunks: int, knobs: I8Knobs)
     return sch
 
 
-def build_primfunc(name: str, n_padded: int, k_padded: int, variant: str, knobs: I8Knobs = I8Knobs()) -> tvm.tirx.PrimFunc:
+def build_primfunc(name: str, n_padded: int, k_padded: int, variant: str, knobs: I8Knobs) -> tvm.tirx.PrimFunc:
     """Arguments (q int8 [1, k_padded/4, 4], packed int8 [n_padded/64, k_padded/4, 64, 4],
     correction int32 [n_padded/64, 64], out int32 [n_padded/64, 64]); see layout_i8.kernel_views."""
     knobs.check()
@@ -333,3 +339,10 @@ def build_primfunc(name: str, n_padded: int, k_padded: int, variant: str, knobs:
     compute = _KERNELS[variant][0]
     sch = schedule(te.create_prim_func(list(compute(tiles, chunks))), variant, chunks, knobs)
     return sch.mod["main"].with_attr("global_symbol", name)
+
+
+def build(name: str, shape: dict, knobs: dict, target: "TargetSpec") -> tvm.tirx.PrimFunc:
+    return build_primfunc(name, shape["n_padded"], shape["k_padded"], shape["variant"], knobs_of(I8Knobs, knobs))
+
+
+OPERATORS = (Operator("i8_gemv", "i8_gemv-1", layout_i8.VERSION, CPU_ISAS, SPACE, kernel_shape, make_case, build, reference),)

@@ -13,6 +13,8 @@ address. The int16 partial sums stay in vector registers.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tvm
@@ -26,8 +28,12 @@ from bitnet_runtime.memory import aligned_copy, aligned_zeros
 from ..errors import UserError
 from ..intrinsics import registered
 from ..intrinsics.lut_shuffle import VECTOR_ISAS, VectorISA, lookup_term
-from ..tuning.measure import Case, exact, exact_product
-from ..tuning.space import Constraint, SearchSpace, require_positive
+from .case import Case, exact, exact_product
+from .operator import CPU_ISAS, GEMM_TOKENS, Operator, knobs_of
+from .space import Constraint, SearchSpace, require_positive
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from ..target import TargetSpec
 
 reference = _reference.ternary_matmul
 MAX_KBLOCK = 63  # int16 partial sums: 63 groups * 512 < 32768
@@ -43,8 +49,8 @@ class LutKnobs:
         thread's weight stream contiguous, smaller balances the threads.
     """
 
-    kblock: int = 32
-    row_blocks_per_task: int = 1
+    kblock: int
+    row_blocks_per_task: int
 
     def check(self) -> None:
         if not 1 <= self.kblock <= MAX_KBLOCK:
@@ -64,10 +70,10 @@ SPACE = SearchSpace(
 )
 
 
-def kernel_shape(n: int, k: int, knobs: dict, isa: str) -> tuple[dict, dict]:
+def kernel_shape(n: int, k: int, knobs: dict, target: "TargetSpec") -> tuple[dict, dict]:
     """The manifest shape of an (n, k) layer under ``knobs``, and the knobs as built (kblock
     clamped to K)."""
-    rows = VECTOR_ISAS[isa].rows
+    rows = VECTOR_ISAS[target.isa].rows
     kblock = layout.effective_kblock(k, knobs["kblock"])
     n_p, k_p = layout.padded_shape(n, k, rows, kblock)
     return {"n": n, "k": k, "n_padded": n_p, "k_padded": k_p, "rows": rows}, knobs | {"kblock": kblock}
@@ -142,3 +148,20 @@ def build_primfunc(name: str, n: int, k: int, isa_name: str, knobs: LutKnobs, ge
     func = te.create_prim_func(list(compute(tokens, n, k, isa, knobs.kblock)))
     sch = schedule(func, isa, knobs, gemv)
     return sch.mod["main"].with_attr("global_symbol", name)
+
+
+def build(name: str, shape: dict, knobs: dict, target: "TargetSpec", gemv: bool) -> tvm.tirx.PrimFunc:
+    return build_primfunc(name, shape["n_padded"], shape["k_padded"], target.isa, knobs_of(LutKnobs, knobs), gemv)
+
+
+def _rows(target: "TargetSpec") -> dict:
+    return {"rows": VECTOR_ISAS[target.isa].rows}
+
+
+OPERATORS = tuple(
+    Operator(
+        op, version, layout.VERSION, CPU_ISAS, SPACE, kernel_shape, make_case, partial(build, gemv=gemv), reference,
+        tokens=1 if gemv else GEMM_TOKENS, context=_rows, case_knobs=("kblock",),
+    )
+    for op, version, gemv in (("lut_gemv", "lut_gemv-1", True), ("lut_gemm", "lut_gemm-2", False))
+)  # fmt: skip

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import UserError
-from . import records
+from .. import records
 
 if TYPE_CHECKING:
     from .study import StudySpec
@@ -52,7 +52,7 @@ def plan_work(args: argparse.Namespace, target) -> tuple[list[Work], str]:
     """Distinct (kernel, shape) pairs to tune: layers sharing a shape are tuned once."""
     from .. import models, schedule_db
     from ..families import choose
-    from . import templates
+    from ..ops import registry
 
     family = choose(target, args.family, schedule_db.family_preference(target.isa))
     if args.model:
@@ -61,11 +61,11 @@ def plan_work(args: argparse.Namespace, target) -> tuple[list[Work], str]:
         output = [(shape.vocab, shape.hidden)]
     else:
         layers, label, output = [(lin.n, lin.k) for lin in models.parse_shapes(args.shapes)], f"shapes {args.shapes}", []
-    family_ops = [op for op, t in templates.TEMPLATES.items() if t.layout == family.layout]
+    family_ops = [op for op, t in registry.tunable().items() if t.layout == family.layout and target.isa in t.isas]
     wanted = args.kernels.split(",") if args.kernels else family_ops + (list(OUTPUT_LAYER_OPS) if output else [])
     work: list[Work] = []
     for op in wanted:
-        template = templates.get(op.strip())
+        template = registry.get_tunable(op.strip())
         if target.isa not in template.isas:
             raise UserError(f"kernel {template.op} has no {target.isa} variant (it has {', '.join(sorted(template.isas))})")
         for n, k in output if op in OUTPUT_LAYER_OPS and output else layers:
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .. import cross
     from ..target import parse_target
-    from . import templates
+    from ..ops import registry
     from .rpc import Remote
     from .study import Study, StudySpec, open_storage, run_study
     from .worker import Worker, WorkerError
@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
                 for item in work:
                     share = (end - time.monotonic()) / (total - done)
                     done += 1
-                    template = templates.get(item.op)
+                    template = registry.get_tunable(item.op)
                     spec = StudySpec(template, item.n, item.k, threads, target, remote)
                     study = Study(spec, storage, _default_for(template, target))
                     if study.recovered:

@@ -64,7 +64,7 @@ def measure_remote(executable, job: dict, prepared: list, cases, template, compi
     import tvm
 
     from .. import cross
-    from .measure import WARM_MS
+    from ..measure import WARM_MS
 
     session = connect(job["rpc"])
     threads = session.get_function("runtime.NumThreads")()

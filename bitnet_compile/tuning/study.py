@@ -39,8 +39,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import UserError
-from . import records
-from .templates import Template
+from .. import records
+from ..ops.operator import Operator
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from ..target import TargetSpec
@@ -60,7 +60,7 @@ STUDY_FORMAT = 2  # in study names: how knobs are encoded as optuna parameters (
 class StudySpec:
     """What one study tunes, and where it measures."""
 
-    template: Template
+    template: Operator
     n: int
     k: int
     threads: int
@@ -136,7 +136,7 @@ class Codec:
     knows that 3 row blocks lie between 2 and 4 (as categories it learns nothing about a
     value it has not tried). Other knobs (booleans, names) are categorical."""
 
-    def __init__(self, template: Template):
+    def __init__(self, template: Operator):
         self.knobs = template.space.knobs
         self.ordinal = {name for name, values in self.knobs.items() if all(type(v) is int for v in values)}
 
@@ -211,7 +211,7 @@ class Study:
     def kernel_key(self, point: dict) -> str:
         """Identity of the kernel a point builds: points the shape clamps alike (a k-block
         longer than K) are one kernel, measured once."""
-        _, built = self.spec.template.shape(self.spec.n, self.spec.k, point, self.spec.target)
+        _, built = self.spec.template.kernel_shape(self.spec.n, self.spec.k, point, self.spec.target)
         return json.dumps(built, sort_keys=True)
 
     # -- state read back from the storage (other processes may be adding to it) --
@@ -246,7 +246,7 @@ class Study:
     # -- one step --
 
     def _job(self, candidates: list[dict], repeats: int, rounds: int) -> dict:
-        from .measure import stream_bytes
+        from ..measure import stream_bytes
 
         spec = self.spec
         return {

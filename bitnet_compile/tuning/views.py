@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
-from . import records
+from .. import records
 
 
 def add_commands(p: argparse.ArgumentParser, add_records_option) -> None:
@@ -197,16 +197,16 @@ def source(key: str, form: str, default: bool) -> str:
     import tvm
 
     from ..target import parse_target
-    from . import templates
+    from ..ops import registry
 
     path, rkey, rec, fp = find(key)
-    template = templates.get(rec["op"])
+    template = registry.get_tunable(rec["op"])
     if template.version != rec["version"]:
         raise UserError(f"record {rkey} is for {rec['version']}, this compiler has {template.version}")
     spec = {"kind": "llvm", "mtriple": fp["triple"], "mcpu": fp["mcpu"], "mattr": [f"+{f}" for f in fp["features"]], "num-cores": fp["cores"]}
     target = parse_target(json.dumps(spec))
     knobs = rec["default"]["knobs"] if default or not rec.get("best") else rec["best"]["knobs"]
-    shape, built = template.shape(rec["n"], rec["k"], knobs, target)
+    shape, built = template.kernel_shape(rec["n"], rec["k"], knobs, target)
     name = f"{rec['op']}_n{rec['n']}_k{rec['k']}"
     func = template.build(name, shape, built, target)
     header = f"// {rkey} with {'default' if default else 'best'} knobs {_knobs(built)}\n"
@@ -218,13 +218,13 @@ def source(key: str, form: str, default: bool) -> str:
 def space_view(kernel: str | None, shape_text: str, threads: int, target_text: str) -> str:
     from .. import models
     from ..target import parse_target
-    from . import templates
+    from ..ops import registry
 
     target = parse_target(target_text)
     lin = models.parse_shapes(shape_text)[0]
     lines = []
-    for op in [kernel] if kernel else list(templates.TEMPLATES):
-        t = templates.get(op)
+    for op in [kernel] if kernel else list(registry.tunable()):
+        t = registry.get_tunable(op)
         names = t.names(lin.n, lin.k, target, threads)
         lines += [f"{t.op} ({t.version}, layout {t.layout}, timing {t.timing}, ISAs {', '.join(sorted(t.isas))})"]
         lines += [f"  {line}" for line in t.space.describe()]

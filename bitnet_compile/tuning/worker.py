@@ -47,7 +47,7 @@ class _Cases:
         self.cases: dict[str, tuple] = {}
 
     def get(self, template, shape: dict, knobs: dict, stream: int, seed: int, timing: str):
-        from .measure import weight_rotation
+        from ..measure import weight_rotation
 
         key = json.dumps([template.op, shape, {name: knobs[name] for name in template.case_knobs}, stream, seed, timing], sort_keys=True)
         if key not in self.cases:
@@ -55,7 +55,7 @@ class _Cases:
                 self.cases.clear()  # another kernel: free its weights first
             while len(self.cases) >= self.KEEP:
                 del self.cases[next(iter(self.cases))]  # the oldest
-            case = template.case(shape, knobs, np.random.default_rng(seed), template.tokens)
+            case = template.make_case(shape, knobs, np.random.default_rng(seed), template.tokens)
             rotation = weight_rotation(case.args, case.weights, stream) if timing == "dram" else [case.args]
             self.cases[key] = (case, rotation)
         return self.cases[key]
@@ -71,16 +71,16 @@ def _reason(err: BaseException) -> str:
 def _compile(job: dict, target, candidates: list[tuple[str, dict, dict]]):
     import tvm
 
-    from . import templates
+    from ..ops import registry
 
-    template = templates.get(job["op"])
+    template = registry.get_tunable(job["op"])
     funcs = {name: template.build(name, shape, knobs, target) for name, shape, knobs in candidates}
     return tvm.compile(tvm.IRModule(funcs), target=target.tvm_target())
 
 
 def _measure_local(executable, job: dict, prepared: list, cases: _Cases, template) -> list[list[list[float]]]:
     """Per candidate, per round, the samples; rounds alternate the candidates' order."""
-    from .measure import time_cached, time_streamed
+    from ..measure import time_cached, time_streamed
 
     mod = executable.mod
     samples: list[list[list[float]]] = [[] for _ in prepared]
@@ -98,13 +98,13 @@ def _measure_local(executable, job: dict, prepared: list, cases: _Cases, templat
 def _run_job(job: dict, cases: _Cases) -> dict:
     """Build, check and time every candidate of ``job``; a result per candidate."""
     from ..target import TargetSpec
-    from . import templates
+    from ..ops import registry
 
-    template = templates.get(job["op"])
+    template = registry.get_tunable(job["op"])
     target = TargetSpec.from_json(job["target"])
     prepared = []
     for i, knobs in enumerate(job["candidates"]):
-        shape, built = template.shape(job["n"], job["k"], knobs, target)
+        shape, built = template.kernel_shape(job["n"], job["k"], knobs, target)
         prepared.append((f"candidate_{i}", shape, built))
     started = time.perf_counter()
     try:
@@ -137,7 +137,7 @@ def serve(stdin: IO[str], stdout: IO[str]) -> None:
     """The worker's loop: announce readiness, then one JSON line in, one JSON line out."""
     import tvm
 
-    from .measure import cpu_model
+    from ..measure import cpu_model
 
     for module in json.loads(os.environ.get("BITNET_TUNE_PLUGINS", "[]")):
         __import__(module)

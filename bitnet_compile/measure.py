@@ -1,7 +1,6 @@
-"""How a candidate kernel is checked and timed, the way it will run.
+"""How a kernel is timed the way it will run, and what this machine is (its CPU's name and
+last-level cache): shared by the tuner and the kernel benchmark.
 
-- ``Case``: a kernel's arguments (weights in its layout), its output, and the check of that
-  output against the numpy reference (exact for the integer kernels).
 - DRAM timing (decode GEMVs): each call gets the next of enough copies of the weights to
   exceed twice the last-level cache, so every call streams its weights from memory as a
   model's layers do, and the caches hold only clean lines (flushing by writing a buffer would
@@ -15,49 +14,10 @@ Medians of the repeats are what the tuner and the benchmark compare.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Callable
-
-import numpy as np
 
 WARM_MS = 20  # minimum length of one in-cache repeat
 MIN_STREAM_BYTES = 64 << 20
 MAX_STREAM_BYTES = 2 << 30  # memory the DRAM rotation may take for its weight copies
-
-
-@dataclass
-class Case:
-    """One kernel invocation with known-right output: ``args`` in kernel order, ``weights``
-    the index of the argument that streams (the one copied for DRAM timing), ``output`` the
-    array the kernel writes (poisoned before each check), ``check`` what differs (None: right)."""
-
-    args: tuple
-    weights: int
-    output: np.ndarray
-    check: Callable[[], str | None]
-
-    def poison(self) -> None:
-        self.output[...] = np.nan if self.output.dtype.kind == "f" else -1
-
-
-def exact(got: Callable[[], np.ndarray], want: np.ndarray) -> Callable[[], str | None]:
-    """A check that ``got()`` equals ``want`` bit for bit, saying how far off it is when not."""
-
-    def check() -> str | None:
-        have = got()
-        if np.array_equal(have, want):
-            return None
-        wrong = have != want
-        worst = int(np.max(np.abs(have.astype(np.int64) - want.astype(np.int64))))
-        return f"{int(wrong.sum())} of {want.size} outputs differ from the reference (max |difference| {worst})"
-
-    return check
-
-
-def exact_product(q: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """int32 q @ w.T through float64 BLAS: exact while sums stay below 2**53, and fast enough
-    for 128-token GEMM checks that an integer matmul in numpy is not."""
-    return (q.astype(np.float64) @ w.T.astype(np.float64)).astype(np.int32)
 
 
 def cpu_model() -> str:

@@ -26,11 +26,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
-from ..errors import UserError
-from ..schedule_db import SCHEDULES_DIR
+from .errors import UserError
+from .data import SCHEDULES_DIR
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from ..target import TargetSpec
+    from .target import TargetSpec
 
 FORMAT_VERSION = 1
 RECORDS_ENV = "BITNET_RECORDS"  # overrides the records directory (tests, private record sets)
@@ -42,7 +42,7 @@ def records_dir(override: Path | None = None) -> Path:
 
 @lru_cache(maxsize=1)
 def _host_identity() -> tuple[str, str, frozenset[str]]:
-    from ..target import parse_target
+    from .target import parse_target
 
     host = parse_target("native")
     return host.triple, host.mcpu, host.features

@@ -1,0 +1,46 @@
+"""A kernel's test case: its arguments in kernel order (weights in the kernel's layout), the
+array it writes, and the check of that array against the numpy reference. Every operator
+makes one (``Operator.make_case``); the tuner and the tests check candidates with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+
+@dataclass
+class Case:
+    """One kernel invocation with known-right output: ``args`` in kernel order, ``weights``
+    the index of the argument that streams (the one copied for DRAM timing), ``output`` the
+    array the kernel writes (poisoned before each check), ``check`` what differs (None: right)."""
+
+    args: tuple
+    weights: int
+    output: np.ndarray
+    check: Callable[[], str | None]
+
+    def poison(self) -> None:
+        self.output[...] = np.nan if self.output.dtype.kind == "f" else -1
+
+
+def exact(got: Callable[[], np.ndarray], want: np.ndarray) -> Callable[[], str | None]:
+    """A check that ``got()`` equals ``want`` bit for bit, saying how far off it is when not."""
+
+    def check() -> str | None:
+        have = got()
+        if np.array_equal(have, want):
+            return None
+        wrong = have != want
+        worst = int(np.max(np.abs(have.astype(np.int64) - want.astype(np.int64))))
+        return f"{int(wrong.sum())} of {want.size} outputs differ from the reference (max |difference| {worst})"
+
+    return check
+
+
+def exact_product(q: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """int32 q @ w.T through float64 BLAS: exact while sums stay below 2**53, and fast enough
+    for 128-token GEMM checks that an integer matmul in numpy is not."""
+    return (q.astype(np.float64) @ w.T.astype(np.float64)).astype(np.int32)
