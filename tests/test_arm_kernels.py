@@ -156,7 +156,7 @@ def test_rpc_candidates_for_arm_are_linked_for_aarch64(monkeypatch) -> None:
 
     monkeypatch.setattr(rpc, "connect", lambda spec: Session())
     target = parse_target("arm-neon")
-    func = lut_matmul.build_primfunc("cand", 32, 64, "neon", lut_matmul.LutKnobs(kblock=16), True)
+    func = lut_matmul.build_primfunc("cand", 32, 64, "neon", lut_matmul.LutKnobs(kblock=16, row_blocks_per_task=1), True)
     executable = tvm.compile(tvm.IRModule({"cand": func}), target=target.tvm_target())
     job = {"rpc": {"host": "device", "port": 9090}, "threads": 1, "target": target.to_json()}
     with pytest.raises(RuntimeError, match="stop after the upload"):

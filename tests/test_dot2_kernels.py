@@ -15,8 +15,8 @@ from conftest import HOST, compile_module
 pytestmark = pytest.mark.skipif(not {"avx512bw", "avx512_vnni"} <= HOST, reason="host lacks AVX-512 VNNI")
 
 SHAPES = [(1, 1), (3, 5), (31, 7), (65, 131), (100, 36), (256, 512), (96, 16384), (640, 2560)]
-GEMV = dot2_matmul.Dot2Knobs(row_blocks=4, k_unroll=2)
-GEMM = dot2_matmul.Dot2Knobs(row_blocks=2, token_tile=8)
+GEMV = dot2_matmul.Dot2GemvKnobs(row_blocks=4, k_unroll=2)
+GEMM = dot2_matmul.Dot2GemmKnobs(row_blocks=2, token_tile=8)
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +24,8 @@ def module():
     funcs = {}
     for n, k in SHAPES:
         n_p, k_p = layout_dot2.padded_shape(n, k, 4, 2)
-        funcs[f"gemv_{n}_{k}"] = dot2_matmul.build_primfunc(f"gemv_{n}_{k}", n_p, k_p, GEMV, gemv=True)
-        funcs[f"gemm_{n}_{k}"] = dot2_matmul.build_primfunc(f"gemm_{n}_{k}", n_p, k_p, GEMM, gemv=False)
+        funcs[f"gemv_{n}_{k}"] = dot2_matmul.build_primfunc(f"gemv_{n}_{k}", n_p, k_p, GEMV)
+        funcs[f"gemm_{n}_{k}"] = dot2_matmul.build_primfunc(f"gemm_{n}_{k}", n_p, k_p, GEMM)
     return compile_module(funcs, "avx512", preset="x86-avx512-vnni")
 
 
@@ -63,4 +63,4 @@ def test_dot2_exact_at_the_extremes(module, value):
 
 def test_gemm_register_budget_is_enforced():
     with pytest.raises(UserError, match="accumulator registers"):
-        dot2_matmul.Dot2Knobs(row_blocks=4, token_tile=8).check(gemv=False)
+        dot2_matmul.Dot2GemmKnobs(row_blocks=4, token_tile=8).check()

@@ -3,6 +3,7 @@ and checked exactly on a GPU when there is one (the same verify as for CPU artif
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -126,11 +127,11 @@ def test_verify_check_of_the_gpu_matmul_through_device_buffers(gemv: bool) -> No
     import tvm
     import tvm_ffi
 
-    knobs = gpu_matmul.GpuKnobs(rows_per_block=16, token_tile=4)
+    knobs = gpu_matmul.GpuGemvKnobs(16, 32) if gemv else gpu_matmul.GpuGemmKnobs(16, 4)
     rng = np.random.default_rng(0)
     for n, k in SHAPES:
-        shape, full = gpu_matmul.kernel_shape(n, k, {"rows_per_block": 16, "token_tile": 4})
-        func = gpu_matmul.build_primfunc("m", shape["n_padded"], shape["k_padded"], knobs, gemv, "cpu")
+        shape, full = gpu_matmul.kernel_shape(n, k, dataclasses.asdict(knobs))
+        func = gpu_matmul.build_primfunc("m", shape["n_padded"], shape["k_padded"], knobs, "cpu")
         mod = tvm.compile(tvm.IRModule({"m": func}), target=parse_target("x86-avx2").tvm_target()).mod
         function = gpu.DeviceFunction(mod["m"], tvm_ffi.device("cpu", 0))
         kernel = Kernel("m", "gpu2_gemv" if gemv else "gpu2_gemm", shape, full, function)

@@ -18,13 +18,13 @@ from bitnet_runtime import layout, layout_dot2, reference
 from bitnet_runtime.memory import aligned_copy, aligned_zeros
 
 SHAPES = [(1, 1), (3, 5), (31, 7), (65, 131), (100, 36), (640, 2560)]
-KNOBS = gpu_matmul.GpuKnobs()
+KNOBS = {True: gpu_matmul.GpuGemvKnobs(rows_per_block=16, k_split=32), False: gpu_matmul.GpuGemmKnobs(rows_per_block=16, token_tile=8)}
 CPU_TARGET = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v3"}
 SOURCE_SHAPES = [(64, 256), (640, 2560), (2560, 6912)]
 
 
 def _padded(n: int, k: int) -> tuple[int, int]:
-    shape, _ = gpu_matmul.kernel_shape(n, k, {})
+    shape, _ = gpu_matmul.kernel_shape(n, k, {"rows_per_block": 16})
     return shape["n_padded"], shape["k_padded"]
 
 
@@ -33,7 +33,7 @@ def _funcs(device: str, shapes) -> dict:
     for n, k in shapes:
         n_p, k_p = _padded(n, k)
         for kind, gemv in (("gemv", True), ("gemm", False)):
-            funcs[f"{kind}_{n}_{k}"] = gpu_matmul.build_primfunc(f"{kind}_{n}_{k}", n_p, k_p, KNOBS, gemv, device)
+            funcs[f"{kind}_{n}_{k}"] = gpu_matmul.build_primfunc(f"{kind}_{n}_{k}", n_p, k_p, KNOBS[gemv], device)
     return funcs
 
 
@@ -42,11 +42,11 @@ def _run(mod, name: str, w: np.ndarray, q: np.ndarray, device=None) -> np.ndarra
     (n, k), tokens = w.shape, q.shape[0]
     n_p, k_p = _padded(n, k)
     gemv = name.startswith("gemv")
-    rows = 1 if gemv else layout.round_up(tokens, KNOBS.token_tile)
+    rows = 1 if gemv else layout.round_up(tokens, KNOBS[False].token_tile)
     acts = aligned_zeros((rows, k_p), np.int8)  # TVM kernels assume 64-byte aligned buffers
     acts[:tokens, :k] = q
-    a, p = layout_dot2.word_views(acts, aligned_copy(layout_dot2.pack_ternary(w, n_p, k_p)), None if gemv else KNOBS.token_tile)
-    out = aligned_zeros((1, n_p) if gemv else (rows // KNOBS.token_tile, KNOBS.token_tile, n_p), np.int32)
+    a, p = layout_dot2.word_views(acts, aligned_copy(layout_dot2.pack_ternary(w, n_p, k_p)), None if gemv else KNOBS[False].token_tile)
+    out = aligned_zeros((1, n_p) if gemv else (rows // KNOBS[False].token_tile, KNOBS[False].token_tile, n_p), np.int32)
     if device is None:
         mod[name](a, p, out)
         return out.reshape(rows, n_p)[:tokens, :n]
@@ -134,8 +134,8 @@ def _launch_bounds(src: str) -> dict[str, int]:
 def test_cuda_source_kernels_and_launch_bounds(cuda_source):
     bounds = _launch_bounds(cuda_source)
     for n, k in SOURCE_SHAPES:
-        assert bounds[f"gemv_{n}_{k}_kernel"] == KNOBS.rows_per_block * KNOBS.k_split
-        assert bounds[f"gemm_{n}_{k}_kernel"] == KNOBS.rows_per_block
+        assert bounds[f"gemv_{n}_{k}_kernel"] == KNOBS[True].rows_per_block * KNOBS[True].k_split
+        assert bounds[f"gemm_{n}_{k}_kernel"] == KNOBS[False].rows_per_block
     assert bounds["quant_kernel"] == act_quant.GPU_THREADS
     assert bounds["dequant_kernel"] == dequant.GPU_THREADS
     assert "__dp4a" in cuda_source and "__shfl_down_sync" in cuda_source

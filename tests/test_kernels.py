@@ -31,7 +31,7 @@ def _matmul_funcs(isa: str, kblock: int = 32, shapes=MATMUL_SHAPES) -> dict:
         n_p, k_p = layout.padded_shape(n, k, rows, kb)
         for gemv in (True, False):
             name = f"{'gemv' if gemv else 'gemm'}_{n}_{k}"
-            funcs[name] = lut_matmul.build_primfunc(name, n_p, k_p, isa, lut_matmul.LutKnobs(kblock=kb), gemv)
+            funcs[name] = lut_matmul.build_primfunc(name, n_p, k_p, isa, lut_matmul.LutKnobs(kblock=kb, row_blocks_per_task=1), gemv)
     return funcs
 
 
@@ -88,7 +88,7 @@ def test_largest_kblock_is_exact(isa):
 
 def test_kblock_beyond_int16_range_is_refused():
     with pytest.raises(UserError, match="overflow"):
-        lut_matmul.LutKnobs(kblock=lut_matmul.MAX_KBLOCK + 1).check()
+        lut_matmul.LutKnobs(kblock=lut_matmul.MAX_KBLOCK + 1, row_blocks_per_task=1).check()
 
 
 ELEMENTWISE_K = [(1, 4), (5, 8), (15, 16), (37, 40), (2560, 2560), (6911, 6912)]
@@ -157,13 +157,13 @@ def test_dequantize_exact(elementwise_module, k, k_padded):
 
 _LAZY_INTRINSICS = """
 from tvm.s_tir import TensorIntrin
-import bitnet_compile.tuning.templates  # imports every CPU kernel module
+import bitnet_compile.ops.registry  # imports every kernel module
 from bitnet_compile.intrinsics import _BUILDERS
 from bitnet_compile.intrinsics.lut_shuffle import VECTOR_ISAS
 from bitnet_compile.ops import lut_matmul
 known = lambda: [n for n in _BUILDERS if TensorIntrin.get(n, allow_missing=True)]
 assert len(_BUILDERS) >= 9 and known() == [], known()
-lut_matmul.build_primfunc("g", 64, 128, "avx2", lut_matmul.LutKnobs(kblock=32), True)
+lut_matmul.build_primfunc("g", 64, 128, "avx2", lut_matmul.LutKnobs(kblock=32, row_blocks_per_task=1), True)
 assert known() == [VECTOR_ISAS["avx2"].intrin_name], known()
 """
 
@@ -180,11 +180,12 @@ def _zero_knob_cases():
     from bitnet_compile.ops import dot2_matmul, f16_gemv, gpu_matmul, i8_gemv
 
     return [
-        (lambda: lut_matmul.LutKnobs(row_blocks_per_task=0).check(), "row_blocks_per_task"),
-        (lambda: dot2_matmul.Dot2Knobs(k_unroll=0).check(True), "k_unroll"),
-        (lambda: gpu_matmul.GpuKnobs(k_split=0).check(True), "k_split"),
-        (lambda: i8_gemv.I8Knobs(k_unroll=0).check(), "k_unroll"),
-        (lambda: f16_gemv.F16Knobs(k_unroll=0).check(), "k_unroll"),
+        (lambda: lut_matmul.LutKnobs(kblock=32, row_blocks_per_task=0).check(), "row_blocks_per_task"),
+        (lambda: dot2_matmul.Dot2GemvKnobs(row_blocks=4, k_unroll=0).check(), "k_unroll"),
+        (lambda: dot2_matmul.Dot2GemmKnobs(row_blocks=2, token_tile=0).check(), "token_tile"),
+        (lambda: gpu_matmul.GpuGemvKnobs(rows_per_block=16, k_split=0).check(), "k_split"),
+        (lambda: i8_gemv.I8Knobs(k_unroll=0, groups_per_pass=4).check(), "k_unroll"),
+        (lambda: f16_gemv.F16Knobs(k_unroll=0, prefetch=True).check(), "k_unroll"),
     ]
 
 

@@ -9,6 +9,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
+from bitnet_compile import schedule_db
 from bitnet_compile.ops import f16_gemv, i8_gemv
 from bitnet_runtime import layout_f16, layout_i8, reference, verify
 from bitnet_runtime.artifact import Kernel
@@ -18,6 +19,8 @@ from bitnet_runtime.memory import aligned_copy, aligned_zeros, is_aligned
 from conftest import HOST, compile_module, isa_params
 
 # every N and K the brief names, each at least once, plus a K that is not a multiple of 4
+I8_DEFAULT = i8_gemv.I8Knobs(**schedule_db.default_knobs("i8_gemv", "avx512"))
+F16_DEFAULT = f16_gemv.F16Knobs(**schedule_db.default_knobs("f16_gemv", "avx512"))
 SHAPES = [(1, 4), (1, 2560), (63, 100), (63, 7), (65, 1536), (65, 4), (1000, 2560), (1000, 100), (32002, 100)]
 VNNI = pytest.mark.skipif(not {"avx512bw", "avx512_vnni"} <= HOST, reason="host lacks AVX-512 VNNI")
 VARIANT_TARGETS = {"avx2": ("avx2", None), "avx512": ("avx512", None), "avx512-vnni": ("avx512", "x86-avx512-vnni")}
@@ -46,14 +49,14 @@ def i8_module(request):
     funcs = {}
     for n, k in SHAPES:
         n_p, k_p = layout_i8.padded_shape(n, k)
-        funcs[f"i8_{n}_{k}"] = i8_gemv.build_primfunc(f"i8_{n}_{k}", n_p, k_p, request.param)
+        funcs[f"i8_{n}_{k}"] = i8_gemv.build_primfunc(f"i8_{n}_{k}", n_p, k_p, request.param, I8_DEFAULT)
     return request.param, compile_module(funcs, isa, preset)
 
 
 @pytest.fixture(scope="module", params=isa_params())
 def f16_module(request):
     """The float16 GEMV for one vector ISA for every shape."""
-    funcs = {f"f16_{n}_{k}": f16_gemv.build_primfunc(f"f16_{n}_{k}", layout_f16.padded_rows(n), k) for n, k in SHAPES}
+    funcs = {f"f16_{n}_{k}": f16_gemv.build_primfunc(f"f16_{n}_{k}", layout_f16.padded_rows(n), k, F16_DEFAULT) for n, k in SHAPES}
     return request.param, compile_module(funcs, request.param)
 
 
@@ -282,12 +285,12 @@ def test_variant_for_and_bad_arguments():
     with pytest.raises(UserError):
         i8_gemv.variant_for("sve", set())
     with pytest.raises(UserError):
-        i8_gemv.build_primfunc("x", 64, 4, "sse2")
+        i8_gemv.build_primfunc("x", 64, 4, "sse2", I8_DEFAULT)
     with pytest.raises(UserError):
-        i8_gemv.I8Knobs(groups_per_pass=3).check()
+        i8_gemv.I8Knobs(k_unroll=2, groups_per_pass=3).check()
     with pytest.raises(ValueError):
-        i8_gemv.build_primfunc("x", 65, 4, "avx2")
+        i8_gemv.build_primfunc("x", 65, 4, "avx2", I8_DEFAULT)
     with pytest.raises(ValueError):
-        f16_gemv.build_primfunc("x", 100, 4)
+        f16_gemv.build_primfunc("x", 100, 4, F16_DEFAULT)
     with pytest.raises(UserError):
-        f16_gemv.build_primfunc("x", 64, 4, f16_gemv.F16Knobs(k_unroll=0))
+        f16_gemv.build_primfunc("x", 64, 4, f16_gemv.F16Knobs(k_unroll=0, prefetch=True))

@@ -34,7 +34,8 @@ def exact(got: Callable[[], np.ndarray], want: np.ndarray) -> Callable[[], str |
         if np.array_equal(have, want):
             return None
         wrong = have != want
-        worst = int(np.max(np.abs(have.astype(np.int64) - want.astype(np.int64))))
+        diff = np.abs(have.astype(np.float64) - want.astype(np.float64))  # exact for every int32 and float32
+        worst = "nan" if np.isnan(diff).any() else f"{diff.max():g}"
         return f"{int(wrong.sum())} of {want.size} outputs differ from the reference (max |difference| {worst})"
 
     return check
