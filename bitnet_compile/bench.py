@@ -477,16 +477,12 @@ def run(args: argparse.Namespace) -> int:
     target = parse_target(args.target)
     if target.is_gpu or cross.is_foreign(target.arch):
         raise UserError(f"bench-kernels times kernels on this machine, which cannot run {target.name} code; benchmark on the device")
-    if args.shapes:
-        linears, label = models.parse_shapes(args.shapes), f"shapes {args.shapes}"
-    else:
-        model = models.resolve(args.model)
-        linears, label = model.linears(), f"{model.name} linear layers"
+    request = models.resolve_request(args.model, args.shapes)
     stream_mib = args.stream_mib
     report = measure(
         target,
-        linears,
-        label,
+        request.linears,
+        f"{request.name} linear layers" if request.name else request.label,
         tokens=args.tokens,
         repeat=args.repeat,
         threads=args.threads,

@@ -23,16 +23,18 @@ from .target import TargetSpec
 def for_model(model: str, target: TargetSpec, family_name: str = "auto", echo=lambda line: print(line, file=sys.stderr)) -> Path:
     """The artifact a model needs on ``target``, compiled once into the cache (keyed by the
     model's shapes, the target, the family, the schedule knobs and the compiler's version)."""
-    shape = models.resolve(model)
+    request = models.resolve_request(model)
+    vocab, hidden = request.output_layer
     family = choose(target, family_name, schedule_db.family_preference(target.isa))
-    ident = [__version__, FORMAT_VERSION, shape.linear_shapes, shape.vocab, shape.hidden, target.to_json(), family.name, schedule_db.fingerprint(target)]
+    linear_shapes = [(lin.name, lin.n, lin.k) for lin in request.linears]
+    ident = [__version__, FORMAT_VERSION, linear_shapes, vocab, hidden, target.to_json(), family.name, schedule_db.fingerprint(target)]
     key = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    out = cache_root() / "artifacts" / f"{shape.hidden}h-{shape.vocab}v-{family.name}-{target.isa}-{key}"
+    out = cache_root() / "artifacts" / f"{hidden}h-{vocab}v-{family.name}-{target.isa}-{key}"
     if (out / MANIFEST_FILE).is_file():
         echo(f"using artifact {out}")
         return out
-    echo(f"compiling the kernels of {shape.name} for {target.mcpu} ({target.isa}, {family.name}) into {out} (once)")
+    echo(f"compiling the kernels of {request.name} for {target.mcpu} ({target.isa}, {family.name}) into {out} (once)")
     from .artifact import build  # imports TVM: only when there is something to compile
 
-    build(target, shape.linears(), out, family, model_name=shape.name, output_layer=(shape.vocab, shape.hidden))
+    build(target, request.linears, out, family, model_name=request.name, output_layer=request.output_layer)
     return out

@@ -74,6 +74,29 @@ def resolve(model: str) -> ModelShape:
     raise UserError(f"unknown model {model!r}: give a model directory, its config.json, a hub id, or a preset ({known})")
 
 
+@dataclass(frozen=True)
+class Request:
+    """The linears a command was asked for, by ``--model`` or ``--shapes``: compile, tune,
+    bench-kernels and the artifact cache all start here, so a model means the same kernels
+    (its linears and its output layer) to each of them."""
+
+    name: str | None  # the model's name; None for bare shapes
+    label: str  # how progress lines name it: the model's name, or "shapes NxK,..." as given
+    linears: list[Linear]
+    output_layer: tuple[int, int] | None  # a model's (vocab, hidden); bare shapes have none
+
+
+def resolve_request(model: str | None, shapes: str | None = None) -> Request:
+    """``--shapes`` when given (bench-kernels has a default ``--model``, so shapes win), else
+    ``--model`` as ``resolve`` reads it."""
+    if shapes is not None:
+        return Request(None, f"shapes {shapes}", parse_shapes(shapes), None)
+    if model is None:
+        raise UserError("give a model (--model) or linear shapes (--shapes)")
+    shape = resolve(model)
+    return Request(shape.name, shape.name, shape.linears(), (shape.vocab, shape.hidden))
+
+
 def parse_shapes(text: str) -> list[Linear]:
     """``NxK,NxK,...`` (output x input features) as anonymous linears."""
     linears = []

@@ -22,25 +22,6 @@ DEFAULT_TIMEOUT_S = 120
 OUTPUT_LAYER_OPS = ("f16_gemv", "i8_gemv")
 
 
-def add_options(p: argparse.ArgumentParser) -> None:
-    from ..cli import DEFAULT_TARGET, _thread_counts
-
-    p.add_argument("--target", default=DEFAULT_TARGET, help=f'target to tune for (default: "{DEFAULT_TARGET}")')
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("-m", "--model", help="tune every kernel this model needs (preset, hub id, config.json or model dir)")
-    what.add_argument("-s", "--shapes", help="tune these NxK linear shapes (out x in features)")
-    p.add_argument("-k", "--kernels", default=None, help="only these kernels, e.g. dot2_gemv,f16_gemv (default: the family's and, with --model, the output layer's)")
-    p.add_argument("-f", "--family", default="auto", help="kernel family whose kernels to tune (default: auto, as compile picks)")
-    p.add_argument("-n", "--trials", type=int, default=DEFAULT_TRIALS, help=f"measured trials per kernel and shape (default {DEFAULT_TRIALS}); a resumed study counts its earlier ones")
-    p.add_argument("--time-budget", type=float, default=DEFAULT_BUDGET_S, help=f"seconds for the whole command, shared out over the studies (default {DEFAULT_BUDGET_S})")
-    p.add_argument("-t", "--threads", type=_thread_counts, default=None, help="thread counts to tune for, e.g. 1,2 (default: the target's cores)")
-    p.add_argument("--storage", default=None, help="optuna storage: sqlite:///FILE, postgresql://..., journal:FILE (default: SQLite in the cache)")
-    p.add_argument("--rpc", default=None, help="measure on a device: HOST:PORT of its TVM RPC server (or of a tracker with --rpc-key)")
-    p.add_argument("--rpc-key", default=None, help="device key to request from the tracker at --rpc")
-    p.add_argument("--trial-timeout", type=float, default=DEFAULT_TIMEOUT_S, help=f"seconds one candidate may take to compile, check and time (default {DEFAULT_TIMEOUT_S})")
-    p.add_argument("--plugin", action="append", default=[], help="import this module first (it may register extra kernel templates); repeatable")
-
-
 @dataclass(frozen=True)
 class Work:
     op: str
@@ -55,12 +36,9 @@ def plan_work(args: argparse.Namespace, target) -> tuple[list[Work], str]:
     from ..ops import registry
 
     family = choose(target, args.family, schedule_db.family_preference(target.isa))
-    if args.model:
-        shape = models.resolve(args.model)
-        layers, label = [(lin.n, lin.k) for lin in shape.linears()], shape.name
-        output = [(shape.vocab, shape.hidden)]
-    else:
-        layers, label, output = [(lin.n, lin.k) for lin in models.parse_shapes(args.shapes)], f"shapes {args.shapes}", []
+    request = models.resolve_request(args.model, args.shapes)
+    layers = [(lin.n, lin.k) for lin in request.linears]
+    output = [request.output_layer] if request.output_layer else []
     family_ops = [op for op, t in registry.tunable().items() if t.layout == family.layout and target.isa in t.isas]
     wanted = args.kernels.split(",") if args.kernels else family_ops + (list(OUTPUT_LAYER_OPS) if output else [])
     work: list[Work] = []
@@ -72,7 +50,7 @@ def plan_work(args: argparse.Namespace, target) -> tuple[list[Work], str]:
             item = Work(template.op, n, k)
             if item not in work:
                 work.append(item)
-    return work, label
+    return work, request.label
 
 
 def run(args: argparse.Namespace) -> int:

@@ -23,31 +23,6 @@ from ..errors import UserError
 from .. import records
 
 
-def add_commands(p: argparse.ArgumentParser, add_records_option) -> None:
-    sub = p.add_subparsers(dest="view", required=True)
-    for name, text in (("list", "every tuning record"), ("compare", "tuned vs default per kernel and shape")):
-        q = sub.add_parser(name, help=text)
-        q.add_argument("--target-key", default=None, help="only records of this target (a records file name without .json)")
-        add_records_option(q)
-    q = sub.add_parser("show", help="one record's trials and best knobs")
-    q.add_argument("key", help="record key or a unique part of it")
-    add_records_option(q)
-    q = sub.add_parser("plot", help="PNG of a record's tuning curve")
-    q.add_argument("key")
-    q.add_argument("-o", "--output", type=Path, required=True, help="PNG file to write")
-    add_records_option(q)
-    q = sub.add_parser("source", help="generated code of a record's knobs")
-    q.add_argument("key")
-    q.add_argument("--form", choices=("tir", "ll", "asm"), default="asm", help="TVM script (tir), LLVM IR (ll) or assembly (asm, default)")
-    q.add_argument("--default", action="store_true", help="the default knobs instead of the best")
-    add_records_option(q)
-    q = sub.add_parser("space", help="a kernel's search space")
-    q.add_argument("kernel", nargs="?", default=None, help="kernel (default: all)")
-    q.add_argument("--shape", default="2560x2560", help="NxK the constraints are evaluated for (default 2560x2560)")
-    q.add_argument("--threads", type=int, default=2)
-    q.add_argument("--target", default="llvm -mcpu=native")
-
-
 # ----------------------------------------------------------------------------- reading
 
 
