@@ -13,7 +13,6 @@ Layout of an artifact directory (format version 2), by target kind (``EMITTERS``
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import math
 import os
 import re
@@ -26,7 +25,8 @@ from pathlib import Path
 from bitnet_runtime import layout, layout_dot2, layout_f16, layout_i8
 from bitnet_runtime.progress import progress
 from bitnet_runtime.manifest import (
-    CUDA_SOURCE_FILE, FORMAT_VERSION, LIBRARY_FILE, MANIFEST_FILE, METAL_SOURCE_FILE, RUNTIME_LIBRARY_FILE, file_sha256,
+    CUDA_SOURCE_FILE, LIBRARY_FILE, MANIFEST_FILE, METAL_SOURCE_FILE, RUNTIME_LIBRARY_FILE, Device, FileEntry, KernelEntry,
+    LinearEntry, Manifest, OutputFormat, OutputLayer, file_sha256,
 )
 
 from . import __version__, cross, schedule_db
@@ -253,12 +253,12 @@ def compile_kernels(kernels: list[KernelPlan], target: TargetSpec):
     return executable
 
 
-def _write(out_dir: Path, name: str, write) -> dict:
+def _write(out_dir: Path, name: str, write) -> FileEntry:
     """``write(tmp_path)``, then rename into place: a file appears whole or not at all."""
     tmp = out_dir / (name + ".tmp")
     write(tmp)
     os.replace(tmp, out_dir / name)
-    return {"file": name, "sha256": file_sha256(out_dir / name)}
+    return FileEntry(name, file_sha256(out_dir / name))
 
 
 def _export(executable, target: TargetSpec, path: Path) -> None:
@@ -271,6 +271,7 @@ def _export(executable, target: TargetSpec, path: Path) -> None:
 
 
 def _emit_cpu(executable, target: TargetSpec, out_dir: Path, kernels: list[KernelPlan]) -> dict:
+    """Returns (as all the emitters) the Manifest fields of the files it wrote."""
     return {
         "library": _write(out_dir, LIBRARY_FILE, lambda tmp: _export(executable, target, tmp)),
         "runtime_library": _write(out_dir, RUNTIME_LIBRARY_FILE, lambda tmp: shutil.copyfile(tvm_runtime_library(target), tmp)),
@@ -287,12 +288,12 @@ def _emit_cuda(executable, target: TargetSpec, out_dir: Path, kernels: list[Kern
         raise UserError(f"{LIBRARY_FILE} holds no fatbin: nvcc did not run (TVM left CUDA source, which the device cannot compile)")
     source = executable.mod.imports[0].inspect_source("cuda")
     cudart = cuda_toolchain.cudart()  # redistributable; shipped so the device needs only the driver
-    files["device_libraries"] = [
+    files["device_libraries"] = (
         _write(out_dir, cudart.name, lambda tmp: shutil.copyfile(cudart, tmp)),
         _write(out_dir, CUDA_RUNTIME_FILE, lambda tmp: shutil.copyfile(cuda_toolchain.tvm_cuda_runtime(), tmp)),
-    ]
-    files["sources"] = [_write(out_dir, CUDA_SOURCE_FILE, lambda tmp: tmp.write_text(source))]
-    files["device"] = {"kind": "cuda", "arch": target.gpu_arch, "code": "fatbin", "launch": {k.name: launch(k) for k in kernels}}
+    )
+    files["sources"] = (_write(out_dir, CUDA_SOURCE_FILE, lambda tmp: tmp.write_text(source)),)
+    files["device"] = Device("cuda", "fatbin", {k.name: launch(k) for k in kernels}, arch=target.gpu_arch)
     return files
 
 
@@ -327,7 +328,7 @@ def metal_signatures(source: str) -> dict[str, list[dict]]:
 
 def _emit_metal(executable, target: TargetSpec, out_dir: Path, kernels: list[KernelPlan]) -> dict:
     source = metal_source(executable)
-    device = {"kind": "metal", "code": "msl-source", "launch": {k.name: launch(k) for k in kernels}, "arguments": metal_signatures(source)}
+    device = Device("metal", "msl-source", {k.name: launch(k) for k in kernels}, arguments=metal_signatures(source))
     return {"library": _write(out_dir, METAL_SOURCE_FILE, lambda tmp: tmp.write_text(source)), "runtime_library": None, "device": device}
 
 
@@ -361,20 +362,19 @@ def build(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST_FILE).unlink(missing_ok=True)  # an artifact without manifest is incomplete
     files = EMITTERS[target.kind](executable, target, out_dir, kernels)
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "compiler": {"bitnet_compile": __version__, "tvm": tvm.__version__},
-        "model": model_name,
-        "target": target.to_json(),
-        "required_cpu_features": target.required_features,
-        "family": family.name,
+    manifest = Manifest(
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        compiler={"bitnet_compile": __version__, "tvm": tvm.__version__},
+        model=model_name,
+        target=target.to_json(),
+        required_cpu_features=tuple(target.required_features),
+        family=family.name,
+        kernels=tuple(KernelEntry(k.name, k.op, k.shape, k.knobs, k.knob_source) for k in kernels),
+        linears=tuple(LinearEntry(**e) for e in entries),
+        output_layer=output_entry and OutputLayer(output_entry["n"], output_entry["k"], {f: OutputFormat(**e) for f, e in output_entry["formats"].items()}),
         **files,
-        "kernels": [{"name": k.name, "op": k.op, "shape": k.shape, "knobs": k.knobs, "knob_source": k.knob_source} for k in kernels],
-        "linears": entries,
-        "output_layer": output_entry,
-    }
+    )
     man_tmp = out_dir / (MANIFEST_FILE + ".tmp")
-    man_tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    man_tmp.write_text(manifest.dumps())
     os.replace(man_tmp, out_dir / MANIFEST_FILE)
     return out_dir / MANIFEST_FILE
