@@ -78,9 +78,9 @@ class EmulatedArtifact(KernelTable):
     def __init__(self, artifact_dir: Path | str, threads: int = 1):
         self.dir = Path(artifact_dir)
         self.manifest = read_manifest(self.dir)
-        self.arch = self.manifest["target"]["arch"]
-        library = _checked_file(self.dir, self.manifest["library"], "kernel library")
-        runtime = _checked_file(self.dir, self.manifest["runtime_library"], "runtime library")
+        self.arch = self.manifest.target["arch"]
+        library = _checked_file(self.dir, self.manifest.library, "kernel library")
+        runtime = _checked_file(self.dir, self.manifest.runtime_library, "runtime library")
         self.host = KernelHost(self.arch, library, runtime, threads)
 
     def _function(self, name: str):

@@ -106,7 +106,7 @@ def run(args: argparse.Namespace, artifact_dir: Path) -> int:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         nbytes = stream_bytes(l3_bytes())
-        shape = _bandwidth_library(manifest["target"], nbytes, Path(tmp))
+        shape = _bandwidth_library(manifest.target, nbytes, Path(tmp))
         spec = {"model": str(model_dir), "artifact": str(artifact_dir), "tokens": args.tokens, "repeat": args.repeat,
                 "bandwidth": {"library": str(Path(tmp) / BANDWIDTH_FILE), "shape": shape}}
         _prepare(spec, formats)
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace, artifact_dir: Path) -> int:
                 print(f"measuring {t} thread{'s' if t > 1 else ''}, {fmt} output layer ...", file=sys.stderr, flush=True)
                 runs.append(_worker_run(spec, t, fmt))
     report = {"date": _dt.date.today().isoformat(), "cpu": cpu_model(), "model": str(args.model), "artifact": str(artifact_dir),
-              "family": manifest["family"], "tokens": args.tokens, "repeat": args.repeat, "seconds": time.perf_counter() - start, "runs": runs}
+              "family": manifest.family, "tokens": args.tokens, "repeat": args.repeat, "seconds": time.perf_counter() - start, "runs": runs}
     print(format_report(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ from bitnet_compile import artifact, cross
 from bitnet_compile.errors import UserError
 from bitnet_compile.models import Linear
 from bitnet_compile.target import parse_target
+from bitnet_runtime.manifest import read_manifest
 from bitnet_runtime.memory import aligned_zeros
 from bitnet_runtime.verify import verify
 
@@ -63,11 +64,9 @@ def arm_dot2_artifact(tmp_path_factory) -> Path:
 
 
 def test_neon_prefers_lut_and_offers_dot2(arm_artifact: Path, arm_dot2_artifact: Path) -> None:
-    import json
-
-    assert json.loads((arm_artifact / "manifest.json").read_text())["family"] == "lut"
-    manifest = json.loads((arm_dot2_artifact / "manifest.json").read_text())
-    assert manifest["family"] == "dot2" and {k["op"] for k in manifest["kernels"]} == {"quantize", "dot2_gemv", "dot2_gemm", "dequantize"}
+    assert read_manifest(arm_artifact).family == "lut"
+    manifest = read_manifest(arm_dot2_artifact)
+    assert manifest.family == "dot2" and {k.op for k in manifest.kernels} == {"quantize", "dot2_gemv", "dot2_gemm", "dequantize"}
     asm = subprocess.run(["aarch64-linux-gnu-objdump", "-d", str(arm_dot2_artifact / "kernels.so")], capture_output=True, text=True, check=True).stdout
     assert asm.count("\tsdot\t") >= 16 and "\ttbl\t" not in asm
 

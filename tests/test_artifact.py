@@ -17,7 +17,7 @@ from bitnet_compile.target import parse_target
 from bitnet_runtime import cpu
 from bitnet_runtime.artifact import Artifact
 from bitnet_runtime.errors import UserError
-from bitnet_runtime.manifest import file_sha256
+from bitnet_runtime.manifest import FORMAT_VERSION, file_sha256, read_manifest
 
 from conftest import run_without_tvm
 
@@ -49,25 +49,24 @@ def copy(built, tmp_path):
 
 
 def test_manifest_describes_the_library(built):
-    manifest = json.loads((built / "manifest.json").read_text())
-    assert manifest["format_version"] == 2
-    assert manifest["library"]["sha256"] == file_sha256(built / "kernels.so")
-    family = manifest["family"]
-    assert {e["layout"] for e in manifest["linears"]} == {FAMILIES[family].layout}
-    ops = sorted(k["op"] for k in manifest["kernels"])
+    assert json.loads((built / "manifest.json").read_text())["format_version"] == FORMAT_VERSION
+    manifest = read_manifest(built)
+    assert manifest.library.sha256 == file_sha256(built / "kernels.so")
+    family = manifest.family
+    assert {e.layout for e in manifest.linears} == {FAMILIES[family].layout}
+    ops = sorted(k.op for k in manifest.kernels)
     assert ops.count(f"{family}_gemv") == 3 and ops.count(f"{family}_gemm") == 3 and ops.count("quantize") == 3
     assert ops.count("lut_table") == (3 if family == "lut" else 0)
-    gemv = next(k for k in manifest["kernels"] if k["op"] == f"{family}_gemv")
-    assert gemv["knob_source"] == "default" and gemv["knobs"]
-    assert set(manifest["required_cpu_features"]) <= cpu.host_cpu_features()
-    assert [(e["n"], e["k"]) for e in manifest["linears"]] == [(lin.n, lin.k) for lin in LINEARS]
+    gemv = next(k for k in manifest.kernels if k.op == f"{family}_gemv")
+    assert gemv.knob_source == "default" and gemv.knobs
+    assert set(manifest.required_cpu_features) <= cpu.host_cpu_features()
+    assert [(e.n, e.k) for e in manifest.linears] == [(lin.n, lin.k) for lin in LINEARS]
 
 
 def test_verify_runs_without_tvm(built):
     result = run_without_tvm(f"from bitnet_runtime.__main__ import main; raise SystemExit(main(['verify', {str(built)!r}]))")
     assert result.returncode == 0, result.stderr
-    kernels = len(json.loads((built / "manifest.json").read_text())["kernels"])
-    assert f"{kernels} passed, 0 failed" in result.stdout
+    assert f"{len(read_manifest(built).kernels)} passed, 0 failed" in result.stdout
 
 
 def test_bitlinear_without_tvm_matches_reference(built):
@@ -83,7 +82,7 @@ def test_bitlinear_without_tvm_matches_reference(built):
         for n, k in [(100, 36), (256, 512), (130, 1000)]:
             w = rng.integers(-1, 2, (n, k)).astype(np.int8)
             layer = BitLinear(art, w, 0.75)
-            kp = art.linear(n, k)["k_padded"]
+            kp = art.linear(n, k).k_padded
             for tokens in (1, 2, 9, 17):
                 x = rng.standard_normal((tokens, k)).astype(np.float32)
                 q, s = reference.quantize_activations(x, kp)
@@ -118,7 +117,7 @@ def _tamper(path, edit):
         (lambda d: (d / "manifest.json").unlink(), "manifest.json is missing"),
         (lambda d: (d / "manifest.json").write_text("{ not json"), "corrupted"),
         (lambda d: _tamper(d / "manifest.json", lambda m: m.update(format_version=99)), "format version"),
-        (lambda d: _tamper(d / "manifest.json", lambda m: m.pop("kernels")), "missing kernels"),
+        (lambda d: _tamper(d / "manifest.json", lambda m: m.pop("kernels")), "kernels is missing"),
         (lambda d: _tamper(d / "manifest.json", lambda m: m["required_cpu_features"].append("avx10.9")), "lacks avx10.9"),
         (lambda d: _tamper(d / "manifest.json", lambda m: m["target"].update(arch="aarch64")), "aarch64"),
     ],
@@ -130,8 +129,7 @@ def test_damaged_artifacts_are_refused(copy, damage, message):
 
 
 def test_avx512_artifact_refused_on_avx2_only_cpu(built, monkeypatch):
-    manifest = json.loads((built / "manifest.json").read_text())
-    if "avx512f" not in manifest["required_cpu_features"]:
+    if "avx512f" not in read_manifest(built).required_cpu_features:
         pytest.skip("host artifact is not AVX-512")
     monkeypatch.setattr(cpu, "host_cpu_features", lambda: frozenset({"sse2", "ssse3", "avx", "avx2", "fma"}))
     with pytest.raises(UserError, match="lacks .*avx512"):
@@ -167,14 +165,14 @@ def test_kernel_call_checks_its_arrays(built):
 
     art = Artifact(built)
     entry = art.linear(256, 512)
-    quantize = art.kernel(entry["kernels"]["quantize"])
+    quantize = art.kernel(entry.kernels["quantize"])
     x, q, s = aligned_zeros((2, 512), np.float32), aligned_zeros((2, 512), np.int8), aligned_zeros((2,), np.float32)
     quantize(x, q, s)
     unaligned = np.zeros(2 * 512 * 4 + 4, np.uint8)[4:].view(np.float32).reshape(2, 512)
     assert unaligned.ctypes.data % 64
     with pytest.raises(UserError, match="aligned"):
         quantize(unaligned, q, s)
-    with pytest.raises(UserError, match=entry["kernels"]["quantize"]):
+    with pytest.raises(UserError, match=entry.kernels["quantize"]):
         quantize(x, aligned_zeros((2, 512), np.int16), s)
-    with pytest.raises(UserError, match=entry["kernels"]["quantize"]):
+    with pytest.raises(UserError, match=entry.kernels["quantize"]):
         quantize(x, q)

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from bitnet_runtime.manifest import read_manifest
+
 from conftest import REPO, run_without_tvm
 
 
@@ -29,11 +31,11 @@ def test_compile_native_verbatim_then_verify(tmp_path):
     assert result.returncode == 0, result.stderr
     assert f"wrote {out / 'manifest.json'}" in result.stdout
     assert "compiling" in result.stderr and "kernel family" in result.stderr
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["model"] is None and len(manifest["linears"]) == 2
+    manifest = read_manifest(out)
+    assert manifest.model is None and len(manifest.linears) == 2
     verified = cli("verify", str(out), "-t", "1")
     assert verified.returncode == 0, verified.stderr
-    assert f"{len(manifest['kernels'])} passed, 0 failed" in verified.stdout
+    assert f"{len(manifest.kernels)} passed, 0 failed" in verified.stdout
 
 
 @pytest.mark.parametrize(

@@ -7,8 +7,8 @@ import pytest
 
 from bitnet_compile.errors import UserError
 from bitnet_compile.ops import dot2_matmul
-from bitnet_runtime import layout, layout_dot2, reference
-from bitnet_runtime.memory import aligned_copy, aligned_zeros
+from bitnet_runtime import layout_dot2, reference
+from bitnet_runtime.memory import aligned_copy
 
 from conftest import HOST, compile_module
 
@@ -30,16 +30,11 @@ def module():
 
 
 def _run(mod, name: str, w: np.ndarray, q: np.ndarray) -> np.ndarray:
-    (n, k), tokens = w.shape, q.shape[0]
+    n, k = w.shape
     n_p, k_p = layout_dot2.padded_shape(n, k, 4, 2)
-    tile = None if name.startswith("gemv") else GEMM.token_tile
-    rows = layout.round_up(tokens, tile or 1)
-    acts = aligned_zeros((rows, k_p), np.int8)
-    acts[:tokens, :k] = q
-    acc = aligned_zeros((rows, n_p), np.int32)
-    acts_view, acc_view = layout_dot2.kernel_views(acts, acc, tile)
-    mod[name](acts_view, aligned_copy(layout_dot2.pack_ternary(w, n_p, k_p)), acc_view)
-    return acc[:tokens, :n]
+    call = layout_dot2.bind({name.split("_")[0]: mod[name]}, {"n_padded": n_p, "k_padded": k_p, "token_tile": GEMM.token_tile}, q.shape[0])
+    call.q[:, :k] = q
+    return call.run(aligned_copy(layout_dot2.pack_ternary(w, n_p, k_p)))[:, :n]
 
 
 @pytest.mark.parametrize("n,k", SHAPES)

@@ -4,7 +4,6 @@ and checked exactly on a GPU when there is one (the same verify as for CPU artif
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import shutil
@@ -21,6 +20,7 @@ from bitnet_compile.ops import gpu_matmul
 from bitnet_compile.target import parse_target
 from bitnet_runtime import gpu, verify
 from bitnet_runtime.artifact import Artifact, Kernel
+from bitnet_runtime.manifest import Manifest, read_manifest
 
 SHAPES = [(100, 36), (65, 131), (2560, 6912), (31, 7)]
 HAVE_NVCC = shutil.which("nvcc") is not None
@@ -28,13 +28,13 @@ needs_nvcc = pytest.mark.skipif(not HAVE_NVCC and not os.environ.get("CI"), reas
 HAVE_GPU = gpu.cuda_device_count() > 0
 
 
-def _build(target: str, out: Path) -> dict:
+def _build(target: str, out: Path) -> Manifest:
     artifact.build(parse_target(target), [Linear(f"l{n}", n, k) for n, k in SHAPES], out, output_layer=(300, 64))
-    return json.loads((out / "manifest.json").read_text())
+    return read_manifest(out)
 
 
 @pytest.fixture(scope="module")
-def cuda_artifact(tmp_path_factory) -> tuple[Path, dict]:
+def cuda_artifact(tmp_path_factory) -> tuple[Path, Manifest]:
     if not HAVE_NVCC and not os.environ.get("CI"):
         pytest.skip("needs nvcc")
     out = tmp_path_factory.mktemp("cuda") / "artifact"
@@ -42,7 +42,7 @@ def cuda_artifact(tmp_path_factory) -> tuple[Path, dict]:
 
 
 @pytest.fixture(scope="module")
-def metal_artifact(tmp_path_factory) -> tuple[Path, dict]:
+def metal_artifact(tmp_path_factory) -> tuple[Path, Manifest]:
     out = tmp_path_factory.mktemp("metal") / "artifact"
     return out, _build("metal", out)
 
@@ -57,29 +57,29 @@ def test_gpu_targets_take_the_gpu2_family() -> None:
 @needs_nvcc
 def test_cuda_artifact_carries_a_fatbin_and_its_source(cuda_artifact) -> None:
     out, manifest = cuda_artifact
-    assert manifest["device"]["kind"] == "cuda" and manifest["device"]["arch"] == "sm_80" and manifest["device"]["code"] == "fatbin"
+    assert manifest.device.kind == "cuda" and manifest.device.arch == "sm_80" and manifest.device.code == "fatbin"
     library = (out / "kernels.so").read_bytes()
     assert cuda_toolchain.FATBIN_MAGIC in library and b"__global__" not in library  # compiled, not source
-    assert [e["file"] for e in manifest["device_libraries"]] == ["libcudart.so.13", "libtvm_runtime_cuda.so"]
+    assert [e.file for e in manifest.device_libraries] == ["libcudart.so.13", "libtvm_runtime_cuda.so"]
     source = (out / "kernels.cu").read_text()
-    gpu_kernels = [k for k in manifest["kernels"] if k["op"].startswith("gpu2_")]
-    assert len(gpu_kernels) == 2 * len(SHAPES) and manifest["output_layer"] is None
-    for k in manifest["kernels"]:
-        assert re.search(rf"__global__ void __launch_bounds__\(\d+\) {k['name']}_kernel\(", source), k["name"]
-        threads = manifest["device"]["launch"][k["name"]]["threads"]
-        assert f"__launch_bounds__({int(np.prod(threads))}) {k['name']}_kernel" in source
+    gpu_kernels = [k for k in manifest.kernels if k.op.startswith("gpu2_")]
+    assert len(gpu_kernels) == 2 * len(SHAPES) and manifest.output_layer is None
+    for k in manifest.kernels:
+        assert re.search(rf"__global__ void __launch_bounds__\(\d+\) {k.name}_kernel\(", source), k.name
+        threads = manifest.device.launch[k.name]["threads"]
+        assert f"__launch_bounds__({int(np.prod(threads))}) {k.name}_kernel" in source
     assert source.count("__dp4a") >= 4 * len(gpu_kernels)
 
 
 @needs_nvcc
 def test_cuda_artifact_padding_and_launch_match_the_knobs(cuda_artifact) -> None:
     _, manifest = cuda_artifact
-    for k in manifest["kernels"]:
-        if not k["op"].startswith("gpu2_"):
+    for k in manifest.kernels:
+        if not k.op.startswith("gpu2_"):
             continue
-        s, knobs = k["shape"], k["knobs"]
+        s, knobs = k.shape, k.knobs
         assert s["n_padded"] % knobs["rows_per_block"] == 0 and s["n_padded"] >= s["n"] and s["k_padded"] % 16 == 0
-        assert manifest["device"]["launch"][k["name"]] == gpu_matmul.launch(s, knobs, k["op"] == "gpu2_gemv")
+        assert manifest.device.launch[k.name] == gpu_matmul.launch(s, knobs, k.op == "gpu2_gemv")
 
 
 @pytest.mark.skipif(HAVE_GPU, reason="this machine has an NVIDIA GPU")
@@ -98,19 +98,19 @@ def test_cuda_artifact_exact_on_the_gpu(cuda_artifact) -> None:
 def test_metal_artifact_is_well_formed_msl(metal_artifact) -> None:
     out, manifest = metal_artifact
     assert sorted(p.name for p in out.iterdir()) == ["kernels.metal", "manifest.json"]
-    assert manifest["device"]["code"] == "msl-source" and manifest["runtime_library"] is None
+    assert manifest.device.code == "msl-source" and manifest.runtime_library is None
     source = (out / "kernels.metal").read_text()
     assert source.startswith("// Function:") and "#include <metal_stdlib>" in source
     assert source.count("{") == source.count("}") and source.count("(") == source.count(")")
     assert "nearbyint" not in source and "__dp4a" not in source and "rint(" in source
     names = re.findall(r"kernel void (\w+)_kernel\(", source)
-    assert sorted(names) == sorted(k["name"] for k in manifest["kernels"])
-    for k in manifest["kernels"]:
-        bindings = manifest["device"]["arguments"][k["name"]]
+    assert sorted(names) == sorted(k.name for k in manifest.kernels)
+    for k in manifest.kernels:
+        bindings = manifest.device.arguments[k.name]
         assert [b["buffer"] for b in bindings] == list(range(len(bindings)))
         tensors = {b["tensor"] for b in bindings if "tensor" in b}
-        assert tensors == ({"acts", "packed", "out"} if k["op"].startswith("gpu2_") else tensors) and tensors
-        runtime_extent = [d for d in manifest["device"]["launch"][k["name"]]["grid"] if isinstance(d, str)]
+        assert tensors == ({"acts", "packed", "out"} if k.op.startswith("gpu2_") else tensors) and tensors
+        runtime_extent = [d for d in manifest.device.launch[k.name]["grid"] if isinstance(d, str)]
         scalars = [s for b in bindings for s in b.get("scalars", [])]
         assert [s.split()[-1] for s in scalars] == runtime_extent
 

@@ -14,8 +14,8 @@ import tvm
 from bitnet_compile import cuda_toolchain
 from bitnet_compile.ops import act_quant, dequant, gpu_matmul
 from bitnet_compile.target import parse_target
-from bitnet_runtime import layout, layout_dot2, reference
-from bitnet_runtime.memory import aligned_copy, aligned_zeros
+from bitnet_runtime import layout_dot2, reference
+from bitnet_runtime.memory import aligned_copy
 
 SHAPES = [(1, 1), (3, 5), (31, 7), (65, 131), (100, 36), (640, 2560)]
 KNOBS = {True: gpu_matmul.GpuGemvKnobs(rows_per_block=16, k_split=32), False: gpu_matmul.GpuGemmKnobs(rows_per_block=16, token_tile=8)}
@@ -38,21 +38,19 @@ def _funcs(device: str, shapes) -> dict:
 
 
 def _run(mod, name: str, w: np.ndarray, q: np.ndarray, device=None) -> np.ndarray:
-    """Pad, view, call; returns acc[:tokens, :n]. ``device`` None runs numpy arrays on the CPU."""
-    (n, k), tokens = w.shape, q.shape[0]
+    """Bind, call; returns acc[:tokens, :n]. ``device`` None runs numpy arrays on the CPU."""
+    n, k = w.shape
     n_p, k_p = _padded(n, k)
-    gemv = name.startswith("gemv")
-    rows = 1 if gemv else layout.round_up(tokens, KNOBS[False].token_tile)
-    acts = aligned_zeros((rows, k_p), np.int8)  # TVM kernels assume 64-byte aligned buffers
-    acts[:tokens, :k] = q
-    a, p = layout_dot2.word_views(acts, aligned_copy(layout_dot2.pack_ternary(w, n_p, k_p)), None if gemv else KNOBS[False].token_tile)
-    out = aligned_zeros((1, n_p) if gemv else (rows // KNOBS[False].token_tile, KNOBS[False].token_tile, n_p), np.int32)
+    params = {"n_padded": n_p, "k_padded": k_p, "token_tile": KNOBS[False].token_tile}
+    call = layout_dot2.bind({name.split("_")[0]: mod[name]}, params, q.shape[0], words=True)
+    call.q[:, :k] = q
+    packed = aligned_copy(layout_dot2.pack_ternary(w, n_p, k_p))
     if device is None:
-        mod[name](a, p, out)
-        return out.reshape(rows, n_p)[:tokens, :n]
-    a_d, p_d, out_d = (tvm.runtime.tensor(x, device=device) for x in (a, p, out))
-    mod[name](a_d, p_d, out_d)
-    return out_d.numpy().reshape(rows, n_p)[:tokens, :n]
+        return call.run(packed)[:, :n]
+    args = [tvm.runtime.tensor(x, device=device) for x in call.args(packed)]
+    mod[name](*args)
+    call.acc[...] = args[-1].numpy()
+    return call.out[:, :n]
 
 
 # ----------------------------------------------------------------------------- algebra on the CPU
@@ -88,7 +86,7 @@ def test_dp4a_word_formula_in_numpy():
     n, k = 48, 80
     w = rng.integers(-1, 2, (n, k), dtype=np.int8)
     q = rng.integers(-128, 128, (1, k), dtype=np.int8)
-    a, p = layout_dot2.word_views(q, layout_dot2.pack_ternary(w, n, k))  # [1, C, 4], [N/16, C, 16]
+    a, p = layout_dot2.act_words(q), layout_dot2.packed_words(layout_dot2.pack_ternary(w, n, k))  # [1, C, 4], [N/16, C, 16]
     acc = np.zeros(n, np.int64)
     for f in range(4):
         x = (p >> np.uint32(2 * f)) & np.uint32(gpu_matmul.FIELD_MASK)

@@ -45,11 +45,10 @@ def _run_matmul(mod, isa: str, name: str, weights: np.ndarray, q: np.ndarray, kb
     n, k = weights.shape
     kb = layout.effective_kblock(k, kblock)
     n_p, k_p = layout.padded_shape(n, k, rows, kb)
-    q_pad = np.zeros((q.shape[0], k_p), np.int8)
-    q_pad[:, :k] = q
-    acc = aligned_zeros(layout.acc_shape(q.shape[0], n_p, rows), np.int32)
-    mod[name](aligned_copy(reference.lut_tables(q_pad)), aligned_copy(layout.pack_ternary(weights, rows, kb)), acc)
-    return acc.reshape(q.shape[0], n_p)[:, :n]
+    kernels = {"lut_table": reference.write_lut_tables, name.split("_")[0]: mod[name]}
+    call = layout.bind(kernels, {"n_padded": n_p, "k_padded": k_p, "rows": rows}, q.shape[0])
+    call.q[:, :k] = q
+    return call.run(aligned_copy(layout.pack_ternary(weights, rows, kb)))[:, :n]
 
 
 @pytest.mark.parametrize("n,k", MATMUL_SHAPES)

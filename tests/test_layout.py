@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bitnet_runtime import layout, layout_dot2, reference
+from bitnet_runtime import layout, layout_dot2, layout_f16, layout_i8, reference
 from bitnet_runtime.errors import UserError
+from bitnet_runtime.memory import aligned_zeros, is_aligned
 
 
 @pytest.mark.parametrize("rows", [32, 64])
@@ -73,3 +74,34 @@ def test_dot2_field_order():
     w[3, 4 * 2 + 1] = 1  # row 3, field 2, byte 1 -> (1 + 1) << 4 over the other fields' 1s
     byte = layout_dot2.pack_ternary(w, 16, 16)[0, 0, 3, 1]
     assert byte == 0b01_10_01_01
+
+
+def _fill(value):
+    """A stand-in kernel that writes ``value`` to its last argument (the output)."""
+    return lambda *args: args[-1].fill(value)
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_binds_give_the_kernels_aligned_views_of_their_buffers(tokens):
+    """Each layout's calling convention on stand-in kernels: the arguments are 64-byte aligned
+    views of one set of buffers, q is zero where it pads, and ``run`` returns the rows the
+    kernel wrote. ``args`` alone (no kernels) is what a case builder or benchmark times."""
+    lut = layout.bind({"lut_table": _fill(1), "gemv": _fill(5), "gemm": _fill(6)}, {"n_padded": 64, "k_padded": 128, "rows": 32}, tokens)
+    assert lut.q.shape == (tokens, 128) and not lut.q.any()
+    assert (lut.run(np.zeros(1, np.uint8)) == (5 if tokens == 1 else 6)).all() and (lut.tables == 1).all()
+    assert lut.out.shape == (tokens, 64) and np.shares_memory(lut.out, lut.acc)
+
+    params = {"n_padded": 64, "k_padded": 32, "token_tile": 4}
+    packed = aligned_zeros((4, 2, 16, 4), np.uint8)
+    for words in (False, True):
+        dot2 = layout_dot2.bind({"gemv": _fill(5), "gemm": _fill(6)}, params, tokens, words)
+        assert dot2.q.shape == (tokens, 32) and dot2.acts.nbytes == (1 if tokens == 1 else 4) * 32  # GEMM: a whole tile
+        assert (dot2.run(packed) == (5 if tokens == 1 else 6)).all() and dot2.out.shape == (tokens, 64)
+        assert all(is_aligned(a) for a in layout_dot2.bind({}, params, tokens, words).args(packed))
+        assert dot2.args(packed)[1].dtype == (np.uint32 if words else np.uint8)
+
+    f16 = layout_f16.bind({"gemv": _fill(2.5)}, {"n": 65, "k": 7})
+    assert f16.x.shape == (1, 7) and (f16.run(np.zeros(1)) == 2.5).all() and f16.out.shape == (1, 128)
+    i8 = layout_i8.bind({"gemv": _fill(9)}, {"n_padded": 128, "k_padded": 8})
+    assert i8.q.shape == (1, 8) and (i8.run(np.zeros(1), np.zeros(1)) == 9).all() and i8.out.shape == (1, 128)
+    assert [a.shape for a in i8.args(np.zeros(1), np.zeros(1))] == [(1, 2, 4), (1,), (1,), (2, 64)]

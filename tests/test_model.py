@@ -266,12 +266,17 @@ def test_artifact_for_another_model(zoo, tmp_path):
 
 
 def test_conversion_key_ignores_knobs_that_do_not_change_the_packing():
+    from dataclasses import replace
+
+    from bitnet_runtime.manifest import LinearEntry
     from bitnet_runtime.weights import _packing
 
-    entry = {"n": 64, "k": 64, "n_padded": 64, "k_padded": 64, "layout": "dot2-v1", "layout_params": {"token_tile": 8}}
-    assert _packing(entry) == _packing(entry | {"layout_params": {"token_tile": 4}})
-    lut = {"n": 64, "k": 64, "n_padded": 64, "k_padded": 64, "layout": "lut4-v1", "layout_params": {"rows": 64, "kblock": 16}}
-    assert _packing(lut) != _packing(lut | {"layout_params": {"rows": 64, "kblock": 32}})
+    entry = LinearEntry("x", 64, 64, 64, 64, "dot2-v1", {"token_tile": 8}, {})
+    assert _packing(entry) == _packing(replace(entry, layout_params={"token_tile": 4}))
+    lut = LinearEntry("x", 64, 64, 64, 64, "lut4-v1", {"rows": 64, "kblock": 16}, {})
+    assert _packing(lut) != _packing(replace(lut, layout_params={"rows": 64, "kblock": 32}))
+    # the key of format 2's dict entries: converted weights in the cache stay valid
+    assert _packing(lut) == {"n": 64, "k": 64, "n_padded": 64, "k_padded": 64, "layout": "lut4-v1", "params": {"rows": 64, "kblock": 16}}
 
 
 def test_row_reader_reads_rows_without_mapping(tmp_path):

@@ -14,7 +14,7 @@ from bitnet_compile.ops import f16_gemv, i8_gemv
 from bitnet_runtime import layout_f16, layout_i8, reference, verify
 from bitnet_runtime.artifact import Kernel
 from bitnet_runtime.errors import UserError
-from bitnet_runtime.memory import aligned_copy, aligned_zeros, is_aligned
+from bitnet_runtime.memory import is_aligned
 
 from conftest import HOST, compile_module, isa_params
 
@@ -60,22 +60,19 @@ def f16_module(request):
     return request.param, compile_module(funcs, request.param)
 
 
-def _run_f16(mod, n: int, k: int, packed: np.ndarray, x: np.ndarray) -> np.ndarray:
-    out = aligned_zeros((1, layout_f16.padded_rows(n)), np.float32)
-    out[:] = np.nan
-    mod[f"f16_{n}_{k}"](aligned_copy(x.reshape(1, k)), packed, layout_f16.out_view(out))
-    return out
+def _run_f16(gemv, n: int, k: int, packed: np.ndarray, x: np.ndarray) -> np.ndarray:
+    call = layout_f16.bind({"gemv": gemv}, {"n": n, "k": k})
+    call.x[0] = x
+    call.out[...] = np.nan
+    return call.run(packed)
 
 
-def _run_i8(mod, n: int, k: int, q: np.ndarray, packed: np.ndarray, corr: np.ndarray) -> np.ndarray:
+def _run_i8(gemv, n: int, k: int, q: np.ndarray, packed: np.ndarray, corr: np.ndarray) -> np.ndarray:
     n_p, k_p = layout_i8.padded_shape(n, k)
-    q_pad = aligned_zeros((1, k_p), np.int8)
-    q_pad[0, :k] = q
-    out = aligned_zeros((1, n_p), np.int32)
-    out[:] = -1
-    q_view, corr_view, out_view = layout_i8.kernel_views(q_pad, corr, out)
-    mod[f"i8_{n}_{k}"](q_view, packed, corr_view, out_view)
-    return out
+    call = layout_i8.bind({"gemv": gemv}, {"n_padded": n_p, "k_padded": k_p})
+    call.q[0, :k] = q
+    call.out[...] = -1
+    return call.run(packed, corr.reshape(-1, layout_i8.ROWS))
 
 
 @pytest.mark.parametrize("n,k", SHAPES)
@@ -85,7 +82,7 @@ def test_f16_gemv_within_tolerance(f16_module, n, k):
     w = _weights(rng, n, k)
     packed = layout_f16.pack_rows(w)
     x = (rng.standard_normal(k) * 3).astype(np.float32)
-    got = _run_f16(mod, n, k, packed, x)
+    got = _run_f16(mod[f"f16_{n}_{k}"], n, k, packed, x)
     assert reference.f16_gemv_close(got, x, packed)
     assert not got[0, n:].any()  # padded rows are exactly 0
     # against the product computed from the caller's matrix, not from the packed copy
@@ -103,7 +100,7 @@ def test_i8_gemv_exact(i8_module, n, k):
     packed, scale, corr = layout_i8.quantize_rows(w)
     rows = layout_i8.unpack_rows(packed, n, k).astype(np.int64)
     for q in (rng.integers(-128, 128, k, dtype=np.int8), np.full(k, -128, np.int8), np.full(k, 127, np.int8)):
-        got = _run_i8(mod, n, k, q, packed, corr)
+        got = _run_i8(mod[f"i8_{n}_{k}"], n, k, q, packed, corr)
         want = reference.i8_gemv(np.pad(q, (0, packed.shape[1] * 4 - k)), packed)
         np.testing.assert_array_equal(got, want)
         np.testing.assert_array_equal(got[0, :n], rows @ q.astype(np.int64))  # independent of the reference
@@ -118,7 +115,7 @@ def test_i8_gemv_exact_at_the_extremes(i8_module, value):
     w = np.resize(np.array([1.0, -1.0, 0.5], np.float32), n)[:, None] * np.ones((1, k), np.float32)
     packed, scale, corr = layout_i8.quantize_rows(w)
     q = np.full(k, value, np.int8)
-    got = _run_i8(mod, n, k, q, packed, corr)
+    got = _run_i8(mod[f"i8_{n}_{k}"], n, k, q, packed, corr)
     np.testing.assert_array_equal(got, reference.i8_gemv(q, packed))
     assert got[0, 0] == 127 * value * k and got[0, 1] == -127 * value * k
 
@@ -141,16 +138,9 @@ def test_knob_variants_agree(variant):
     want = reference.i8_gemv(np.pad(q, (0, k_p - k)), packed)
     tiles, x = layout_f16.pack_rows(w), rng.standard_normal(k).astype(np.float32)
     for i in range(len(i8_knobs)):
-        q_pad = aligned_zeros((1, k_p), np.int8)
-        q_pad[0, :k] = q
-        out = aligned_zeros((1, n_p), np.int32)
-        q_view, corr_view, out_view = layout_i8.kernel_views(q_pad, corr, out)
-        mod[f"i8_{i}"](q_view, packed, corr_view, out_view)
-        np.testing.assert_array_equal(out, want)
+        np.testing.assert_array_equal(_run_i8(mod[f"i8_{i}"], n, k, q, packed, corr), want)
     for i in range(len(f16_knobs)):
-        out = aligned_zeros((1, n_p), np.float32)
-        mod[f"f16_{i}"](aligned_copy(x.reshape(1, k)), tiles, layout_f16.out_view(out))
-        assert reference.f16_gemv_close(out, x, tiles)
+        assert reference.f16_gemv_close(_run_f16(mod[f"f16_{i}"], n, k, tiles, x), x, tiles)
 
 
 def _kernel(mod, name: str, op: str, n: int, k: int) -> Kernel:

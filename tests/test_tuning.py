@@ -24,6 +24,7 @@ from bitnet_compile.families import FAMILIES
 from bitnet_compile import records
 from bitnet_compile.ops import registry
 from bitnet_compile.ops.space import Constraint, SearchSpace
+from bitnet_runtime.manifest import read_manifest
 
 from conftest import HOST
 
@@ -367,9 +368,8 @@ def test_compiled_artifact_with_tuned_knobs_is_exact(tmp_path, monkeypatch):
     _write_record(tmp_path / "records", target, "dot2_gemv", 200, 300, {"row_blocks": 2, "k_unroll": 1}, [])
     out = tmp_path / "art"
     assert main(["--shapes", "200x300", "-o", str(out)]) == 0
-    manifest = json.loads((out / "manifest.json").read_text())
-    (gemv,) = [k for k in manifest["kernels"] if k["op"] == "dot2_gemv"]
-    assert gemv["knobs"]["row_blocks"] == 2 and gemv["knob_source"].startswith("tuned")
+    (gemv,) = [k for k in read_manifest(out).kernels if k.op == "dot2_gemv"]
+    assert gemv.knobs["row_blocks"] == 2 and gemv.knob_source.startswith("tuned")
     assert main(["verify", str(out), "-t", "1"]) == 0
 
 

@@ -22,8 +22,8 @@ def run(args: argparse.Namespace) -> int:
     from .. import cross
 
     manifest = read_manifest(Path(args.artifact))
-    target = manifest["target"]
-    if manifest.get("device") or not cross.is_foreign(target.get("arch", "")):  # GPU artifacts: the runtime says where they run
+    target = manifest.target
+    if manifest.device or not cross.is_foreign(target.get("arch", "")):  # GPU artifacts: the runtime says where they run
         return verify_artifact(args.artifact, args.threads, args.seed)
     from bitnet_runtime.verify import verify
 

@@ -44,7 +44,7 @@ def run_verify(artifact_dir: str, threads: int | None, seed: int) -> int:
     if threads is not None:
         services.set_num_threads(threads)
     artifact = Artifact(artifact_dir)
-    target = artifact.manifest["target"]
+    target = artifact.manifest.target
     print(f"verifying {len(artifact.kernel_names)} kernels of {artifact_dir} ({target.get('mcpu')}, {target.get('isa')})")
     return 0 if verify(artifact, seed) else 1
 

@@ -15,29 +15,31 @@ from . import cpu, gpu, services
 import numpy as np
 
 from .errors import UserError
-from .manifest import file_sha256, read_manifest
+from .manifest import FileEntry, LinearEntry, Manifest, OutputLayer, file_sha256, read_manifest
 from .memory import ALIGNMENT, is_aligned
 
 
-def _checked_file(artifact_dir: Path, entry: dict, what: str) -> Path:
-    path = artifact_dir / str(entry.get("file", ""))
+def _checked_file(artifact_dir: Path, entry: FileEntry | None, what: str) -> Path:
+    if entry is None:
+        raise UserError(f"the manifest names no {what}: the artifact is incomplete, rebuild it with bitnet-compile")
+    path = artifact_dir / entry.file
     if not path.is_file():
         raise UserError(f"{what} {path} is missing from the artifact")
-    if file_sha256(path) != entry.get("sha256"):
+    if file_sha256(path) != entry.sha256:
         raise UserError(f"{what} {path} does not match the sha256 in the manifest: the file is corrupted or was replaced")
     return path
 
 
-def check_cpu(manifest: dict) -> None:
+def check_cpu(manifest: Manifest) -> None:
     """Refuse code this CPU cannot execute, naming what is missing."""
-    target = manifest["target"]
+    target = manifest.target
     arch = cpu.host_arch()
     if target.get("arch") and target["arch"] != arch:
         raise UserError(
             f"artifact was compiled for {target['arch']} but this machine is {arch}: run it on a {target['arch']} device "
             "(or check it here under qemu with: bitnet-compile verify DIR)"
         )
-    missing = sorted(set(manifest["required_cpu_features"]) - cpu.host_cpu_features())
+    missing = sorted(set(manifest.required_cpu_features) - cpu.host_cpu_features())
     if missing:
         raise UserError(
             f"this CPU lacks {', '.join(missing)} which the artifact's code requires "
@@ -60,6 +62,11 @@ class Kernel:
     knobs: dict
     function: Callable[..., Any]
 
+    @property
+    def params(self) -> dict[str, Any]:
+        """The shape and the knobs in one mapping: what a layout's ``bind`` reads."""
+        return self.shape | self.knobs
+
     def __call__(self, *args: Any) -> None:
         for i, arg in enumerate(args):
             if isinstance(arg, np.ndarray) and not is_aligned(arg):
@@ -75,7 +82,7 @@ class Kernel:
 
 METAL_HINT = (
     "this artifact holds Metal Shading Language kernels (kernels.metal) for an Apple GPU: build them into a "
-    "metallib on macOS and dispatch them with the grids in manifest.json (README 'Metal'); this runtime runs CPU and CUDA artifacts"
+    "metallib on macOS and dispatch them with the grids in manifest.json (docs/targets.md 'Metal'); this runtime runs CPU and CUDA artifacts"
 )
 
 
@@ -83,22 +90,22 @@ class KernelTable:
     """The manifest's kernels by name, each wrapped once around the function ``_function``
     gives (a local library's, a GPU's, or an emulator's)."""
 
-    manifest: dict
+    manifest: Manifest
 
     def _function(self, name: str) -> Callable[..., Any]:
         raise NotImplementedError
 
     @property
     def kernel_names(self) -> list[str]:
-        return [k["name"] for k in self.manifest["kernels"]]
+        return [k.name for k in self.manifest.kernels]
 
     def kernel(self, name: str) -> Kernel:
         cache = self.__dict__.setdefault("_kernels", {})
         if name not in cache:
-            entry = next((k for k in self.manifest["kernels"] if k["name"] == name), None)
+            entry = self.manifest.kernel(name)
             if entry is None:
                 raise UserError(f"unknown kernel {name!r}; this artifact has: {', '.join(self.kernel_names)}")
-            cache[name] = Kernel(name, entry["op"], entry["shape"], entry.get("knobs", {}), self._function(name))
+            cache[name] = Kernel(name, entry.op, entry.shape, entry.knobs, self._function(name))
         return cache[name]
 
 
@@ -108,15 +115,15 @@ class Artifact(KernelTable):
     def __init__(self, artifact_dir: Path | str):
         self.dir = Path(artifact_dir)
         self.manifest = read_manifest(self.dir)
-        self.device = (self.manifest.get("device") or {}).get("kind", "cpu")
+        self.device = self.manifest.device_kind
         if self.device == "metal":
             raise UserError(METAL_HINT)
-        library = _checked_file(self.dir, self.manifest["library"], "kernel library")
-        runtime_library = _checked_file(self.dir, self.manifest["runtime_library"], "runtime library")
+        library = _checked_file(self.dir, self.manifest.library, "kernel library")
+        runtime_library = _checked_file(self.dir, self.manifest.runtime_library, "runtime library")
         check_cpu(self.manifest)
         services.ensure_runtime_services(runtime_library)
         if self.device == "cuda":  # the CUDA runtime and TVM's CUDA module loader, before the library that needs them
-            gpu.ensure_cuda_runtime([_checked_file(self.dir, entry, "CUDA runtime library") for entry in self.manifest["device_libraries"]])
+            gpu.ensure_cuda_runtime([_checked_file(self.dir, entry, "CUDA runtime library") for entry in self.manifest.device_libraries])
         import tvm_ffi
 
         self.module = tvm_ffi.load_module(str(library))
@@ -130,20 +137,20 @@ class Artifact(KernelTable):
             function = gpu.DeviceFunction(function, tvm_ffi.device("cuda", 0))
         return function
 
-    def output_layer(self, n: int, k: int) -> dict:
+    def output_layer(self, n: int, k: int) -> OutputLayer:
         """The manifest entry of the [vocab, hidden] output layer: its formats and their kernels."""
-        entry = self.manifest.get("output_layer")
-        if not entry or (entry["n"], entry["k"]) != (n, k):
-            have = f"one for {entry['n']}x{entry['k']}" if entry else "none"
+        entry = self.manifest.output_layer
+        if entry is None or (entry.n, entry.k) != (n, k):
+            have = f"one for {entry.n}x{entry.k}" if entry else "none"
             raise UserError(f"artifact has no output layer kernels for vocab {n} x hidden {k} ({have}): compile the artifact for this model")
         return entry
 
-    def linear(self, n: int, k: int) -> dict:
+    def linear(self, n: int, k: int) -> LinearEntry:
         """The manifest entry (padded shape, kernel names) for an [n, k] weight matrix."""
         if self.device != "cpu":
             raise UserError(f"this {self.device} artifact runs its kernels one by one (verify); layers and models run on CPU artifacts only, for now")
-        for entry in self.manifest["linears"]:
-            if entry["n"] == n and entry["k"] == k:
+        for entry in self.manifest.linears:
+            if (entry.n, entry.k) == (n, k):
                 return entry
-        have = sorted({f"{e['n']}x{e['k']}" for e in self.manifest["linears"]})
+        have = sorted({f"{e.n}x{e.k}" for e in self.manifest.linears})
         raise UserError(f"artifact has no kernels for a {n}x{k} linear layer (it has {', '.join(have)}): compile the artifact for this model")

@@ -13,13 +13,24 @@ Storage order is ``[row_block, group, rows/16, 2, 8]``, so one block streams con
 Tables: ``[tokens, groups, 2, 16]`` int8; plane 0 holds the low byte of the int16 entry
 ``L[e]`` (read unsigned), plane 1 the high byte. int16 entries make every int8 activation
 exact (|L| <= 512).
+
+Calling convention (``bind``): int8 activations q [tokens, K_padded] -> lut_table -> tables ->
+lut_gemv (one token) or lut_gemm -> int32 acc ``acc_shape`` (the same memory as
+[tokens, N_padded]).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
 import numpy as np
 
 from .errors import UserError
+from .memory import aligned_empty, aligned_zeros
+
+Kernels = Mapping[str, Callable[..., Any]]  # a layer's kernels by role, the manifest's "kernels" keys (lut_table, gemv, gemm)
+Params = Mapping[str, Any]  # shape and layout parameters: LinearEntry.params, Kernel.params, or shape | knobs
 
 VERSION = "lut4-v1"
 PACKING_PARAMS = ("rows", "kblock")  # the layout_params that change the packed bytes
@@ -90,3 +101,39 @@ def unpack_ternary(packed: np.ndarray) -> np.ndarray:
     pos = (byte[..., None] & bits) != 0
     neg = ((byte[..., None] >> 4) & bits) != 0
     return (pos.astype(np.int8) - neg.astype(np.int8)).reshape(nb * rows, groups * GROUP)
+
+
+@dataclass(frozen=True)
+class LutCall:
+    """lut4-v1 for one token count: the buffers, 64-byte aligned and allocated once, and
+    ``run(packed) -> out`` (lut_table, then the matmul). ``run`` is a closure over the buffers,
+    so a call does no more than the two kernel calls: BitLinear makes it for every layer."""
+
+    q: np.ndarray  # int8 [tokens, K_padded], zero past K: the activations, written by the caller
+    tables: np.ndarray  # int8 table_shape: lut_table's output, the matmul's input
+    acc: np.ndarray  # int32 acc_shape, as the matmul writes it
+    out: np.ndarray  # acc as int32 [tokens, N_padded]
+    run: Callable[[np.ndarray], np.ndarray]
+
+    def args(self, packed: np.ndarray) -> tuple[np.ndarray, ...]:
+        """The matmul kernel's arguments (the tables filled by the caller): for timing it alone."""
+        return self.tables, packed, self.acc
+
+
+def bind(kernels: Kernels, params: Params, tokens: int) -> LutCall:
+    """The calls for ``tokens`` rows: lut_gemv for one, lut_gemm for more. ``params``: n_padded,
+    k_padded, rows. ``kernels`` may lack what the caller runs itself (e.g. only "gemv" when the
+    tables come from the reference; none at all for ``args`` alone)."""
+    n_p, k_p = params["n_padded"], params["k_padded"]
+    q = aligned_zeros((tokens, k_p), np.int8)
+    tables = aligned_empty(table_shape(tokens, k_p), np.int8)
+    acc = aligned_empty(acc_shape(tokens, n_p, params["rows"]), np.int32)
+    out = acc.reshape(tokens, n_p)
+    table, matmul = kernels.get("lut_table"), kernels.get("gemv" if tokens == 1 else "gemm")
+
+    def run(packed: np.ndarray) -> np.ndarray:
+        table(q, tables)
+        matmul(tables, packed, acc)
+        return out
+
+    return LutCall(q, tables, acc, out, run)

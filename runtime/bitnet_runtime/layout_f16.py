@@ -11,7 +11,8 @@ accumulate in four zmm registers (eight ymm on AVX2) and a tile is one contiguou
 Padded rows (N_padded - N of them) are zero, so their outputs are 0. K is not padded.
 
 Kernel arguments: ``x`` float32 [1, K], ``packed`` [N_padded / 64, K, 64] float16, ``out``
-float32 [N_padded / 64, 64] (the same memory as [1, N_padded]; ``out_view``).
+float32 [N_padded / 64, 64] (the same memory as [1, N_padded]; ``out_view``); ``bind``
+allocates them once.
 
 Packing from a checkpoint: ``pack_rows`` converts ROWS rows at a time (``chunk_rows`` at most
 per step), so it never holds a float32 copy of the whole matrix and works on a memory-mapped
@@ -20,9 +21,13 @@ source, float32/float16 or bfloat16 stored as uint16 bit patterns (``bf16=True``
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import numpy as np
 
 from .errors import UserError
+from .layout import Kernels, Params
 from .memory import aligned_empty
 
 VERSION = "f16-tiles-v1"
@@ -85,3 +90,30 @@ def unpack_rows(packed: np.ndarray, n: int | None = None) -> np.ndarray:
     """Inverse of ``pack_rows``: float16 [n, K] (all N_padded rows by default)."""
     tiles, k, _ = packed.shape
     return packed.transpose(0, 2, 1).reshape(tiles * ROWS, k)[: tiles * ROWS if n is None else n]
+
+
+@dataclass(frozen=True)
+class F16Call:
+    """f16-tiles-v1's GEMV (one token): its buffers, allocated once, and ``run(packed) -> out``."""
+
+    x: np.ndarray  # float32 [1, K]: the hidden state, written by the caller
+    out: np.ndarray  # float32 [1, N_padded]; padded rows come out 0
+    acc: np.ndarray  # out's memory as the kernel takes it
+    run: Callable[[np.ndarray], np.ndarray]
+
+    def args(self, packed: np.ndarray) -> tuple[np.ndarray, ...]:
+        """The kernel's arguments: for timing it."""
+        return self.x, packed, self.acc
+
+
+def bind(kernels: Kernels, params: Params) -> F16Call:
+    """The "gemv" call of an [n, k] output layer (``params``: n, k; N pads to whole tiles)."""
+    x = aligned_empty((1, params["k"]), np.float32)
+    out = aligned_empty((1, padded_rows(params["n"])), np.float32)
+    acc, gemv = out_view(out), kernels.get("gemv")
+
+    def run(packed: np.ndarray) -> np.ndarray:
+        gemv(x, packed, acc)
+        return out
+
+    return F16Call(x, out, acc, run)

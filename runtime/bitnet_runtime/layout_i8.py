@@ -18,14 +18,18 @@ w[n, k]`` (int32 [N_padded], computed here at pack time) from each row: exact in
 
 Kernel arguments: ``q`` int8 [1, K_padded / 4, 4] (the same memory as [1, K_padded]),
 ``packed``, ``correction`` int32 [N_padded / 64, 64], ``out`` int32 [N_padded / 64, 64] (the
-same memory as [1, N_padded], the dequantize kernel's ``acc``); see ``kernel_views``.
+same memory as [1, N_padded], the dequantize kernel's ``acc``); ``bind`` allocates them once.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import numpy as np
 
 from .errors import UserError
+from .layout import Kernels, Params
 from .layout_f16 import CHUNK_ROWS, check_matrix, rows_as_float32
 from .memory import aligned_empty, aligned_zeros
 
@@ -122,3 +126,33 @@ def unpack_rows(packed: np.ndarray, n: int | None = None, k: int | None = None) 
     tiles, chunks, _, _ = packed.shape
     full = packed.transpose(0, 2, 1, 3).reshape(tiles * ROWS, chunks * CHUNK)
     return full[: tiles * ROWS if n is None else n, : chunks * CHUNK if k is None else k]
+
+
+@dataclass(frozen=True)
+class I8Call:
+    """i8-tiles-v1's GEMV (one token): its buffers, allocated once, and
+    ``run(packed, correction) -> out`` (correction [N_padded / 64, 64], as ``kernel_arrays``
+    gives it: the packed weights are the two arrays)."""
+
+    q: np.ndarray  # int8 [1, K_padded], zero past K: the activations, written by the caller
+    out: np.ndarray  # int32 [1, N_padded]: the dequantize kernel's acc
+    acts: np.ndarray  # q's memory as the kernel takes it
+    acc: np.ndarray  # out's memory as the kernel takes it
+    run: Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+    def args(self, packed: np.ndarray, correction: np.ndarray) -> tuple[np.ndarray, ...]:
+        """The kernel's arguments: for timing it."""
+        return self.acts, packed, correction, self.acc
+
+
+def bind(kernels: Kernels, params: Params) -> I8Call:
+    """The "gemv" call of an output layer padded to ``params``' n_padded, k_padded."""
+    q = aligned_zeros((1, params["k_padded"]), np.int8)
+    out = aligned_empty((1, params["n_padded"]), np.int32)
+    acts, acc, gemv = q.reshape(1, -1, CHUNK), out.reshape(-1, ROWS), kernels.get("gemv")
+
+    def run(packed: np.ndarray, correction: np.ndarray) -> np.ndarray:
+        gemv(acts, packed, correction, acc)
+        return out
+
+    return I8Call(q, out, acts, acc, run)

@@ -23,6 +23,7 @@ RUNTIME_LIBRARY_FILE = "libtvm_runtime.so"
 CUDA_SOURCE_FILE = "kernels.cu"  # CUDA artifacts: the generated source, for reading (the library has the fatbin)
 METAL_SOURCE_FILE = "kernels.metal"  # Metal artifacts: the kernels, as Metal Shading Language
 KERNEL_OPS = ("quantize", "lut_table", "lut_gemv", "lut_gemm", "dot2_gemv", "dot2_gemm", "gpu2_gemv", "gpu2_gemm", "dequantize", "f16_gemv", "i8_gemv")
+SIZES = ("n", "k", "n_padded", "k_padded")  # every kernel's and linear's shape: the sizes numpy allocates
 REBUILD = "rebuild it with bitnet-compile (e.g. bitnet-compile --target TARGET --model MODEL -o DIR)"
 
 
@@ -42,7 +43,7 @@ class _Reader:
         value = self.data[key]
         if value is None and none:
             return None
-        if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, (int, str))):
+        if not _is(value, kind):
             raise UserError(f"manifest is corrupted: {self.where}.{key} has the wrong type ({type(value).__name__})")
         return value
 
@@ -54,11 +55,20 @@ class _Reader:
         items = self.get(key, list, default)
         return [_Reader(item, f"{self.where}.{key}[{i}]") for i, item in enumerate(items)]
 
-    def str_map(self, key: str) -> dict[str, str]:
-        value = self.get(key, dict)
-        if not all(isinstance(v, str) for v in value.values()):
-            raise UserError(f"manifest is corrupted: {self.where}.{key} must map names to strings")
+    def mapping(self, key: str, kind: type | tuple[type, ...], default: Any = ...) -> dict[str, Any]:
+        """A JSON object whose values must all be of ``kind``: the shapes, knobs and kernel
+        names that reach numpy and native code."""
+        value = self.get(key, dict, default)
+        if not all(_is(v, kind) for v in value.values()):
+            names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            raise UserError(f"manifest is corrupted: {self.where}.{key} must map names to {names}")
         return dict(value)
+
+
+def _is(value: Any, kind: type | tuple[type, ...]) -> bool:
+    """isinstance, except that JSON's true/false is not a number unless bool is asked for."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return isinstance(value, kinds) and (not isinstance(value, bool) or bool in kinds)
 
 
 @dataclass(frozen=True)
@@ -88,7 +98,11 @@ class KernelEntry:
         op = r.get("op", str)
         if op not in KERNEL_OPS:
             raise UserError(f"manifest is corrupted: {r.where}.op {op!r} is not a kernel this runtime knows ({', '.join(KERNEL_OPS)})")
-        return cls(r.get("name", str), op, r.get("shape", dict), r.get("knobs", dict, {}), r.get("knob_source", str, "fixed"))
+        shape = r.obj("shape")
+        for key in SIZES:  # the sizes must be numbers; the rest (rows, variant) numbers or names
+            shape.get(key, int)
+        knobs = r.mapping("knobs", (int, float, bool, str), {})
+        return cls(r.get("name", str), op, r.mapping("shape", (int, str)), knobs, r.get("knob_source", str, "fixed"))
 
 
 @dataclass(frozen=True)
@@ -106,12 +120,17 @@ class LinearEntry:
 
     @classmethod
     def from_json(cls, r: _Reader) -> "LinearEntry":
-        sizes = [r.get(key, int) for key in ("n", "k", "n_padded", "k_padded")]
-        return cls(r.get("name", str), *sizes, r.get("layout", str), r.get("layout_params", dict), r.str_map("kernels"))
+        sizes = [r.get(key, int) for key in SIZES]
+        return cls(r.get("name", str), *sizes, r.get("layout", str), r.mapping("layout_params", int), r.mapping("kernels", str))
 
     @property
     def shape(self) -> dict[str, int]:
         return {"n": self.n, "k": self.k, "n_padded": self.n_padded, "k_padded": self.k_padded}
+
+    @property
+    def params(self) -> dict[str, int]:
+        """The shape and the layout's parameters in one mapping: what a layout's ``bind`` reads."""
+        return self.shape | self.layout_params
 
 
 @dataclass(frozen=True)
@@ -125,7 +144,7 @@ class OutputFormat:
 
     @classmethod
     def from_json(cls, r: _Reader) -> "OutputFormat":
-        return cls(r.get("layout", str), r.str_map("kernels"), r.get("n_padded", int, None, none=True), r.get("k_padded", int, None, none=True))
+        return cls(r.get("layout", str), r.mapping("kernels", str), r.get("n_padded", int, None, none=True), r.get("k_padded", int, None, none=True))
 
 
 @dataclass(frozen=True)
@@ -140,6 +159,12 @@ class OutputLayer:
     def from_json(cls, r: _Reader) -> "OutputLayer":
         formats = r.obj("formats")
         return cls(r.get("n", int), r.get("k", int), {name: OutputFormat.from_json(formats.obj(name)) for name in formats.data})
+
+    def params(self, fmt: str) -> dict[str, int]:
+        """The shape of format ``fmt`` (its padding where it pads): what a layout's ``bind`` reads."""
+        f = self.formats[fmt]
+        padded = {"n_padded": f.n_padded, "k_padded": f.k_padded}
+        return {"n": self.n, "k": self.k} | {key: value for key, value in padded.items() if value is not None}
 
 
 @dataclass(frozen=True)
@@ -186,9 +211,12 @@ class Manifest:
         return next((k for k in self.kernels if k.name == name), None)
 
     def to_json(self) -> dict[str, Any]:
+        """JSON types only (lists, not tuples), so ``from_json(to_json())`` is the identity;
+        the version first, where a reader of the file looks for it."""
         data = asdict(self)
-        data["format_version"] = self.format_version
-        return data
+        for key in ("required_cpu_features", "kernels", "linears", "device_libraries", "sources"):
+            data[key] = list(data[key])
+        return {"format_version": data.pop("format_version"), **data}
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), indent=2) + "\n"

@@ -16,22 +16,25 @@ import numpy as np
 from . import layout_f16, layout_i8
 from .artifact import Artifact
 from .errors import UserError
-from .memory import aligned_empty, aligned_zeros
+from .layout import Kernels
+from .manifest import OutputLayer
+from .memory import aligned_empty
 from .weights import ModelWeights
 
 OUTPUT_FORMATS = ("f16", "i8")
 
 
+def _kernels(artifact: Artifact, entry: OutputLayer, fmt: str) -> Kernels:
+    return {role: artifact.kernel(name).function for role, name in entry.formats[fmt].kernels.items()}
+
+
 class F16Output:
     """logits = tiles @ h in float32, one f16_gemv call."""
 
-    def __init__(self, artifact: Artifact, entry: dict, tiles: np.ndarray):
-        self.n = entry["n"]
-        self.kernel = artifact.kernel(entry["formats"]["f16"]["kernels"]["gemv"]).function
+    def __init__(self, artifact: Artifact, entry: OutputLayer, tiles: np.ndarray):
+        self.n = entry.n
+        self.call = layout_f16.bind(_kernels(artifact, entry, "f16"), entry.params("f16"))
         self.tiles = tiles
-        self.x = aligned_empty((1, entry["k"]), np.float32)
-        self.out = aligned_empty((layout_f16.padded_rows(self.n),), np.float32)
-        self.out_tiles = layout_f16.out_view(self.out)
 
     @property
     def nbytes(self) -> int:
@@ -39,28 +42,22 @@ class F16Output:
         return self.tiles.nbytes
 
     def __call__(self, h: np.ndarray) -> np.ndarray:
-        self.x[0] = h
-        self.kernel(self.x, self.tiles, self.out_tiles)
-        return self.out[: self.n].copy()
+        self.call.x[0] = h
+        return self.call.run(self.tiles)[0, : self.n].copy()
 
 
 class I8Output:
     """logits = (int8 rows @ quantize(h)) * row scale / activation scale: three kernel calls."""
 
-    def __init__(self, artifact: Artifact, entry: dict, weights: ModelWeights):
-        fmt = entry["formats"]["i8"]
-        kernels = fmt["kernels"]
-        self.n, self.k_p = entry["n"], fmt["k_padded"]
-        self.quantize = artifact.kernel(kernels["quantize"]).function
-        self.gemv = artifact.kernel(kernels["gemv"]).function
-        self.dequantize = artifact.kernel(kernels["dequantize"]).function
-        self.rows, scale, (correction,) = layout_i8.kernel_arrays(weights.output_i8(), fmt)
+    def __init__(self, artifact: Artifact, entry: OutputLayer, weights: ModelWeights):
+        kernels, params = _kernels(artifact, entry, "i8"), entry.params("i8")
+        self.n = entry.n
+        self.quantize, self.dequantize = kernels["quantize"], kernels["dequantize"]
+        self.call = layout_i8.bind(kernels, params)
+        self.rows, scale, (self.correction,) = layout_i8.kernel_arrays(weights.output_i8(), params)
         self.scale = scale[: self.n]
-        self.x = aligned_empty((1, entry["k"]), np.float32)
-        self.q = aligned_zeros((1, self.k_p), np.int8)
+        self.x = aligned_empty((1, entry.k), np.float32)
         self.act_scale = aligned_empty((1,), np.float32)
-        self.acc = aligned_empty((1, fmt["n_padded"]), np.int32)
-        self.q_view, self.correction, self.acc_view = layout_i8.kernel_views(self.q, correction, self.acc)
         self.out = aligned_empty((1, self.n), np.float32)
 
     @property
@@ -70,9 +67,9 @@ class I8Output:
 
     def __call__(self, h: np.ndarray) -> np.ndarray:
         self.x[0] = h
-        self.quantize(self.x, self.q, self.act_scale)
-        self.gemv(self.q_view, self.rows, self.correction, self.acc_view)
-        self.dequantize(self.acc, self.act_scale, self.scale, self.out)
+        self.quantize(self.x, self.call.q, self.act_scale)
+        acc = self.call.run(self.rows, self.correction)
+        self.dequantize(acc, self.act_scale, self.scale, self.out)
         return self.out[0].copy()
 
 
@@ -80,8 +77,8 @@ def make_output_layer(artifact: Artifact, weights: ModelWeights, fmt: str):
     """The model's output layer in format ``fmt`` (the tied embedding or a separate lm_head)."""
     c = weights.config
     entry = artifact.output_layer(c.vocab, c.hidden)
-    if fmt not in OUTPUT_FORMATS or fmt not in entry["formats"]:
-        raise UserError(f"output layer format {fmt!r} is not in this artifact (it has {', '.join(entry['formats'])})")
+    if fmt not in OUTPUT_FORMATS or fmt not in entry.formats:
+        raise UserError(f"output layer format {fmt!r} is not in this artifact (it has {', '.join(entry.formats)})")
     if fmt == "f16":
         return F16Output(artifact, entry, weights.array("output"))
     return I8Output(artifact, entry, weights)

@@ -39,6 +39,12 @@ def lut_tables(q: np.ndarray) -> np.ndarray:
     return tables
 
 
+def write_lut_tables(q: np.ndarray, tables: np.ndarray) -> None:
+    """``lut_tables`` called as the lut_table kernel is: a stand-in for that kernel in
+    ``layout.bind``, where a LUT matmul is checked or timed on its own."""
+    tables[...] = lut_tables(q)
+
+
 def ternary_matmul(q: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """int32 [M, N] = q [M, K] @ weights[N, K]^T, the quantity every matmul kernel must equal."""
     return q.astype(np.int32) @ np.asarray(weights, np.int32).T

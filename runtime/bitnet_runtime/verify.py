@@ -51,52 +51,48 @@ def check_table(kernel: Kernel, rng: np.random.Generator) -> bool:
     return np.array_equal(tables, reference.lut_tables(q))
 
 
-def _matmul_case(rng: np.random.Generator, shape: dict, tokens: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Ternary weights, full-range activations zero-padded to the kernel's K, and the answer."""
+def _role(kernel: Kernel) -> str:
+    """The kernel's key in a linear's kernels: what a layout's ``bind`` calls it."""
+    return "gemv" if kernel.op.endswith("_gemv") else "gemm"
+
+
+def _matmul_case(rng: np.random.Generator, shape: dict, call: layout.LutCall | layout_dot2.Dot2Call) -> tuple[np.ndarray, np.ndarray]:
+    """Ternary weights, full-range activations in the call's q (zero past K), and the answer;
+    the output starts at -1, so a row the kernel leaves alone cannot pass."""
     w = _ternary(rng, shape["n"], shape["k"])
-    q = np.zeros((tokens, shape["k_padded"]), np.int8)
-    q[:, : shape["k"]] = _activations(rng, tokens, shape["k"])
-    return w, q, reference.ternary_matmul(q[:, : shape["k"]], w)
+    call.q[:, : shape["k"]] = _activations(rng, call.q.shape[0], shape["k"])
+    call.out[...] = -1
+    return w, reference.ternary_matmul(call.q[:, : shape["k"]], w)
 
 
 def check_lut_matmul(kernel: Kernel, rng: np.random.Generator) -> bool:
-    s, rows = kernel.shape, kernel.shape["rows"]
-    tokens = 1 if kernel.op == "lut_gemv" else TOKENS
-    w, q, want = _matmul_case(rng, s, tokens)
-    packed = aligned_copy(layout.pack_ternary(w, rows, kernel.knobs["kblock"]))
-    acc = aligned_zeros(layout.acc_shape(tokens, s["n_padded"], rows), np.int32)
-    kernel(aligned_copy(reference.lut_tables(q)), packed, acc)
-    return np.array_equal(acc.reshape(tokens, s["n_padded"])[:, : s["n"]], want)
-
-
-def _two_bit_case(kernel: Kernel, rng: np.random.Generator) -> tuple:
-    """Inputs of a dot2-v1 kernel: GEMV on one token; GEMM on two token tiles, the second one
-    partly zero padding. Returns (token tile or None, tokens, acts, packed, acc, answer)."""
     s = kernel.shape
-    tile = None if kernel.op.endswith("_gemv") else kernel.knobs["token_tile"]
-    tokens = 1 if tile is None else tile + TOKENS
-    w, q, want = _matmul_case(rng, s, tokens)
-    acts = aligned_zeros((layout.round_up(tokens, tile or 1), s["k_padded"]), np.int8)
-    acts[:tokens] = q
+    tokens = 1 if kernel.op == "lut_gemv" else TOKENS
+    # the tables from the reference, not the lut_table kernel: each kernel is checked on its own
+    call = layout.bind({"lut_table": reference.write_lut_tables, _role(kernel): kernel}, kernel.params, tokens)
+    w, want = _matmul_case(rng, s, call)
+    packed = aligned_copy(layout.pack_ternary(w, s["rows"], kernel.knobs["kblock"]))
+    return np.array_equal(call.run(packed)[:, : s["n"]], want)
+
+
+def _check_two_bit(kernel: Kernel, rng: np.random.Generator, words: bool) -> bool:
+    """A dot2-v1 kernel: GEMV on one token; GEMM on two token tiles, the second one partly
+    zero padding."""
+    s = kernel.shape
+    tokens = 1 if kernel.op.endswith("_gemv") else kernel.knobs["token_tile"] + TOKENS
+    call = layout_dot2.bind({_role(kernel): kernel}, kernel.params, tokens, words)
+    w, want = _matmul_case(rng, s, call)
     packed = aligned_copy(layout_dot2.pack_ternary(w, s["n_padded"], s["k_padded"]))
-    acc = aligned_zeros((acts.shape[0], s["n_padded"]), np.int32)
-    acc[:] = -1
-    return tile, tokens, acts, packed, acc, want
+    return np.array_equal(call.run(packed)[:, : s["n"]], want)
 
 
 def check_dot2_matmul(kernel: Kernel, rng: np.random.Generator) -> bool:
-    tile, tokens, acts, packed, acc, want = _two_bit_case(kernel, rng)
-    acts_view, acc_view = layout_dot2.kernel_views(acts, acc, tile)
-    kernel(acts_view, packed, acc_view)
-    return np.array_equal(acc[:tokens, : kernel.shape["n"]], want)
+    return _check_two_bit(kernel, rng, words=False)
 
 
 def check_gpu2_matmul(kernel: Kernel, rng: np.random.Generator) -> bool:
     """The GPU kernels take the same bytes as uint32 words and the activations as dwords."""
-    tile, tokens, acts, packed, acc, want = _two_bit_case(kernel, rng)
-    words, packed_words = layout_dot2.word_views(acts, packed, tile)
-    kernel(words, packed_words, acc.reshape(*words.shape[:-2], acc.shape[1]))
-    return np.array_equal(acc[:tokens, : kernel.shape["n"]], want)
+    return _check_two_bit(kernel, rng, words=True)
 
 
 def check_dequantize(kernel: Kernel, rng: np.random.Generator) -> bool:
@@ -137,11 +133,11 @@ def check_f16_gemv(kernel: Kernel, rng: np.random.Generator) -> bool:
     sum_k |x[k] w[n, k]|, since LLVM may fuse multiply-adds. Padded rows must come out 0."""
     s = kernel.shape
     packed = _f16_tiles(rng, s["n"], s["k"])
-    x = aligned_copy((rng.standard_normal((1, s["k"])) * rng.uniform(0.1, 10)).astype(np.float32))
-    out = aligned_zeros((1, packed.shape[0] * layout_f16.ROWS), np.float32)
-    out[:] = np.nan
-    kernel(x, packed, layout_f16.out_view(out))
-    return reference.f16_gemv_close(out, x, packed) and not out[0, s["n"] :].any()
+    call = layout_f16.bind({"gemv": kernel}, kernel.params)
+    call.x[...] = rng.standard_normal((1, s["k"])) * rng.uniform(0.1, 10)
+    call.out[...] = np.nan
+    out = call.run(packed)
+    return reference.f16_gemv_close(out, call.x, packed) and not out[0, s["n"] :].any()
 
 
 def _i8_tiles(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
@@ -166,15 +162,12 @@ def check_i8_gemv(kernel: Kernel, rng: np.random.Generator) -> bool:
     activations of -128 everywhere and on full-range random ones (zero past k)."""
     s = kernel.shape
     packed = _i8_tiles(rng, s["n"], s["k"])
-    corr = layout_i8.correction(packed)
-    out = aligned_zeros((1, s["n_padded"]), np.int32)
-    for q_real in (np.full((1, s["k"]), -128, np.int8), rng.integers(-128, 128, (1, s["k"]), dtype=np.int8)):
-        q = aligned_zeros((1, s["k_padded"]), np.int8)
-        q[:, : s["k"]] = q_real
-        out[:] = -1
-        q_view, corr_view, out_view = layout_i8.kernel_views(q, corr, out)
-        kernel(q_view, packed, corr_view, out_view)
-        if not np.array_equal(out, reference.i8_gemv(q, packed)):
+    correction = layout_i8.correction(packed).reshape(-1, layout_i8.ROWS)
+    call = layout_i8.bind({"gemv": kernel}, kernel.params)
+    for q in (np.full((1, s["k"]), -128, np.int8), rng.integers(-128, 128, (1, s["k"]), dtype=np.int8)):
+        call.q[:, : s["k"]] = q
+        call.out[...] = -1
+        if not np.array_equal(call.run(packed, correction), reference.i8_gemv(call.q, packed)):
             return False
     return True
 

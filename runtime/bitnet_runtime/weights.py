@@ -25,6 +25,7 @@ from . import checkpoint, layout, layout_dot2, layout_f16, layout_i8
 from .artifact import Artifact
 from .errors import UserError
 from .linear import pack_weights
+from .manifest import LinearEntry
 from .model_config import ModelConfig
 from .progress import progress
 from .safetensors_file import Checkpoint
@@ -43,11 +44,11 @@ def cache_root() -> Path:
 PACKING_PARAMS = {layout.VERSION: layout.PACKING_PARAMS, layout_dot2.VERSION: layout_dot2.PACKING_PARAMS}
 
 
-def _packing(entry: dict) -> dict:
+def _packing(entry: LinearEntry) -> dict:
     """What of a linear's manifest entry decides its packed bytes (a new GEMM knob must not
-    force a new conversion)."""
-    params = {k: entry["layout_params"][k] for k in PACKING_PARAMS.get(entry["layout"], entry["layout_params"])}
-    return {k: entry[k] for k in ("n", "k", "n_padded", "k_padded", "layout")} | {"params": params}
+    force a new conversion); the same dict, and so the same cache key, as format 2's entries gave."""
+    params = {k: entry.layout_params[k] for k in PACKING_PARAMS.get(entry.layout, entry.layout_params)}
+    return entry.shape | {"layout": entry.layout, "params": params}
 
 
 def cache_key(ckpt: Checkpoint, config_text: str, artifact: Artifact, config: ModelConfig) -> str:
@@ -56,7 +57,7 @@ def cache_key(ckpt: Checkpoint, config_text: str, artifact: Artifact, config: Mo
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _entries(artifact: Artifact, config: ModelConfig) -> dict[str, dict]:
+def _entries(artifact: Artifact, config: ModelConfig) -> dict[str, LinearEntry]:
     return {g.name: artifact.linear(g.n, g.k) for g in config.linear_groups()}
 
 
