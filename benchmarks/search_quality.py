@@ -48,7 +48,7 @@ def exhaustive(op: str, n: int, k: int, threads: int, target) -> tuple[dict[str,
     template = registry.get_tunable(op)
     distinct: dict[str, dict] = {}
     for point in template.space.points(template.names(n, k, target, threads)):
-        _, built = template.shape(n, k, point, target)
+        _, built = template.kernel_shape(n, k, point, target)
         distinct.setdefault(json.dumps(built, sort_keys=True), point)
     job = {"op": op, "n": n, "k": k, "candidates": list(distinct.values()), "target": target.to_json(), "threads": threads,
            "seed": 0, "repeats": CONFIRM_REPEATS, "rounds": CONFIRM_ROUNDS, "stream_bytes": stream_bytes(), "timing": template.timing,
@@ -111,13 +111,13 @@ def real_tune(op: str, n: int, k: int, budget: int, table: dict[str, float]) -> 
     from bitnet_compile.ops import registry
 
     template, target = registry.get_tunable(op), parse_target("llvm -mcpu=native")
-    _, built = template.shape(n, k, record["best"]["knobs"], target)
+    _, built = template.kernel_shape(n, k, record["best"]["knobs"], target)
     key = json.dumps(built, sort_keys=True)
     return {"knobs": record["best"]["knobs"], "seconds": table[key], "ratio": table[key] / min(table.values())}
 
 
 def _key(template, n: int, k: int, knobs: dict, target) -> str:
-    return json.dumps(template.shape(n, k, knobs, target)[1], sort_keys=True)
+    return json.dumps(template.kernel_shape(n, k, knobs, target)[1], sort_keys=True)
 
 
 def check_records(model: str, target, threads: int, only: str | None = None) -> tuple[list[str], dict]:
@@ -184,7 +184,7 @@ def main() -> int:
     optimum = min(table.values())
     best_key = min(table, key=table.get)
     template = registry.get_tunable(args.kernel)
-    _, default_built = template.shape(n, k, schedule_db.default_knobs(args.kernel, target.isa), target)
+    _, default_built = template.kernel_shape(n, k, schedule_db.default_knobs(args.kernel, target.isa), target)
     default_key = json.dumps(default_built, sort_keys=True)
     budget = max(2, math.ceil(BUDGET * len(table)))
     tuner = [replay(args.kernel, n, k, threads, target, table, budget, seed) / optimum for seed in range(args.seeds)]

@@ -177,33 +177,25 @@ def _padded(a: np.ndarray, rows: int, cols: int) -> np.ndarray:
 
 def _cases(kind: dict, w: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, dict]:
     """Packed weights, and per op (gemv: the first token, gemm: all) the kernel name, its
-    arguments, and a function giving its [tokens, n] result, for one kernel kind."""
-    from bitnet_runtime import layout, layout_dot2, reference
-    from bitnet_runtime.memory import aligned_copy, aligned_zeros
+    arguments, and a function giving its [tokens, n] result, for one kernel kind. The family
+    kernels are called as BitLinear calls them: through their layout's bind."""
+    from bitnet_runtime import layout, reference
+    from bitnet_runtime.linear import MATMULS, pack_weights
+    from bitnet_runtime.manifest import LinearEntry
+    from bitnet_runtime.memory import aligned_zeros
 
-    (n, _), tokens = w.shape, q.shape[0]
-    n_p, k_p, names, params = kind["n_padded"], kind["k_padded"], kind["kernels"], kind["layout_params"]
-    if kind["layout"] == layout.VERSION:
-        rows = params["rows"]
-        packed = aligned_copy(layout.pack_ternary(w, rows, params["kblock"]))
-        tables = aligned_copy(reference.lut_tables(_padded(q, tokens, k_p)))
-        acc1, acc = (aligned_zeros(layout.acc_shape(m, n_p, rows), np.int32) for m in (1, tokens))
-        return packed, {
-            "gemv": (names["gemv"], (aligned_copy(tables[:1]), packed, acc1), lambda: acc1.reshape(1, n_p)[:, :n]),
-            "gemm": (names["gemm"], (tables, packed, acc), lambda: acc.reshape(tokens, n_p)[:, :n]),
-        }
-    if kind["layout"] == layout_dot2.VERSION:
-        tile = params["token_tile"]
-        rows = layout.round_up(tokens, tile)
-        packed = aligned_copy(layout_dot2.pack_ternary(w, n_p, k_p))
-        acts, acts1 = _padded(q, rows, k_p), _padded(q[:1], 1, k_p)
-        acc1, acc = aligned_zeros((1, n_p), np.int32), aligned_zeros((rows, n_p), np.int32)
-        acts1_view, acc1_view = layout_dot2.kernel_views(acts1, acc1)
-        acts_view, acc_view = layout_dot2.kernel_views(acts, acc, tile)
-        return packed, {
-            "gemv": (names["gemv"], (acts1_view, packed, acc1_view), lambda: acc1[:, :n]),
-            "gemm": (names["gemm"], (acts_view, packed, acc_view), lambda: acc[:tokens, :n]),
-        }
+    (n, k), tokens = w.shape, q.shape[0]
+    n_p, k_p, names = kind["n_padded"], kind["k_padded"], kind["kernels"]
+    if kind["layout"] in MATMULS:
+        entry = LinearEntry("bench", n, k, n_p, k_p, kind["layout"], kind["layout_params"], names)
+        packed, cases = pack_weights(entry, w), {}
+        for op, rows in (("gemv", 1), ("gemm", tokens)):
+            call = MATMULS[entry.layout]({}, entry.params, rows)
+            call.q[:, :k] = q[:rows]
+            if entry.layout == layout.VERSION:  # the tables are the LUT kernels' input: made here, timed apart
+                reference.write_lut_tables(call.q, call.tables)
+            cases[op] = (names[op], call.args(packed), lambda call=call: call.out[:, :n])
+        return packed, cases
     packed = _padded(w, n, k_p)  # the int8 baseline: weights as plain int8 rows
     out1, out = aligned_zeros((1, n), np.int32), aligned_zeros((tokens, n), np.int32)
     return packed, {

@@ -97,16 +97,11 @@ def make_case(shape: dict, knobs: dict, rng: np.random.Generator, tokens: int) -
     """Random ternary weights in dot2-v1 and ``tokens`` int8 activation rows (the GEMM's padded
     to whole token tiles, as the runtime pads a prompt)."""
     n, k, n_p, k_p = (shape[key] for key in ("n", "k", "n_padded", "k_padded"))
-    gemv = tokens == 1
-    rows = 1 if gemv else round_up(tokens, knobs["token_tile"])
     w = rng.integers(-1, 2, (n, k), dtype=np.int8)
-    acts = aligned_zeros((rows, k_p), np.int8)
-    acts[:tokens, :k] = rng.integers(-128, 128, (tokens, k), dtype=np.int8)
-    acc = aligned_zeros((rows, n_p), np.int32)
-    acts_view, acc_view = layout_dot2.kernel_views(acts, acc, None if gemv else knobs["token_tile"])
+    call = layout_dot2.bind({}, shape | knobs, tokens)
+    call.q[:, :k] = rng.integers(-128, 128, (tokens, k), dtype=np.int8)
     packed = aligned_copy(layout_dot2.pack_ternary(w, n_p, k_p))
-    want = exact_product(acts[:tokens, :k], w)
-    return Case((acts_view, packed, acc_view), 1, acc, exact(lambda: acc[:tokens, :n], want))
+    return Case(call.args(packed), 1, call.out, exact(lambda: call.out[:, :n], exact_product(call.q[:, :k], w)))
 
 
 def _activation_sum(acts: te.Tensor, lead: tuple) -> te.Tensor:

@@ -123,16 +123,16 @@ def make_case(shape: dict, knobs: dict, rng: np.random.Generator, tokens: int) -
     for start in range(0, tiles, 256):
         block = packed[start : start + 256]
         block[...] = rng.standard_normal(block.shape, dtype=np.float32)
-    x = aligned_copy(rng.standard_normal((1, k), dtype=np.float32))
-    out = aligned_zeros((1, shape["n_padded"]), np.float32)
-    want, bound = _reference.f16_gemv(x, packed, with_bound=True)
+    call = layout_f16.bind({}, shape)
+    call.x[...] = rng.standard_normal((1, k), dtype=np.float32)
+    want, bound = _reference.f16_gemv(call.x, packed, with_bound=True)
     tolerance = _reference.F16_GEMV_RTOL * bound + _reference.F16_GEMV_ATOL
 
     def check() -> str | None:
-        off = np.abs(out.astype(np.float64) - want) > tolerance
+        off = np.abs(call.out.astype(np.float64) - want) > tolerance
         return f"{int(off.sum())} of {off.size} logits outside the float16 GEMV tolerance" if off.any() else None
 
-    return Case((x, packed, layout_f16.out_view(out)), 1, out, check)
+    return Case(call.args(packed), 1, call.out, check)
 
 
 def compute(tiles: int, k: int) -> tuple[te.Tensor, te.Tensor, te.Tensor]:

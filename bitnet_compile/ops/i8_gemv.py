@@ -123,10 +123,10 @@ def make_case(shape: dict, knobs: dict, rng: np.random.Generator, tokens: int) -
     for start in range(0, packed.shape[0], 256):
         block = packed[start : start + 256]
         block[...] = rng.integers(-127, 128, block.shape, dtype=np.int8)
-    q = aligned_copy(rng.integers(-128, 128, (1, k_p), dtype=np.int8))
-    out = aligned_zeros((1, n_p), np.int32)
-    q_view, corr_view, out_view = layout_i8.kernel_views(q, layout_i8.correction(packed), out)
-    return Case((q_view, packed, corr_view, out_view), 1, out, exact(lambda: out, _reference.i8_gemv(q, packed)))
+    call = layout_i8.bind({}, shape)
+    call.q[...] = rng.integers(-128, 128, (1, k_p), dtype=np.int8)
+    correction = layout_i8.correction(packed).reshape(-1, ROWS)
+    return Case(call.args(packed, correction), 1, call.out, exact(lambda: call.out, _reference.i8_gemv(call.q, packed)))
 
 
 # ----------------------------------------------------------------------------- intrinsics
@@ -329,7 +329,7 @@ def schedule(func: tvm.tirx.PrimFunc, variant: str, chunks: int, knobs: I8Knobs)
 
 def build_primfunc(name: str, n_padded: int, k_padded: int, variant: str, knobs: I8Knobs) -> tvm.tirx.PrimFunc:
     """Arguments (q int8 [1, k_padded/4, 4], packed int8 [n_padded/64, k_padded/4, 64, 4],
-    correction int32 [n_padded/64, 64], out int32 [n_padded/64, 64]); see layout_i8.kernel_views."""
+    correction int32 [n_padded/64, 64], out int32 [n_padded/64, 64]); see layout_i8.bind."""
     knobs.check()
     if variant not in VARIANTS:
         raise UserError(f"unknown int8 GEMV variant {variant!r}; choose {', '.join(VARIANTS)}")

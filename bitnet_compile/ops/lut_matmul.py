@@ -83,13 +83,11 @@ def make_case(shape: dict, knobs: dict, rng: np.random.Generator, tokens: int) -
     """Random ternary weights packed for ``knobs`` and ``tokens`` rows of activation tables."""
     n, k, n_p, k_p, rows = (shape[key] for key in ("n", "k", "n_padded", "k_padded", "rows"))
     w = rng.integers(-1, 2, (n, k), dtype=np.int8)
-    q = np.zeros((tokens, k_p), np.int8)
-    q[:, :k] = rng.integers(-128, 128, (tokens, k), dtype=np.int8)
-    tables = aligned_copy(_reference.lut_tables(q))
-    acc = aligned_zeros(layout.acc_shape(tokens, n_p, rows), np.int32)
-    want = exact_product(q[:, :k], w)
+    call = layout.bind({}, shape, tokens)
+    call.q[:, :k] = rng.integers(-128, 128, (tokens, k), dtype=np.int8)
+    _reference.write_lut_tables(call.q, call.tables)
     packed = aligned_copy(layout.pack_ternary(w, rows, knobs["kblock"]))
-    return Case((tables, packed, acc), 1, acc, exact(lambda: acc.reshape(tokens, n_p)[:, :n], want))
+    return Case(call.args(packed), 1, call.out, exact(lambda: call.out[:, :n], exact_product(call.q[:, :k], w)))
 
 
 def compute(tokens, n: int, k: int, isa: VectorISA, kblock: int) -> tuple[te.Tensor, te.Tensor, te.Tensor]:

@@ -54,11 +54,6 @@ def packed_shape(n: int, k: int) -> tuple[int, int, int, int]:
     return (n_p // ROWS, k_p // CHUNK, ROWS, CHUNK)
 
 
-def kernel_views(q: np.ndarray, correction: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """int8 q [1, K_padded], int32 correction [N_padded] and out [1, N_padded] as the kernel takes them."""
-    return q.reshape(1, -1, CHUNK), correction.reshape(-1, ROWS), out.reshape(-1, ROWS)
-
-
 def kernel_arrays(arrays: tuple[np.ndarray, np.ndarray, np.ndarray], shape: dict | None = None) -> tuple:
     """``quantize_rows``' (packed, scale, correction) as (packed, per-row scale for the dequantize
     kernel, the extra GEMV arguments after ``packed``: (correction [N_padded/64, 64],)).
