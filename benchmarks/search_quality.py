@@ -40,8 +40,8 @@ WITHIN = 0.05
 
 def exhaustive(op: str, n: int, k: int, threads: int, target) -> tuple[dict[str, float], dict[str, dict]]:
     """Kernel key -> seconds, and kernel key -> knobs, for every distinct kernel of the space."""
-    from bitnet_compile.ops import registry
     from bitnet_compile.measure import stream_bytes
+    from bitnet_compile.ops import registry
     from bitnet_compile.tuning.study import CONFIRM_REPEATS, CONFIRM_ROUNDS
     from bitnet_compile.tuning.worker import Worker
 
@@ -75,8 +75,8 @@ def replay(op: str, n: int, k: int, threads: int, target, table: dict[str, float
     import optuna
 
     from bitnet_compile import schedule_db
-    from bitnet_compile.tuning import study as study_mod
     from bitnet_compile.ops import registry
+    from bitnet_compile.tuning import study as study_mod
 
     spec = study_mod.StudySpec(registry.get_tunable(op), n, k, threads, target)
     s = study_mod.Study(spec, optuna.storages.InMemoryStorage(), schedule_db.default_knobs(op, target.isa), seed=seed)
@@ -103,12 +103,25 @@ def real_tune(op: str, n: int, k: int, budget: int, table: dict[str, float]) -> 
     """One real tune of the kernel with the budget; its pick's time in the exhaustive table."""
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, BITNET_RECORDS=tmp)
-        cmd = [sys.executable, "-m", "bitnet_compile", "tune", "-s", f"{n}x{k}", "-k", op, "-n", str(budget), "--storage", f"sqlite:///{tmp}/s.db"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "bitnet_compile",
+            "tune",
+            "-s",
+            f"{n}x{k}",
+            "-k",
+            op,
+            "-n",
+            str(budget),
+            "--storage",
+            f"sqlite:///{tmp}/s.db",
+        ]
         subprocess.run(cmd, env=env, check=True, stderr=subprocess.DEVNULL)
         (path,) = Path(tmp).glob("*.json")
         (record,) = json.loads(path.read_text())["records"].values()
-    from bitnet_compile.target import parse_target
     from bitnet_compile.ops import registry
+    from bitnet_compile.target import parse_target
 
     template, target = registry.get_tunable(op), parse_target("llvm -mcpu=native")
     _, built = template.kernel_shape(n, k, record["best"]["knobs"], target)
@@ -123,8 +136,7 @@ def _key(template, n: int, k: int, knobs: dict, target) -> str:
 def check_records(model: str, target, threads: int, only: str | None = None) -> tuple[list[str], dict]:
     """Markdown rows: each kernel shape's default and record pick against its exhaustive
     optimum; and the exhaustive tables (knobs -> seconds) by record key."""
-    from bitnet_compile import schedule_db
-    from bitnet_compile import records
+    from bitnet_compile import records, schedule_db
     from bitnet_compile.ops import registry
     from bitnet_compile.tuning import views
     from bitnet_compile.tuning.command import plan_work
@@ -159,16 +171,18 @@ def main() -> int:
     p.add_argument("--shape", default="3840x2560")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seeds", type=int, default=50)
-    p.add_argument("--table", type=Path, default=None, help="replay against the exhaustive table of an earlier report's JSON (no measuring)")
+    p.add_argument(
+        "--table", type=Path, default=None, help="replay against the exhaustive table of an earlier report's JSON (no measuring)"
+    )
     p.add_argument("--model", default=None, help="also place this model's tuning records against exhaustive optima (e.g. 2b-4t)")
     p.add_argument("--only", default=None, help="with --model: only the records whose key contains this (e.g. dot2_gemv)")
     p.add_argument("--out", type=Path, default=None, help="also write the report (Markdown) and a .json beside it")
     args = p.parse_args()
     from bitnet_compile import schedule_db
-    from bitnet_compile.target import parse_target
-    from bitnet_compile.ops import registry
-    from bitnet_compile.tuning import views
     from bitnet_compile.measure import cpu_model
+    from bitnet_compile.ops import registry
+    from bitnet_compile.target import parse_target
+    from bitnet_compile.tuning import views
 
     target = parse_target("llvm -mcpu=native")
     threads = args.threads or target.num_cores
@@ -214,7 +228,8 @@ def main() -> int:
         f"| random (default + random points) | {within(rand):.0%} | {statistics.median(rand):.3f} | {max(rand):.3f} |",
         "",
         f"- one real `bitnet-compile tune` with {budget} trials picked {views._knobs(real['knobs'])}: {real['ratio']:.3f}x the optimum"
-        if real else f"- replayed against the table of {args.table}",
+        if real
+        else f"- replayed against the table of {args.table}",
     ]
     if args.model:
         rows, report["record_tables"] = check_records(args.model, target, threads, args.only)

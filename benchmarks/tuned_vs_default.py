@@ -31,8 +31,8 @@ PROMPT, DECODE = 128, 48
 def artifacts(model: str, records: str | None) -> str:
     """The cached artifact for ``model`` on this CPU with ``records`` as the records directory."""
     from bitnet_compile.model_artifact import for_model
-    from bitnet_compile.target import parse_target
     from bitnet_compile.records import RECORDS_ENV
+    from bitnet_compile.target import parse_target
 
     saved = os.environ.get(RECORDS_ENV)
     if records is None:
@@ -89,7 +89,9 @@ def main() -> int:
         print(f"measuring, {order[0]} loaded first ...", file=sys.stderr, flush=True)
         spec = {"model": args.model, "artifacts": paths, "order": order, "rounds": args.rounds}
         env = dict(os.environ, TVM_NUM_THREADS=str(args.threads), PYTHONPATH=str(Path(__file__).parent))
-        done = subprocess.run(module_command("tuned_vs_default", "--worker", json.dumps(spec)), env=env, capture_output=True, text=True, check=True)
+        done = subprocess.run(
+            module_command("tuned_vs_default", "--worker", json.dumps(spec)), env=env, capture_output=True, text=True, check=True
+        )
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
     med = {name: {m: statistics.median(v for run in runs for v in run[name][m]) for m in ("decode", "prompt")} for name in paths}
     n = 2 * args.rounds

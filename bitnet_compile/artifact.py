@@ -19,14 +19,22 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from bitnet_runtime.progress import progress
 from bitnet_runtime.manifest import (
-    CUDA_SOURCE_FILE, LIBRARY_FILE, MANIFEST_FILE, METAL_SOURCE_FILE, RUNTIME_LIBRARY_FILE, Device, FileEntry, KernelEntry, Manifest,
+    CUDA_SOURCE_FILE,
+    LIBRARY_FILE,
+    MANIFEST_FILE,
+    METAL_SOURCE_FILE,
+    RUNTIME_LIBRARY_FILE,
+    Device,
+    FileEntry,
+    KernelEntry,
+    Manifest,
     file_sha256,
 )
+from bitnet_runtime.progress import progress
 
 from . import __version__, cross, schedule_db
 from .errors import UserError
@@ -55,7 +63,9 @@ def compile_kernels(kernels: list[KernelEntry], target: TargetSpec):
     for k in progress(kernels, "scheduling", "kernel"):
         funcs[k.name] = registry.get(k.op).build(k.name, k.shape, k.knobs, target)
     what = "LLVM" if not target.is_gpu else f"TVM's {target.kind} codegen" + (" and nvcc" if target.kind == "cuda" else "")
-    print(f"compiling {len(funcs)} kernels for {target.gpu_arch or target.mcpu} ({target.isa}) with {what} ...", file=sys.stderr, flush=True)
+    print(
+        f"compiling {len(funcs)} kernels for {target.gpu_arch or target.mcpu} ({target.isa}) with {what} ...", file=sys.stderr, flush=True
+    )
     start = time.perf_counter()
     if target.kind == "cuda":
         from . import cuda_toolchain

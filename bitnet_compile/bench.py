@@ -36,9 +36,9 @@ import numpy as np
 from bitnet_runtime import services
 
 from .errors import UserError
-from .models import Linear
 from .measure import WARM_MS, cpu_model, l3_bytes, time_cached, time_streamed, weight_rotation
 from .measure import stream_bytes as default_stream_bytes
+from .models import Linear
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from .families import Family
@@ -96,7 +96,9 @@ def build(target: TargetSpec, linears: list[Linear], out_dir: Path, tokens: int,
         item["kernels"][BASELINE] = {"n_padded": n, "k_padded": k8, "layout": "int8", "layout_params": {}, "kernels": names}
     chunks, steps, lanes = bandwidth.shape_for(stream_bytes)
     funcs[BANDWIDTH_KERNEL] = bandwidth.build_primfunc(BANDWIDTH_KERNEL, chunks, steps)
-    _progress(f"compiling {len(funcs)} kernels ({', '.join(f.name for f in families)} families, int8 baseline) for {target.mcpu} ({target.isa}) ...")
+    _progress(
+        f"compiling {len(funcs)} kernels ({', '.join(f.name for f in families)} families, int8 baseline) for {target.mcpu} ({target.isa}) ..."
+    )
     start = time.perf_counter()
     tvm.compile(tvm.IRModule(funcs), target=target.tvm_target()).export_library(str(out_dir / LIBRARY))
     _progress(f"compiled in {time.perf_counter() - start:.1f} s")
@@ -370,10 +372,10 @@ def format_report(report: dict) -> str:
         f"- command: `{report['command']}`",
         f"- shapes: {report['model']}; GEMM over {tokens} tokens; medians of {repeat} repeats",
         f"- DRAM read bandwidth (read-only TVM kernel streaming {report['bandwidth_bytes'] >> 20} MiB): {bw}",
-        f"- \"DRAM\": calls rotate over copies of the weights totalling {report['stream_bytes'] >> 20} MiB (2x L3), as decoding "
-        f"streams a model's layers; \"cache\": back-to-back calls on one copy, >= {WARM_MS} ms per repeat",
+        f'- "DRAM": calls rotate over copies of the weights totalling {report["stream_bytes"] >> 20} MiB (2x L3), as decoding '
+        f'streams a model\'s layers; "cache": back-to-back calls on one copy, >= {WARM_MS} ms per repeat',
         f"- kernels: {kinds}; int8 = the baseline, a plain int8 x int8 -> int32 TVM kernel (TE, parallel rows, "
-        "LLVM vectorizes) with the weights as int8. \"vs int8\" = int8 time / kernel time, same threads and cache state",
+        'LLVM vectorizes) with the weights as int8. "vs int8" = int8 time / kernel time, same threads and cache state',
         "- MB and GB/s count the weight bytes each kernel reads (2-bit kinds: N_padded*K_padded/4; int8: N*K, K padded to 32)",
     ]
     tables = runs[0].get("lut_tables") if runs else None
@@ -388,8 +390,19 @@ def format_report(report: dict) -> str:
         "### GEMV (1 token)",
         "",
         _table(
-            ["layer", "N x K", "threads", "kernel", "weights MB", "cache us", "DRAM us", "DRAM GB/s", "of DRAM BW",
-             "vs int8 cache", "vs int8 DRAM"],
+            [
+                "layer",
+                "N x K",
+                "threads",
+                "kernel",
+                "weights MB",
+                "cache us",
+                "DRAM us",
+                "DRAM GB/s",
+                "of DRAM BW",
+                "vs int8 cache",
+                "vs int8 DRAM",
+            ],
             [row for run in runs for row in _gemv_rows(run)],
         ),  # fmt: skip
         "",

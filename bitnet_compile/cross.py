@@ -22,9 +22,9 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from bitnet_runtime import cpu
 from bitnet_runtime.weights import cache_root
@@ -129,7 +129,10 @@ def runtime_libraries(arch: str, triple: str = "") -> dict[str, Path]:
         import tvm
         import tvm_ffi
 
-        return {"runtime": Path(tvm.__file__).parent / "lib" / "libtvm_runtime.so", "ffi": Path(tvm_ffi.__file__).parent / "lib" / "libtvm_ffi.so"}
+        return {
+            "runtime": Path(tvm.__file__).parent / "lib" / "libtvm_runtime.so",
+            "ffi": Path(tvm_ffi.__file__).parent / "lib" / "libtvm_ffi.so",
+        }
     out = runtime_dir(arch)
     libs = {"runtime": out / "libtvm_runtime.so", "ffi": out / "libtvm_ffi.so"}
     if not all(p.is_file() for p in libs.values()):

@@ -19,10 +19,10 @@ import hashlib
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
 
 from bitnet_runtime.gpu import CUDA_RUNTIME_FILE
 from bitnet_runtime.weights import cache_root
@@ -35,7 +35,9 @@ CUDA_ERROR_NO_DEVICE = 100
 def nvcc() -> Path:
     found = shutil.which("nvcc") or (Path(os.environ["CUDA_HOME"]) / "bin" / "nvcc" if os.environ.get("CUDA_HOME") else None)
     if not found or not Path(found).is_file():
-        raise UserError("compiling for cuda needs nvcc (the CUDA toolkit, 12.x or 13.x) on PATH or in $CUDA_HOME/bin: the artifact carries a fatbin, so the device needs no compiler")
+        raise UserError(
+            "compiling for cuda needs nvcc (the CUDA toolkit, 12.x or 13.x) on PATH or in $CUDA_HOME/bin: the artifact carries a fatbin, so the device needs no compiler"
+        )
     return Path(found)
 
 

@@ -39,9 +39,9 @@ import shutil
 import struct
 import sys
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 
@@ -84,16 +84,18 @@ class DummyPreset:
 
     def __post_init__(self) -> None:
         problems = []
-        if min(self.hidden_size, self.intermediate_size, self.num_hidden_layers,
-               self.num_attention_heads, self.num_key_value_heads) < 1:
+        if min(self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.num_attention_heads, self.num_key_value_heads) < 1:
             problems.append("sizes must be positive")
         elif self.hidden_size % self.num_attention_heads:
             problems.append(f"hidden_size {self.hidden_size} is not a multiple of {self.num_attention_heads} heads")
         elif self.num_attention_heads % self.num_key_value_heads:
             problems.append(f"{self.num_attention_heads} heads are not a multiple of {self.num_key_value_heads} KV heads")
         else:
-            for what, n in (("hidden_size", self.hidden_size), ("intermediate_size", self.intermediate_size),
-                            ("KV width", self.num_key_value_heads * self.head_dim)):
+            for what, n in (
+                ("hidden_size", self.hidden_size),
+                ("intermediate_size", self.intermediate_size),
+                ("KV width", self.num_key_value_heads * self.head_dim),
+            ):
                 if n % 4:
                     problems.append(f"{what} {n} is not a multiple of 4 (2-bit packing along output rows)")
         if self.vocab_size < _MIN_VOCAB:
@@ -117,8 +119,7 @@ PRESETS: dict[str, DummyPreset] = {
     p.name: p
     for p in (
         # Test-sized: GQA (4 heads, 2 KV heads) like 2B-4T, every shape a multiple of 4.
-        DummyPreset("tiny", 64, 128, 2, 4, 2, 512, max_position_embeddings=256, rope_theta=500000.0,
-                    source="bitnet-compile test preset"),
+        DummyPreset("tiny", 64, 128, 2, 4, 2, 512, max_position_embeddings=256, rope_theta=500000.0, source="bitnet-compile test preset"),
         DummyPreset("125m", 768, 3072, 11, 12, 12, 32002, source=_BITNET_CPP),
         DummyPreset("350m", 1024, 3072, 24, 16, 16, 32002, source=_BITNET_CPP),
         DummyPreset("1b", 2048, 3584, 24, 32, 32, 32002, source=_BITNET_CPP),
@@ -130,8 +131,7 @@ PRESETS: dict[str, DummyPreset] = {
         DummyPreset("30b", 6656, 16384, 60, 52, 52, 32002, source=_BITNET_CPP),
         DummyPreset("70b", 8192, 24576, 80, 64, 64, 32002, source=_BITNET_CPP),
         DummyPreset("100b", 8192, 45568, 72, 64, 64, 32002, source=_BITNET_CPP),
-        DummyPreset("2b-4t", 2560, 6912, 30, 20, 5, 128256, max_position_embeddings=4096,
-                    rope_theta=500000.0, source=_2B_4T),
+        DummyPreset("2b-4t", 2560, 6912, 30, 20, 5, 128256, max_position_embeddings=4096, rope_theta=500000.0, source=_2B_4T),
         DummyPreset("large", 1536, 4096, 24, 16, 16, 32002, source=_LARGE),
     )
 }
@@ -152,8 +152,15 @@ def resolve_preset(preset: str | DummyPreset) -> DummyPreset:
 # --------------------------------------------------------------------------------------------
 
 _ITEMSIZE = {"BF16": 2, "U8": 1}
-TERNARY_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                       "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+TERNARY_PROJECTIONS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 
 
 @dataclass(frozen=True)
@@ -174,9 +181,13 @@ def projection_shapes(p: DummyPreset) -> dict[str, tuple[int, int]]:
     q, kv = p.num_attention_heads * p.head_dim, p.num_key_value_heads * p.head_dim
     h, f = p.hidden_size, p.intermediate_size
     return {
-        "self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
+        "self_attn.q_proj": (q, h),
+        "self_attn.k_proj": (kv, h),
+        "self_attn.v_proj": (kv, h),
         "self_attn.o_proj": (h, q),
-        "mlp.gate_proj": (f, h), "mlp.up_proj": (f, h), "mlp.down_proj": (h, f),
+        "mlp.gate_proj": (f, h),
+        "mlp.up_proj": (f, h),
+        "mlp.down_proj": (h, f),
     }
 
 
@@ -192,8 +203,7 @@ def tensor_specs(preset: str | DummyPreset) -> list[TensorSpec]:
         for name in TERNARY_PROJECTIONS[:4]:
             specs += _projection(pre + name, proj[name])
         # normalizes the attention output before o_proj: heads * head_dim wide
-        specs.append(TensorSpec(pre + "self_attn.attn_sub_norm.weight", "BF16",
-                                (p.num_attention_heads * p.head_dim,), "norm"))
+        specs.append(TensorSpec(pre + "self_attn.attn_sub_norm.weight", "BF16", (p.num_attention_heads * p.head_dim,), "norm"))
         specs.append(TensorSpec(pre + "post_attention_layernorm.weight", "BF16", (h,), "norm"))
         for name in TERNARY_PROJECTIONS[4:]:
             specs += _projection(pre + name, proj[name])
@@ -206,8 +216,10 @@ def tensor_specs(preset: str | DummyPreset) -> list[TensorSpec]:
 
 def _projection(name: str, shape: tuple[int, int]) -> list[TensorSpec]:
     out, inp = shape
-    return [TensorSpec(name + ".weight", "U8", (out // 4, inp), "packed", logical=shape),
-            TensorSpec(name + ".weight_scale", "BF16", (1,), "scale")]
+    return [
+        TensorSpec(name + ".weight", "U8", (out // 4, inp), "packed", logical=shape),
+        TensorSpec(name + ".weight_scale", "BF16", (1,), "scale"),
+    ]
 
 
 def plan_shards(specs: list[TensorSpec], max_shard_size: int) -> list[list[TensorSpec]]:
@@ -235,8 +247,7 @@ def safetensors_header(specs: list[TensorSpec]) -> bytes:
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for spec in specs:
-        header[spec.name] = {"dtype": spec.dtype, "shape": list(spec.shape),
-                             "data_offsets": [offset, offset + spec.nbytes]}
+        header[spec.name] = {"dtype": spec.dtype, "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
         offset += spec.nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
@@ -294,8 +305,7 @@ def _float_chunks(spec: TensorSpec, rng: np.random.Generator) -> Iterator[np.nda
         yield v
 
 
-def ternary_code_chunks(out_features: int, in_features: int, rng: np.random.Generator
-                        ) -> Iterator[tuple[int, int, np.ndarray]]:
+def ternary_code_chunks(out_features: int, in_features: int, rng: np.random.Generator) -> Iterator[tuple[int, int, np.ndarray]]:
     """The 2-bit codes (weight + 1, uint8 0..2) of a ternary ``[out, in]`` weight, as
     ``(r0, r1, codes[4, r1 - r0, in])``: ``codes[i, j]`` is row ``r0 + j + i * out / 4`` of W.
     This order is the packed layout, so a chunk packs into ``packed[r0:r1]`` directly."""
@@ -342,7 +352,7 @@ def reference_tensor(preset: str | DummyPreset, name: str, seed: int = 0) -> np.
         rows = out // 4
         for r0, r1, codes in ternary_code_chunks(out, inp, rng):
             for i in range(4):
-                w[i * rows + r0:i * rows + r1] = codes[i].astype(np.int8) - 1
+                w[i * rows + r0 : i * rows + r1] = codes[i].astype(np.int8) - 1
         return w
     values = np.concatenate(list(_float_chunks(spec, rng)))
     return bf16_to_float32(_bf16_bits(values)).reshape(spec.shape)
@@ -353,8 +363,7 @@ def reference_tensor(preset: str | DummyPreset, name: str, seed: int = 0) -> np.
 # --------------------------------------------------------------------------------------------
 
 # Llama-3 layout of the special-token block (offsets from its first id, 128000 in Llama 3)
-_SPECIAL_OFFSETS = {"<|begin_of_text|>": 0, "<|end_of_text|>": 1, "<|start_header_id|>": 6,
-                    "<|end_header_id|>": 7, "<|eot_id|>": 9}
+_SPECIAL_OFFSETS = {"<|begin_of_text|>": 0, "<|end_of_text|>": 1, "<|start_header_id|>": 6, "<|end_header_id|>": 7, "<|eot_id|>": 9}
 
 CHAT_TEMPLATE = (
     "{{- bos_token }}"
@@ -434,11 +443,12 @@ def build_tokenizer(vocab_size: int, model_max_length: int = 4096):
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
     ids = special_token_ids(vocab_size)
     bos = "<|begin_of_text|>"
-    tok.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1",
-                                      special_tokens=[(bos, ids[bos])]),
-    ])
+    tok.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1", special_tokens=[(bos, ids[bos])]),
+        ]
+    )
     assert tok.get_vocab_size(with_added_tokens=True) == vocab_size
     assert tok.token_to_id("<|eot_id|>") == ids["<|eot_id|>"]
     return tok
@@ -490,8 +500,7 @@ def model_config(p: DummyPreset) -> dict:
 
 def generation_config(p: DummyPreset) -> dict:
     ids = special_token_ids(p.vocab_size)
-    return {"bos_token_id": ids["<|begin_of_text|>"],
-            "eos_token_id": [ids["<|end_of_text|>"], ids["<|eot_id|>"]]}
+    return {"bos_token_id": ids["<|begin_of_text|>"], "eos_token_id": [ids["<|end_of_text|>"], ids["<|eot_id|>"]]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -545,8 +554,14 @@ def _write_shard(path: Path, specs: list[TensorSpec], seed: int, on_bytes: Calla
 
 
 def _stale_outputs(out_dir: Path) -> list[Path]:
-    names = {"config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
-             "tokenizer.json", "tokenizer_config.json"}
+    names = {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
     found = []
     for entry in out_dir.iterdir():
         n = entry.name
@@ -555,9 +570,15 @@ def _stale_outputs(out_dir: Path) -> list[Path]:
     return found
 
 
-def write_dummy_model(preset_name_or_preset: str | DummyPreset, out_dir: Path, seed: int = 0,
-                      layers: int | None = None, progress: bool = True, *,
-                      max_shard_size: int = MAX_SHARD_SIZE) -> Path:
+def write_dummy_model(
+    preset_name_or_preset: str | DummyPreset,
+    out_dir: Path,
+    seed: int = 0,
+    layers: int | None = None,
+    progress: bool = True,
+    *,
+    max_shard_size: int = MAX_SHARD_SIZE,
+) -> Path:
     """Write a dummy checkpoint of a preset into ``out_dir`` (created if missing) and return it.
 
     ``layers`` keeps only the first layers of the preset (same values as the full model's);
@@ -585,8 +606,10 @@ def write_dummy_model(preset_name_or_preset: str | DummyPreset, out_dir: Path, s
     if out_dir.is_dir():  # files this replaces free their space
         free += sum(f.stat().st_size for f in _stale_outputs(out_dir) if f.is_file())
     if free < need:
-        raise UserError(f"not enough disk space for dummy model {p.name!r} ({p.num_hidden_layers} layers): "
-                        f"needs {_fmt_bytes(need)} at {where}, only {_fmt_bytes(free)} free")
+        raise UserError(
+            f"not enough disk space for dummy model {p.name!r} ({p.num_hidden_layers} layers): "
+            f"needs {_fmt_bytes(need)} at {where}, only {_fmt_bytes(free)} free"
+        )
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in _stale_outputs(out_dir):
@@ -603,8 +626,10 @@ def write_dummy_model(preset_name_or_preset: str | DummyPreset, out_dir: Path, s
         for name, shard in zip(names, shards):
             _write_shard(temp(name), shard, int(seed), bar.update if bar else (lambda n: None))
         if len(shards) > 1:
-            index = {"metadata": {"total_size": sum(t.nbytes for t in specs)},
-                     "weight_map": {t.name: name for name, shard in zip(names, shards) for t in shard}}
+            index = {
+                "metadata": {"total_size": sum(t.nbytes for t in specs)},
+                "weight_map": {t.name: name for name, shard in zip(names, shards) for t in shard},
+            }
             _write_json(temp("model.safetensors.index.json"), index)
         build_tokenizer(p.vocab_size).save(str(temp("tokenizer.json")))
         _write_json(temp("tokenizer_config.json"), tokenizer_config(p))
@@ -627,6 +652,8 @@ def preset_table() -> str:
     """The presets' shapes as text, for ``bitnet-compile dummy --help``."""
     rows = [f"  {'name':7} {'hidden':>6} {'ffn':>6} {'layers':>6} {'heads':>5} {'kv':>3} {'vocab':>6}"]
     for p in PRESETS.values():
-        rows.append(f"  {p.name:7} {p.hidden_size:6} {p.intermediate_size:6} {p.num_hidden_layers:6} "
-                    f"{p.num_attention_heads:5} {p.num_key_value_heads:3} {p.vocab_size:6}")
+        rows.append(
+            f"  {p.name:7} {p.hidden_size:6} {p.intermediate_size:6} {p.num_hidden_layers:6} "
+            f"{p.num_attention_heads:5} {p.num_key_value_heads:3} {p.vocab_size:6}"
+        )
     return "\n".join(rows)

@@ -89,7 +89,7 @@ class EmulatedArtifact(KernelTable):
     def close(self) -> None:
         self.host.close()
 
-    def __enter__(self) -> "EmulatedArtifact":
+    def __enter__(self) -> EmulatedArtifact:
         return self
 
     def __exit__(self, *exc) -> None:

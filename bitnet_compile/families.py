@@ -5,8 +5,8 @@ schedules/defaults.json, per ISA variant, first available wins) or the user's ch
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from .errors import UserError
 from .target import TargetSpec
@@ -31,9 +31,24 @@ class Family:
 
 
 FAMILIES = {
-    "lut": Family("lut", "lut4-v1", {"avx2": frozenset(), "avx512": frozenset(), "neon": frozenset()}, "table lookup with vpshufb (AVX2 ymm, AVX-512 zmm) or tbl (NEON)"),
-    "dot2": Family("dot2", "dot2-v1", {"avx512": frozenset({"avx512vnni"}), "neon": frozenset({"dotprod"})}, "2-bit weights with VNNI vpdpbusd (AVX-512) or sdot (NEON)"),
-    "gpu2": Family("gpu2", "dot2-v1", {"cuda": frozenset(), "metal": frozenset()}, "2-bit weights decoded in registers, __dp4a on CUDA, int32 byte products on Metal"),
+    "lut": Family(
+        "lut",
+        "lut4-v1",
+        {"avx2": frozenset(), "avx512": frozenset(), "neon": frozenset()},
+        "table lookup with vpshufb (AVX2 ymm, AVX-512 zmm) or tbl (NEON)",
+    ),
+    "dot2": Family(
+        "dot2",
+        "dot2-v1",
+        {"avx512": frozenset({"avx512vnni"}), "neon": frozenset({"dotprod"})},
+        "2-bit weights with VNNI vpdpbusd (AVX-512) or sdot (NEON)",
+    ),
+    "gpu2": Family(
+        "gpu2",
+        "dot2-v1",
+        {"cuda": frozenset(), "metal": frozenset()},
+        "2-bit weights decoded in registers, __dp4a on CUDA, int32 byte products on Metal",
+    ),
 }
 
 

@@ -29,8 +29,8 @@ import numpy as np
 
 from bitnet_runtime.errors import UserError
 
-from .measure import cpu_model, l3_bytes, stream_bytes
 from .isolation import module_command
+from .measure import cpu_model, l3_bytes, stream_bytes
 
 BANDWIDTH_FILE = "bandwidth.so"
 
@@ -65,7 +65,9 @@ def _bandwidth_library(target_json: dict, nbytes: int, out_dir: Path) -> list[in
     chunks, steps, lanes = bandwidth.shape_for(nbytes)
     func = bandwidth.build_primfunc("bandwidth_read", chunks, steps)
     t = target_json
-    target = parse_target(json.dumps({"kind": t["kind"], "mtriple": t["triple"], "mcpu": t["mcpu"], "mattr": t["mattr"], "num-cores": t["num_cores"]}))
+    target = parse_target(
+        json.dumps({"kind": t["kind"], "mtriple": t["triple"], "mcpu": t["mcpu"], "mattr": t["mattr"], "num-cores": t["num_cores"]})
+    )
     tvm.compile(tvm.IRModule({"bandwidth_read": func}), target=target.tvm_target()).export_library(str(out_dir / BANDWIDTH_FILE))
     return [chunks, steps, lanes]
 
@@ -107,16 +109,30 @@ def run(args: argparse.Namespace, artifact_dir: Path) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         nbytes = stream_bytes(l3_bytes())
         shape = _bandwidth_library(manifest.target, nbytes, Path(tmp))
-        spec = {"model": str(model_dir), "artifact": str(artifact_dir), "tokens": args.tokens, "repeat": args.repeat,
-                "bandwidth": {"library": str(Path(tmp) / BANDWIDTH_FILE), "shape": shape}}
+        spec = {
+            "model": str(model_dir),
+            "artifact": str(artifact_dir),
+            "tokens": args.tokens,
+            "repeat": args.repeat,
+            "bandwidth": {"library": str(Path(tmp) / BANDWIDTH_FILE), "shape": shape},
+        }
         _prepare(spec, formats)
         runs = []
         for fmt in formats:
             for t in threads:
                 print(f"measuring {t} thread{'s' if t > 1 else ''}, {fmt} output layer ...", file=sys.stderr, flush=True)
                 runs.append(_worker_run(spec, t, fmt))
-    report = {"date": _dt.date.today().isoformat(), "cpu": cpu_model(), "model": str(args.model), "artifact": str(artifact_dir),
-              "family": manifest.family, "tokens": args.tokens, "repeat": args.repeat, "seconds": time.perf_counter() - start, "runs": runs}
+    report = {
+        "date": _dt.date.today().isoformat(),
+        "cpu": cpu_model(),
+        "model": str(args.model),
+        "artifact": str(artifact_dir),
+        "family": manifest.family,
+        "tokens": args.tokens,
+        "repeat": args.repeat,
+        "seconds": time.perf_counter() - start,
+        "runs": runs,
+    }
     print(format_report(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -126,16 +142,43 @@ def run(args: argparse.Namespace, artifact_dir: Path) -> int:
 
 
 def format_report(report: dict) -> str:
-    head = ["threads", "output layer", "decode tok/s", "prompt tok/s", "ms/token", "Python ms/token", "peak memory", "MB read/token", "DRAM GB/s", "of limit", "top-1 vs f16"]
+    head = [
+        "threads",
+        "output layer",
+        "decode tok/s",
+        "prompt tok/s",
+        "ms/token",
+        "Python ms/token",
+        "peak memory",
+        "MB read/token",
+        "DRAM GB/s",
+        "of limit",
+        "top-1 vs f16",
+    ]
     rows = []
     for r in report["runs"]:
         agree = f"{100 * r['top1_agreement']:.1f}%" if r.get("top1_agreement") is not None else "-"
-        rows.append([str(r["threads"]), r["format"], f"{r['decode_tok_s']:.1f}", f"{r['prompt_tok_s']:.1f}", f"{1000 / r['decode_tok_s']:.1f}",
-                     f"{1000 * r['python_s_per_token']:.2f}", f"{r['peak_rss_bytes'] / 1e9:.2f} GB", f"{r['bytes_per_token'] / 1e6:.0f}",
-                     f"{r['bandwidth_gb_s']:.1f}", f"{100 * r['fraction_of_limit']:.0f}%", agree])
-    lines = [f"{report['model']} on {report['artifact']} ({report['family']}), {report['cpu']}, {report['date']}; "
-             f"medians of {report['repeat']}, {report['tokens']} tokens decoded / in the prompt",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        rows.append(
+            [
+                str(r["threads"]),
+                r["format"],
+                f"{r['decode_tok_s']:.1f}",
+                f"{r['prompt_tok_s']:.1f}",
+                f"{1000 / r['decode_tok_s']:.1f}",
+                f"{1000 * r['python_s_per_token']:.2f}",
+                f"{r['peak_rss_bytes'] / 1e9:.2f} GB",
+                f"{r['bytes_per_token'] / 1e6:.0f}",
+                f"{r['bandwidth_gb_s']:.1f}",
+                f"{100 * r['fraction_of_limit']:.0f}%",
+                agree,
+            ]
+        )
+    lines = [
+        f"{report['model']} on {report['artifact']} ({report['family']}), {report['cpu']}, {report['date']}; "
+        f"medians of {report['repeat']}, {report['tokens']} tokens decoded / in the prompt",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
 
@@ -237,9 +280,15 @@ def worker(spec: dict) -> dict:
     bytes_per_token = _weight_bytes(model)
     decode_tok_s = float(np.median(decode))
     return {
-        "threads": spec["threads"], "format": spec["format"], "decode_tok_s": decode_tok_s, "prompt_tok_s": float(np.median(prompt_speed)),
-        "python_s_per_token": _python_seconds(model, short, min(n, 32)), "peak_rss_bytes": peak,
-        "bytes_per_token": bytes_per_token, "bandwidth_gb_s": bandwidth, "fraction_of_limit": decode_tok_s * bytes_per_token / (bandwidth * 1e9),
+        "threads": spec["threads"],
+        "format": spec["format"],
+        "decode_tok_s": decode_tok_s,
+        "prompt_tok_s": float(np.median(prompt_speed)),
+        "python_s_per_token": _python_seconds(model, short, min(n, 32)),
+        "peak_rss_bytes": peak,
+        "bytes_per_token": bytes_per_token,
+        "bandwidth_gb_s": bandwidth,
+        "fraction_of_limit": decode_tok_s * bytes_per_token / (bandwidth * 1e9),
         "top1_agreement": agreement,
     }
 

@@ -10,7 +10,7 @@ the GEMV's k-block, the dot2 kernels pad N for both kernels' row blocks.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 from bitnet_runtime import layout, layout_dot2, layout_f16, layout_i8
 from bitnet_runtime.manifest import KernelEntry, LinearEntry, OutputFormat, OutputLayer
@@ -69,7 +69,10 @@ def _dot2_linear(lin: Linear, target: TargetSpec) -> Plan:
     both = {"row_blocks": math.lcm(gemv["row_blocks"], gemm["row_blocks"]), "k_unroll": gemv["k_unroll"]}
     shape = _shape("dot2_gemv", lin, both, target)
     names = {"gemv": f"dot2_gemv_n{lin.n}_k{lin.k}", "gemm": f"dot2_gemm_n{lin.n}_k{lin.k}"}
-    kernels = [KernelEntry(names["gemv"], "dot2_gemv", shape, gemv, gemv_src), KernelEntry(names["gemm"], "dot2_gemm", shape, gemm, gemm_src)]
+    kernels = [
+        KernelEntry(names["gemv"], "dot2_gemv", shape, gemv, gemv_src),
+        KernelEntry(names["gemm"], "dot2_gemm", shape, gemm, gemm_src),
+    ]
     return {"token_tile": gemm["token_tile"]}, names, kernels
 
 
@@ -80,7 +83,10 @@ def _gpu2_linear(lin: Linear, target: TargetSpec) -> Plan:
     rows = math.lcm(layout_dot2.ROWS, gemv["rows_per_block"], gemm["rows_per_block"])
     shape = _shape("gpu2_gemv", lin, {"rows_per_block": rows}, target)
     names = {"gemv": f"gpu2_gemv_n{lin.n}_k{lin.k}", "gemm": f"gpu2_gemm_n{lin.n}_k{lin.k}"}
-    kernels = [KernelEntry(names["gemv"], "gpu2_gemv", shape, gemv, gemv_src), KernelEntry(names["gemm"], "gpu2_gemm", shape, gemm, gemm_src)]
+    kernels = [
+        KernelEntry(names["gemv"], "gpu2_gemv", shape, gemv, gemv_src),
+        KernelEntry(names["gemm"], "gpu2_gemm", shape, gemm, gemm_src),
+    ]
     return {"token_tile": gemm["token_tile"]}, names, kernels
 
 
@@ -160,4 +166,3 @@ def schedule_summary(kernels: list[KernelEntry], target: TargetSpec) -> str:
     rest = [k.name for k in tunable if k not in tuned]
     text = f"schedules: {len(tuned)} of {len(tunable)} tunable kernels tuned (records {path})"
     return text + (f"; defaults for {', '.join(rest)} (no matching record)" if rest else "")
-

@@ -21,13 +21,14 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING
 
-from .errors import UserError
 from .data import SCHEDULES_DIR
+from .errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from .target import TargetSpec
@@ -48,12 +49,12 @@ def _host_identity() -> tuple[str, str, frozenset[str]]:
     return host.triple, host.mcpu, host.features
 
 
-def runs_here(target: "TargetSpec") -> bool:
+def runs_here(target: TargetSpec) -> bool:
     """Whether code for ``target`` is code for this very CPU (so its model name applies)."""
     return (target.triple, target.mcpu, target.features) == _host_identity()
 
 
-def fingerprint(target: "TargetSpec", remote: bool = False) -> dict:
+def fingerprint(target: TargetSpec, remote: bool = False) -> dict:
     from .measure import cpu_model
 
     cpu = "remote" if remote else (cpu_model() if runs_here(target) else "any")
@@ -74,7 +75,7 @@ def path_for(print_: dict, directory: Path | None = None) -> Path:
     return records_dir(directory) / f"{target_key(print_)}.json"
 
 
-def paths_for(target: "TargetSpec", directory: Path | None = None) -> list[Path]:
+def paths_for(target: TargetSpec, directory: Path | None = None) -> list[Path]:
     """The records files that apply to ``target``, preferred first: measured here, then (for
     another machine's target, e.g. arm-neon tuned on the device over RPC) measured remotely."""
     paths = [path_for(fingerprint(target), directory)]
@@ -151,8 +152,15 @@ def compatible_best(record: dict, accept: Callable[[dict], bool]) -> dict | None
 
 
 def lookup(
-    target: "TargetSpec", op: str, version: str, layout: str, n: int, k: int, threads: int,
-    accept: Callable[[dict], bool] = lambda knobs: True, directory: Path | None = None,
+    target: TargetSpec,
+    op: str,
+    version: str,
+    layout: str,
+    n: int,
+    k: int,
+    threads: int,
+    accept: Callable[[dict], bool] = lambda knobs: True,
+    directory: Path | None = None,
 ) -> tuple[dict, str] | None:
     """The record's best knobs that ``accept`` allows (e.g. sharing the GEMV's padding), and a
     description of where they came from; None without a matching record."""  # fmt: skip

@@ -43,7 +43,7 @@ def default_knobs(op: str, isa: str) -> dict:
         raise UserError(f"no schedule defaults for kernel {op!r} on ISA {isa!r} in {DEFAULTS_FILE}") from None
 
 
-def fingerprint(target: "TargetSpec") -> str:
+def fingerprint(target: TargetSpec) -> str:
     """Changes whenever any knob the target's kernels could get does (defaults, or its tuning
     records): part of cached artifacts' keys."""
     tuned = b"".join(p.read_bytes() for p in records.paths_for(target) if p.is_file())

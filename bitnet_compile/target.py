@@ -16,10 +16,10 @@ their host launch code is built for).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from bitnet_compile.data import TARGETS_DIR
 from bitnet_compile.errors import UserError
@@ -119,7 +119,7 @@ class TargetSpec:
     def gpu_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, **({"arch": self.gpu_arch} if self.gpu_arch else {})}
 
-    def tvm_target(self) -> "tvm.target.Target":
+    def tvm_target(self) -> tvm.target.Target:
         """Build the `tvm.target.Target` (imports tvm here so this module imports cheaply)."""
         import tvm
 
@@ -133,7 +133,7 @@ class TargetSpec:
         return sorted(self.features & _ISA_EXTENSIONS)
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "TargetSpec":
+    def from_json(cls, d: Mapping[str, Any]) -> TargetSpec:
         """The inverse of ``to_json`` (a worker process gets its target this way, unparsed)."""
         return cls(
             name=d["name"], kind=d["kind"], arch=d["arch"], triple=d["triple"], mcpu=d["mcpu"], mattr=tuple(d["mattr"]),
@@ -345,7 +345,9 @@ def _resolve_gpu(d: dict[str, Any], name: str, shown: str) -> TargetSpec:
     if d["kind"] == "cuda":
         digits = arch[3:] if isinstance(arch, str) and arch.startswith("sm_") else ""
         if not digits.isdigit() or int(digits) < MIN_CUDA_ARCH:
-            raise _fail(f"CUDA arch {arch!r} in {shown} is not supported: give sm_{MIN_CUDA_ARCH} or newer (dp4a), e.g. sm_80 (A100), sm_90 (H100)")
+            raise _fail(
+                f"CUDA arch {arch!r} in {shown} is not supported: give sm_{MIN_CUDA_ARCH} or newer (dp4a), e.g. sm_80 (A100), sm_90 (H100)"
+            )
     host = kind["host"]
     triple, mcpu = host["mtriple"], host["mcpu"]
     features = _llvm_features(triple, mcpu, [])

@@ -46,7 +46,9 @@ def _cpu_row(preset: dict) -> TargetRow:
     else:
         status = "verified under emulation" if _can_emulate(spec.arch) else f"compile-only (no qemu for {spec.arch})"
     tuned = sum(len(records.read(p)["records"]) for p in records.paths_for(spec) if p.is_file())
-    return TargetRow(preset["name"], f"{spec.arch} ({spec.isa})", features, status, f"{tuned} kernels" if tuned else "none", preset["description"])
+    return TargetRow(
+        preset["name"], f"{spec.arch} ({spec.isa})", features, status, f"{tuned} kernels" if tuned else "none", preset["description"]
+    )
 
 
 def _can_emulate(arch: str) -> bool:

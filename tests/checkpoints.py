@@ -16,7 +16,15 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # transformers' BitLinear is 
 
 import numpy as np
 
-TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=300, max_position_embeddings=128)
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=300,
+    max_position_embeddings=128,
+)
 SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
@@ -51,7 +59,6 @@ def _random_state(model_cls, config, seed: int) -> dict:
 
 
 def _absmean(weight):
-    torch = _torch()
     w = weight.float()
     scale = 1.0 / w.abs().mean().clamp(min=1e-5)
     return (w * scale).round().clamp(-1, 1), scale
@@ -95,11 +102,16 @@ def _save(model_dir: Path, state: dict, config: dict, shards: int = 1) -> Path:
     return model_dir
 
 
-def bitnet(model_dir: Path, seed: int = 0, mode: str = "offline", linear_class: str = "autobitlinear", shards: int = 1, **overrides) -> Path:
+def bitnet(
+    model_dir: Path, seed: int = 0, mode: str = "offline", linear_class: str = "autobitlinear", shards: int = 1, **overrides
+) -> Path:
     """microsoft/bitnet-b1.58-2B-4T (mode offline: packed) or its -bf16 variant (online)."""
     from transformers import BitNetConfig, BitNetForCausalLM
 
-    fields = dict(TINY, hidden_act="relu2", tie_word_embeddings=True, rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=1, rope_theta=500000.0) | overrides
+    fields = (
+        dict(TINY, hidden_act="relu2", tie_word_embeddings=True, rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=1, rope_theta=500000.0)
+        | overrides
+    )
     state = _random_state(BitNetForCausalLM, BitNetConfig(**fields), seed)
     if fields.get("tie_word_embeddings"):
         state.pop("lm_head.weight", None)
@@ -123,7 +135,9 @@ def llama_bitlinear(model_dir: Path, seed: int = 0, use_rms_norm: bool = False, 
         quant |= {"use_rms_norm": True, "rms_norm_eps": 1e-5}
         gen = torch.Generator().manual_seed(seed + 2)
         for name in [n for n in state if n.endswith("_proj.weight")]:
-            state[name.replace(".weight", ".rms_norm.weight")] = (1 + 0.2 * torch.randn(state[name].shape[1], generator=gen)).to(torch.bfloat16)
+            state[name.replace(".weight", ".rms_norm.weight")] = (1 + 0.2 * torch.randn(state[name].shape[1], generator=gen)).to(
+                torch.bfloat16
+            )
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **fields, "quantization_config": quant}
     return _save(model_dir, state, config)
 
@@ -136,7 +150,9 @@ def onebit_llm(model_dir: Path, seed: int = 0) -> Path:
 
     fields = dict(TINY, hidden_act="silu", tie_word_embeddings=False, rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=1, rope_theta=10000.0)
     state = _random_state(BitNetForCausalLM, BitNetConfig(**fields), seed)
-    renamed = {k.replace("attn_sub_norm", "inner_attn_ln").replace("ffn_sub_norm", "ffn_layernorm"): v.to(torch.float16) for k, v in state.items()}
+    renamed = {
+        k.replace("attn_sub_norm", "inner_attn_ln").replace("ffn_sub_norm", "ffn_layernorm"): v.to(torch.float16) for k, v in state.items()
+    }
     config = {"architectures": ["BitnetForCausalLM"], "model_type": "llama", **fields, "weight_bits": 1, "input_bits": 8}
     return _save(model_dir, renamed, config)
 
@@ -164,13 +180,20 @@ def tokenizer(model_dir: Path, vocab_size: int = TINY["vocab_size"]) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
     text = ["the quick brown fox jumps over the lazy dog", "hello world, ternary weights are small", "tok tok tok"] * 20
     tok.train_from_iterator(text, trainer)
     bos = tok.token_to_id(SPECIAL[0])
     tok.post_processor = processors.TemplateProcessing(single=f"{SPECIAL[0]} $A", special_tokens=[(SPECIAL[0], bos)])
     tok.save(str(model_dir / "tokenizer.json"))
-    config = {"bos_token": SPECIAL[0], "eos_token": SPECIAL[1], "chat_template": CHAT_TEMPLATE, "tokenizer_class": "PreTrainedTokenizerFast"}
+    config = {
+        "bos_token": SPECIAL[0],
+        "eos_token": SPECIAL[1],
+        "chat_template": CHAT_TEMPLATE,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
     (model_dir / "tokenizer_config.json").write_text(json.dumps(config))
     return model_dir
 
@@ -198,5 +221,13 @@ def reference_greedy(model, ids: list[int], new_tokens: int) -> list[int]:
     torch = _torch()
     with torch.no_grad():
         prompt = torch.tensor([ids])  # an explicit mask: generate would take BOS (id 0 = pad here) for padding
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
-    return out[0, len(ids):].tolist()
+        out = model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return out[0, len(ids) :].tolist()

@@ -30,10 +30,7 @@ ISA_HOST_FLAGS = {"avx2": {"avx2"}, "avx512": {"avx512f", "avx512bw"}}
 
 def isa_params() -> list:
     """One pytest param per kernel ISA, skipped where this CPU cannot run it."""
-    return [
-        pytest.param(isa, marks=pytest.mark.skipif(not ISA_HOST_FLAGS[isa] <= HOST, reason=f"host lacks {isa}"))
-        for isa in ISA_PRESETS
-    ]
+    return [pytest.param(isa, marks=pytest.mark.skipif(not ISA_HOST_FLAGS[isa] <= HOST, reason=f"host lacks {isa}")) for isa in ISA_PRESETS]
 
 
 def compile_module(funcs: dict, isa: str, preset: str | None = None):
@@ -60,6 +57,4 @@ BLOCK_TVM = (
 def run_without_tvm(code: str, threads: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run Python code in a fresh interpreter in which ``import tvm`` fails."""
     env = dict(os.environ, TVM_NUM_THREADS=str(threads))
-    return subprocess.run(
-        [sys.executable, "-c", BLOCK_TVM + code], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO
-    )
+    return subprocess.run([sys.executable, "-c", BLOCK_TVM + code], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)

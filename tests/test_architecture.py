@@ -10,7 +10,6 @@ import sys
 
 import grimp
 import pytest
-
 from conftest import REPO
 
 PACKAGES = ("bitnet_compile", "bitnet_runtime")
@@ -93,6 +92,16 @@ def test_a_plain_compile_never_imports_the_tuner(tmp_path, family):
         "loaded = sorted(m for m in sys.modules if m.startswith('bitnet_compile.tuning') or m == 'optuna')\n"
         "assert not loaded, loaded\n"
     )
-    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "art"), family], capture_output=True, text=True, cwd=REPO, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "art"), family], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "art" / "manifest.json").is_file()
+
+
+def test_the_tree_is_ruff_clean():
+    """pyproject.toml's ruff configuration holds for the whole tree: lint and format."""
+    ruff = shutil.which("ruff") or str(REPO / ".venv" / "bin" / "ruff")
+    for args in (["check", "."], ["format", "--check", "."]):
+        done = subprocess.run([ruff, *args], capture_output=True, text=True, cwd=REPO, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr

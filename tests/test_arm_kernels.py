@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_kernels import MATMUL_SHAPES
 
 from bitnet_compile import artifact, cross
 from bitnet_compile.errors import UserError
@@ -19,8 +20,6 @@ from bitnet_compile.target import parse_target
 from bitnet_runtime.manifest import read_manifest
 from bitnet_runtime.memory import aligned_zeros
 from bitnet_runtime.verify import verify
-
-from test_kernels import MATMUL_SHAPES
 
 TOOLS = ("aarch64-linux-gnu-gcc", "qemu-aarch64-static", "aarch64-linux-gnu-objdump")
 MISSING = [t for t in TOOLS if shutil.which(t) is None]
@@ -67,7 +66,9 @@ def test_neon_prefers_lut_and_offers_dot2(arm_artifact: Path, arm_dot2_artifact:
     assert read_manifest(arm_artifact).family == "lut"
     manifest = read_manifest(arm_dot2_artifact)
     assert manifest.family == "dot2" and {k.op for k in manifest.kernels} == {"quantize", "dot2_gemv", "dot2_gemm", "dequantize"}
-    asm = subprocess.run(["aarch64-linux-gnu-objdump", "-d", str(arm_dot2_artifact / "kernels.so")], capture_output=True, text=True, check=True).stdout
+    asm = subprocess.run(
+        ["aarch64-linux-gnu-objdump", "-d", str(arm_dot2_artifact / "kernels.so")], capture_output=True, text=True, check=True
+    ).stdout
     assert asm.count("\tsdot\t") >= 16 and "\ttbl\t" not in asm
 
 

@@ -9,6 +9,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from conftest import run_without_tvm
 
 from bitnet_compile import artifact
 from bitnet_compile.families import FAMILIES
@@ -18,8 +19,6 @@ from bitnet_runtime import cpu
 from bitnet_runtime.artifact import Artifact
 from bitnet_runtime.errors import UserError
 from bitnet_runtime.manifest import FORMAT_VERSION, file_sha256, read_manifest
-
-from conftest import run_without_tvm
 
 LINEARS = [Linear("a", 100, 36), Linear("b", 256, 512), Linear("c", 130, 1000)]
 NATIVE = parse_target("llvm -mcpu=native")

@@ -8,13 +8,12 @@ import json
 
 import numpy as np
 import pytest
+from conftest import HOST, compile_module
 
 from bitnet_compile import bench
 from bitnet_compile.errors import UserError
 from bitnet_compile.ops import bandwidth, int8_matmul
 from bitnet_runtime.memory import aligned_copy, aligned_zeros
-
-from conftest import HOST, compile_module
 
 NATIVE_ISA = "avx512" if {"avx512f", "avx512bw"} <= HOST else "avx2"
 pytestmark = pytest.mark.skipif("avx2" not in HOST, reason="bench kernels are compiled for an x86 host with AVX2")

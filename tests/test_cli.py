@@ -7,10 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO, run_without_tvm
 
 from bitnet_runtime.manifest import read_manifest
-
-from conftest import REPO, run_without_tvm
 
 
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -65,7 +64,14 @@ def test_model_config_json_gives_its_linears(tmp_path):
     from bitnet_compile import models
 
     cfg = tmp_path / "config.json"
-    fields = {"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 1, "vocab_size": 100}
+    fields = {
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_hidden_layers": 1,
+        "vocab_size": 100,
+    }
     cfg.write_text(json.dumps({"model_type": "bitnet", "quantization_config": {"quant_method": "bitnet"}, **fields}))
     shapes = [(lin.name, lin.n, lin.k) for lin in models.resolve(str(tmp_path)).linears()]
     assert shapes == [("qkv", 128, 64), ("o", 64, 64), ("gate_up", 192, 64), ("down", 64, 96)]

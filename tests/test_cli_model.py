@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
 
@@ -53,12 +52,15 @@ def test_chat_reads_turns_from_stdin(env, model):
     assert result.stderr.count("generated") == 2
 
 
-@pytest.mark.parametrize("args,message", [
-    (["run", "-m", "/no/such/dir", "-p", "x"], "/no/such/dir"),
-    (["run", "-m", "{model}", "-p", "x", "--temp", "-1"], "temperature"),
-    (["run", "-m", "{model}", "-p", "x y z", "-c", "2"], "context holds only 2"),
-    (["dummy", "nope", "-o", "/tmp/x"], "preset"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["run", "-m", "/no/such/dir", "-p", "x"], "/no/such/dir"),
+        (["run", "-m", "{model}", "-p", "x", "--temp", "-1"], "temperature"),
+        (["run", "-m", "{model}", "-p", "x y z", "-c", "2"], "context holds only 2"),
+        (["dummy", "nope", "-o", "/tmp/x"], "preset"),
+    ],
+)
 def test_user_mistakes_are_one_line_errors(env, model, args, message):
     result = cli(env, *[a.format(model=model) for a in args])
     assert result.returncode == 2, result.stderr

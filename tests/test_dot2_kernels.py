@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import HOST, compile_module
 
 from bitnet_compile.errors import UserError
 from bitnet_compile.ops import dot2_matmul
 from bitnet_runtime import layout_dot2, reference
 from bitnet_runtime.memory import aligned_copy
-
-from conftest import HOST, compile_module
 
 pytestmark = pytest.mark.skipif(not {"avx512bw", "avx512_vnni"} <= HOST, reason="host lacks AVX-512 VNNI")
 

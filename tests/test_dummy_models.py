@@ -17,8 +17,7 @@ from bitnet_compile import dummy_models as dm
 from bitnet_compile.errors import UserError
 
 TINY = dm.PRESETS["tiny"]
-PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
 def _torch():
@@ -40,8 +39,15 @@ def expected_tiny() -> dict[str, tuple[str, tuple[int, ...]]]:
     """Names, dtypes and shapes of the tiny preset, written out by hand."""
     h, f, q, kv, vocab = 64, 128, 4 * 16, 2 * 16, 512
     out = {"model.embed_tokens.weight": ("BF16", (vocab, h)), "model.norm.weight": ("BF16", (h,))}
-    dims = {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
-            "gate_proj": (f, h), "up_proj": (f, h), "down_proj": (h, f)}
+    dims = {
+        "q_proj": (q, h),
+        "k_proj": (kv, h),
+        "v_proj": (kv, h),
+        "o_proj": (h, q),
+        "gate_proj": (f, h),
+        "up_proj": (f, h),
+        "down_proj": (h, f),
+    }
     for i in range(2):
         pre = f"model.layers.{i}."
         out[pre + "input_layernorm.weight"] = ("BF16", (h,))
@@ -70,21 +76,36 @@ def _load(path: Path) -> dict[str, bytes]:
     """Each tensor's stored bytes, found through the header (numpy cannot hold bfloat16)."""
     n, header = _header(path)
     header.pop("__metadata__", None)
-    data = path.read_bytes()[8 + n:]
-    return {name: data[e["data_offsets"][0]:e["data_offsets"][1]] for name, e in header.items()}
+    data = path.read_bytes()[8 + n :]
+    return {name: data[e["data_offsets"][0] : e["data_offsets"][1]] for name, e in header.items()}
 
 
 def test_presets_are_data_with_sources():
-    assert {"tiny", "125m", "350m", "1b", "1.5b", "2.7b", "3.8b", "7b", "13b", "30b", "70b", "100b",
-            "2b-4t", "large"} <= set(dm.PRESETS)
+    assert {"tiny", "125m", "350m", "1b", "1.5b", "2.7b", "3.8b", "7b", "13b", "30b", "70b", "100b", "2b-4t", "large"} <= set(dm.PRESETS)
     p = dm.PRESETS["2b-4t"]
-    assert (p.hidden_size, p.num_hidden_layers, p.num_attention_heads, p.num_key_value_heads, p.head_dim,
-            p.intermediate_size, p.vocab_size, p.hidden_act, p.rope_theta, p.rms_norm_eps,
-            p.tie_word_embeddings, p.max_position_embeddings) == (
-        2560, 30, 20, 5, 128, 6912, 128256, "relu2", 500000.0, 1e-5, True, 4096)
+    assert (
+        p.hidden_size,
+        p.num_hidden_layers,
+        p.num_attention_heads,
+        p.num_key_value_heads,
+        p.head_dim,
+        p.intermediate_size,
+        p.vocab_size,
+        p.hidden_act,
+        p.rope_theta,
+        p.rms_norm_eps,
+        p.tie_word_embeddings,
+        p.max_position_embeddings,
+    ) == (2560, 30, 20, 5, 128, 6912, 128256, "relu2", 500000.0, 1e-5, True, 4096)
     large = dm.PRESETS["large"]
-    assert (large.hidden_size, large.num_hidden_layers, large.num_attention_heads, large.num_key_value_heads,
-            large.intermediate_size, large.vocab_size) == (1536, 24, 16, 16, 4096, 32002)
+    assert (
+        large.hidden_size,
+        large.num_hidden_layers,
+        large.num_attention_heads,
+        large.num_key_value_heads,
+        large.intermediate_size,
+        large.vocab_size,
+    ) == (1536, 24, 16, 16, 4096, 32002)
     big = dm.PRESETS["100b"]
     assert (big.hidden_size, big.intermediate_size, big.num_hidden_layers, big.num_attention_heads) == (8192, 45568, 72, 64)
     assert all(p.source for p in dm.PRESETS.values())
@@ -115,12 +136,16 @@ def test_tiny_has_exactly_the_expected_tensors(tiny_dir):
             t = f.get_tensor(name)
             assert t.dtype == dtypes[dtype] and tuple(t.shape) == shape, name
     assert sorted(p.name for p in tiny_dir.iterdir()) == [
-        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     cfg = json.loads((tiny_dir / "config.json").read_text())
     assert cfg["architectures"] == ["BitNetForCausalLM"] and cfg["model_type"] == "bitnet"
     assert cfg["hidden_act"] == "relu2" and cfg["num_hidden_layers"] == 2 and cfg["num_key_value_heads"] == 2
-    assert cfg["quantization_config"] == {"quant_method": "bitnet", "linear_class": "autobitlinear",
-                                          "quantization_mode": "offline"}
+    assert cfg["quantization_config"] == {"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "offline"}
 
 
 def test_values_are_the_seeded_ternary_weights_packed_like_transformers(tiny_dir):
@@ -160,8 +185,9 @@ def test_transformers_loads_and_runs_it(tiny_dir):
         assert type(module).__name__ == "AutoBitLinear"
         assert np.array_equal(module.weight.detach().float().numpy(), dm.reference_tensor("tiny", name, seed=7))
         assert module.weight_scale.float().item() == dm.reference_tensor("tiny", name + "_scale", seed=7)[0]
-    assert np.array_equal(model.model.embed_tokens.weight.detach().float().numpy(),
-                          dm.reference_tensor("tiny", "model.embed_tokens.weight", seed=7))
+    assert np.array_equal(
+        model.model.embed_tokens.weight.detach().float().numpy(), dm.reference_tensor("tiny", "model.embed_tokens.weight", seed=7)
+    )
     model = model.to(torch.float32)  # embedding and norms stay bf16 as stored; .float() is refused
     ids = torch.tensor([[502, 72, 101, 108]])
     with torch.no_grad():
@@ -182,9 +208,11 @@ def test_tokenizer_and_chat_template(tiny_dir):
     assert tok.decode(enc, skip_special_tokens=True) == text
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
     rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert rendered == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
-                        "<|start_header_id|>user<|end_header_id|>\n\nHi!<|eot_id|>"
-                        "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert rendered == (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nHi!<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
     chat = tok.apply_chat_template(messages, add_generation_prompt=True)
     chat = chat["input_ids"] if not isinstance(chat, list) else chat
     assert chat[0] == 502 and chat.count(502) == 1 and chat.count(511) == 2
@@ -193,16 +221,19 @@ def test_tokenizer_and_chat_template(tiny_dir):
 
 
 def test_llama3_special_ids_for_the_2b4t_vocabulary():
-    assert dm.special_token_ids(128256) == {"<|begin_of_text|>": 128000, "<|end_of_text|>": 128001,
-                                            "<|start_header_id|>": 128006, "<|end_header_id|>": 128007,
-                                            "<|eot_id|>": 128009}
+    assert dm.special_token_ids(128256) == {
+        "<|begin_of_text|>": 128000,
+        "<|end_of_text|>": 128001,
+        "<|start_header_id|>": 128006,
+        "<|end_header_id|>": 128007,
+        "<|eot_id|>": 128009,
+    }
     tok = dm.build_tokenizer(128256)
     assert tok.get_vocab_size(with_added_tokens=True) == 128256
     assert tok.id_to_token(128255) == "<|reserved_special_token_250|>"
     assert tok.decode(tok.encode("any text, ünïcode 😀").ids, skip_special_tokens=True) == "any text, ünïcode 😀"
     cfg = dm.model_config(dm.PRESETS["2b-4t"])
-    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["rope_theta"], cfg["max_position_embeddings"]) == (
-        128000, 128001, 500000.0, 4096)
+    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["rope_theta"], cfg["max_position_embeddings"]) == (128000, 128001, 500000.0, 4096)
 
 
 def test_seeded_reproducible_and_layers_override(tiny_dir, tmp_path):
@@ -254,8 +285,10 @@ def test_sharded_output_has_a_correct_index(tiny_dir, tmp_path):
     torch = _torch()
     transformers = _transformers()
     model = transformers.BitNetForCausalLM.from_pretrained(out, dtype=torch.float32)
-    assert np.array_equal(model.model.layers[1].mlp.down_proj.weight.detach().numpy(),
-                          dm.reference_tensor("tiny", "model.layers.1.mlp.down_proj.weight", seed=7))
+    assert np.array_equal(
+        model.model.layers[1].mlp.down_proj.weight.detach().numpy(),
+        dm.reference_tensor("tiny", "model.layers.1.mlp.down_proj.weight", seed=7),
+    )
     # rewriting unsharded into the same directory removes the shards and the index
     dm.write_dummy_model("tiny", out, seed=7, progress=False)
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in tiny_dir.iterdir())

@@ -136,7 +136,7 @@ def test_verify_check_of_the_gpu_matmul_through_device_buffers(gemv: bool) -> No
         function = gpu.DeviceFunction(mod["m"], tvm_ffi.device("cpu", 0))
         kernel = Kernel("m", "gpu2_gemv" if gemv else "gpu2_gemm", shape, full, function)
         assert verify.check_gpu2_matmul(kernel, rng), (n, k)
-        wrong = Kernel("m", kernel.op, shape, full, lambda *a: (function(*a), a[-1].__setitem__((0,) * a[-1].ndim, 7)))
+        wrong = Kernel("m", kernel.op, shape, full, lambda *a, function=function: (function(*a), a[-1].__setitem__((0,) * a[-1].ndim, 7)))
         assert not verify.check_gpu2_matmul(wrong, rng)
 
 

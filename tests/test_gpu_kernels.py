@@ -144,7 +144,9 @@ def test_nvcc_compiles_cuda_source(cuda_source, tmp_path):
     (tmp_path / "k.cu").write_text(cuda_source)
     run = subprocess.run(
         ["nvcc", "--fatbin", "-arch=sm_80", "-O3", "-o", str(tmp_path / "k.fatbin"), str(tmp_path / "k.cu")],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "k.fatbin").read_bytes()[:4] == b"\x50\xed\x55\xba"  # fatbin magic

@@ -8,14 +8,13 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import REPO, compile_module, isa_params
 
+from bitnet_compile.errors import UserError
 from bitnet_compile.intrinsics.lut_shuffle import VECTOR_ISAS
 from bitnet_compile.ops import act_quant, dequant, lut_matmul, lut_table
-from bitnet_compile.errors import UserError
 from bitnet_runtime import layout, reference
 from bitnet_runtime.memory import aligned_copy, aligned_zeros
-
-from conftest import REPO, compile_module, isa_params
 
 # (N, K): tiny, odd in both dimensions, not multiples of 4 or of a row block, and K = 16384
 # where int16 accumulation would overflow if a k-block were not widened in time.
@@ -172,7 +171,6 @@ def test_intrinsics_are_parsed_only_when_a_schedule_needs_them():
     seconds slower; a fresh process must parse none until it tensorizes, then just that one."""
     done = subprocess.run([sys.executable, "-c", _LAZY_INTRINSICS], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr
-
 
 
 def _zero_knob_cases():

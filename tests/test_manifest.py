@@ -9,14 +9,21 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from bitnet_runtime.__main__ import main
 from bitnet_runtime.errors import UserError
 from bitnet_runtime.manifest import (
-    MANIFEST_FILE, Device, FileEntry, KernelEntry, LinearEntry, Manifest, OutputFormat, OutputLayer, read_manifest,
+    MANIFEST_FILE,
+    Device,
+    FileEntry,
+    KernelEntry,
+    LinearEntry,
+    Manifest,
+    OutputFormat,
+    OutputLayer,
+    read_manifest,
 )
-
-from conftest import REPO
 
 
 def _manifest() -> Manifest:
@@ -37,10 +44,14 @@ def _manifest() -> Manifest:
             KernelEntry("i8_gemv_n300_k64", "i8_gemv", {"n": 300, "k": 64, "n_padded": 320, "k_padded": 64, "variant": "avx2"}),
         ),
         linears=(LinearEntry("l100", 100, 36, 128, 48, "dot2-v1", {"token_tile": 8}, {"gemv": "gpu2_gemv_n100_k36"}),),
-        output_layer=OutputLayer(300, 64, {
-            "f16": OutputFormat("f16-tiles-v1", {"gemv": "f16_gemv_n300_k64"}),
-            "i8": OutputFormat("i8-tiles-v1", {"gemv": "i8_gemv_n300_k64"}, 320, 64),
-        }),
+        output_layer=OutputLayer(
+            300,
+            64,
+            {
+                "f16": OutputFormat("f16-tiles-v1", {"gemv": "f16_gemv_n300_k64"}),
+                "i8": OutputFormat("i8-tiles-v1", {"gemv": "i8_gemv_n300_k64"}, 320, 64),
+            },
+        ),
         device_libraries=(FileEntry("libcudart.so.13", "ef" * 32),),
         sources=(FileEntry("kernels.cu", "01" * 32),),
         device=Device("cuda", "fatbin", {"gpu2_gemv_n100_k36": {"grid": [8, 1, 1], "threads": [32, 16, 1]}}, arch="sm_80"),
@@ -75,7 +86,9 @@ def _write(directory: Path, edit) -> Path:
 def test_old_manifest_asks_for_a_rebuild(tmp_path: Path, edit) -> None:
     """Through the device's command line: exit 2, one line naming the command, no traceback."""
     _write(tmp_path, edit)
-    done = subprocess.run([sys.executable, "-m", "bitnet_runtime", "verify", str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=REPO)
+    done = subprocess.run(
+        [sys.executable, "-m", "bitnet_runtime", "verify", str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: ")
     assert "format version" in done.stderr and "rebuild it with bitnet-compile" in done.stderr

@@ -21,7 +21,13 @@ from bitnet_compile import models  # noqa: E402
 from bitnet_compile.artifact import build  # noqa: E402
 from bitnet_compile.target import parse_target  # noqa: E402
 
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
 FORMATS = {
     "bitnet-packed": lambda d: C.bitnet(d),  # microsoft/bitnet-b1.58-2B-4T
     "bitnet-bf16-online": lambda d: C.bitnet(d, mode="online"),  # microsoft/bitnet-b1.58-2B-4T-bf16
@@ -57,7 +63,9 @@ def artifact_dir(zoo, tmp_path_factory) -> Path:
     shapes = [models.from_model_dir(d) for d in zoo.values()]
     linears = {(lin.n, lin.k): lin for s in shapes for lin in s.linears()}
     out = tmp_path_factory.mktemp("artifact")
-    build(parse_target("llvm -mcpu=native"), list(linears.values()), out, model_name="zoo", output_layer=(shapes[0].vocab, shapes[0].hidden))
+    build(
+        parse_target("llvm -mcpu=native"), list(linears.values()), out, model_name="zoo", output_layer=(shapes[0].vocab, shapes[0].hidden)
+    )
     return out
 
 
@@ -203,13 +211,16 @@ def test_invalid_packed_value(zoo, tmp_path):
         checkpoint.unpack_rows(np.full((2, 4), 0xFF, np.uint8), 8)
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}, "unsupported architecture"),
-    ({"hidden_act": "gelu"}, "unsupported hidden_act"),
-    ({"quantization_config": {"quant_method": "gptq"}}, "unsupported quant_method"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "unsupported rope scaling"),
-    ({"num_key_value_heads": 3}, "inconsistent sizes"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}, "unsupported architecture"),
+        ({"hidden_act": "gelu"}, "unsupported hidden_act"),
+        ({"quantization_config": {"quant_method": "gptq"}}, "unsupported quant_method"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "unsupported rope scaling"),
+        ({"num_key_value_heads": 3}, "inconsistent sizes"),
+    ],
+)
 def test_unsupported_configs(zoo, artifact_dir, tmp_path, change, message):
     d = _copy(zoo, tmp_path)
     _edit_json(d / "config.json", **change)
@@ -250,7 +261,21 @@ def test_hub_id_from_the_cache_offline(zoo, artifact_dir, tmp_path):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0" * 40)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
-    cmd = [sys.executable, "-m", "bitnet_compile.cli", "run", "-m", "someone/bitnet-model", "-a", str(artifact_dir), "-p", "hello", "-n", "4", "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bitnet_compile.cli",
+        "run",
+        "-m",
+        "someone/bitnet-model",
+        "-a",
+        str(artifact_dir),
+        "-p",
+        "hello",
+        "-n",
+        "4",
+        "--json",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     assert len(json.loads(result.stdout)["ids"]) == 4

@@ -8,6 +8,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from conftest import HOST, compile_module, isa_params
 
 from bitnet_compile import schedule_db
 from bitnet_compile.ops import f16_gemv, i8_gemv
@@ -15,8 +16,6 @@ from bitnet_runtime import layout_f16, layout_i8, reference, verify
 from bitnet_runtime.artifact import Kernel
 from bitnet_runtime.errors import UserError
 from bitnet_runtime.memory import is_aligned
-
-from conftest import HOST, compile_module, isa_params
 
 # every N and K the brief names, each at least once, plus a K that is not a multiple of 4
 I8_DEFAULT = i8_gemv.I8Knobs(**schedule_db.default_knobs("i8_gemv", "avx512"))

@@ -8,14 +8,13 @@ import dataclasses
 
 import numpy as np
 import pytest
+from conftest import HOST, ISA_HOST_FLAGS, ISA_PRESETS
 
 from bitnet_compile import schedule_db
 from bitnet_compile.errors import UserError
 from bitnet_compile.ops import registry
 from bitnet_compile.ops.operator import knobs_of
 from bitnet_runtime.layout import round_up
-
-from conftest import ISA_HOST_FLAGS, HOST, ISA_PRESETS
 
 SHAPES = [(1, 4), (31, 7), (65, 131), (200, 300), (640, 2560)]
 CASE_TOKENS = 5  # an odd prompt: GEMMs pad it to whole token tiles

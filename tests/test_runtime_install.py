@@ -8,13 +8,12 @@ import subprocess
 import venv
 
 import pytest
+from conftest import REPO
 
 from bitnet_compile import artifact
 from bitnet_compile.models import Linear
 from bitnet_compile.target import parse_target
 from bitnet_runtime.manifest import read_manifest
-
-from conftest import REPO
 
 
 @pytest.fixture(scope="module")

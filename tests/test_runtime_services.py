@@ -7,10 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import HOST, run_without_tvm
 
 from bitnet_runtime import cpu
-
-from conftest import HOST, run_without_tvm
 
 ROWS, COLS = 64, 128
 
@@ -166,10 +165,7 @@ CPUINFO_X86 = (
     "processor\t: 0\nflags\t\t: fpu sse sse2 pni ssse3 sse4_1 sse4_2 avx avx2 fma f16c bmi1 abm "
     "avx512f avx512bw avx512vl avx512_vnni avx512vbmi avx_vnni hypervisor\n"
 )
-CPUINFO_ARM = (
-    "processor\t: 0\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp "
-    "asimddp i8mm sve sve2\n"
-)
+CPUINFO_ARM = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp asimddp i8mm sve sve2\n"
 
 
 def test_cpuinfo_flags_become_llvm_names() -> None:
@@ -193,10 +189,7 @@ def test_macos_sysctl_output_becomes_llvm_names() -> None:
         "sse", "sse2", "sse3", "ssse3", "sse4.1", "sse4.2", "avx", "fma", "f16c", "bmi", "avx2",
         "bmi2", "avx512f", "avx512bw", "avx512vnni",
     }  # fmt: skip
-    apple = (
-        "hw.optional.neon: 1\nhw.optional.arm.FEAT_DotProd: 1\n"
-        "hw.optional.arm.FEAT_I8MM: 1\nhw.optional.arm.FEAT_SME: 0\n"
-    )
+    apple = "hw.optional.neon: 1\nhw.optional.arm.FEAT_DotProd: 1\nhw.optional.arm.FEAT_I8MM: 1\nhw.optional.arm.FEAT_SME: 0\n"
     assert cpu.to_llvm_features(cpu.parse_sysctl(apple), "aarch64") == {"neon", "dotprod", "i8mm"}
 
 

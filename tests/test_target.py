@@ -63,9 +63,7 @@ def test_native_resolves_to_host_cpu(text: str) -> None:
 
 
 def test_classic_syntax_with_mattr() -> None:
-    spec = parse_target(
-        "llvm -mcpu=skylake-avx512 -mtriple=x86_64-linux-gnu -mattr=+avx512vnni,-avx512bw -num-cores=4"
-    )
+    spec = parse_target("llvm -mcpu=skylake-avx512 -mtriple=x86_64-linux-gnu -mattr=+avx512vnni,-avx512bw -num-cores=4")
     assert (spec.name, spec.mcpu, spec.triple, spec.num_cores) == ("custom", "skylake-avx512", "x86_64-linux-gnu", 4)
     assert spec.mattr == ("+avx512vnni", "-avx512bw")
     assert "avx512vnni" in spec.features and "avx512bw" not in spec.features
@@ -91,9 +89,7 @@ def test_minus_avx512f_on_avx512_cpu_gives_avx2() -> None:
 
 
 def test_json_form_and_round_trip() -> None:
-    text = json.dumps(
-        {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4", "mattr": ["-avx512vbmi"], "num-cores": 2}
-    )
+    text = json.dumps({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4", "mattr": ["-avx512vbmi"], "num-cores": 2})
     spec = parse_target(text)
     assert (spec.mcpu, spec.isa, spec.num_cores) == ("znver4", "avx512", 2)
     assert "avx512vnni" in spec.features and "avx512vbmi" not in spec.features

@@ -64,9 +64,7 @@ def llama3_dir(tmp_path_factory) -> Path:
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS, trainer)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{SPECIALS[BOS]} $A",
@@ -104,12 +102,8 @@ def llama2_dir(tmp_path_factory) -> Path:
     tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tok.add_special_tokens([AddedToken(s, normalized=False, special=True) for s in ("<unk>", "<s>", "</s>")])
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tok.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
-    )
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
-    )
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
     tok.save(str(root / "tokenizer.json"))
     _write_json(
         root / "tokenizer_config.json",
@@ -195,9 +189,7 @@ def test_stop_ids_hold_every_eos_and_end_of_turn(llama3, llama2, llama2_dir, tmp
 
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 def test_render_chat_matches_transformers(llama3, reference, add_generation_prompt):
-    expected = reference["llama3"].apply_chat_template(
-        CONVERSATION, tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+    expected = reference["llama3"].apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=add_generation_prompt)
     rendered = llama3.render_chat(CONVERSATION, add_generation_prompt=add_generation_prompt)
     assert rendered == expected
     assert rendered.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are terse.")
@@ -247,9 +239,7 @@ def test_seed_makes_sampling_reproducible():
     assert other != draws[0]
 
 
-@pytest.mark.parametrize(
-    "params", [SamplingParams(temperature=1.5, top_k=1), SamplingParams(temperature=1.5, top_p=1e-6)]
-)
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.5, top_k=1), SamplingParams(temperature=1.5, top_p=1e-6)])
 def test_single_token_filters_are_greedy(params):
     sampler = Sampler(params)
     for seed in range(20):

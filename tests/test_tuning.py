@@ -19,14 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import HOST
 
-from bitnet_compile.families import FAMILIES
 from bitnet_compile import records
+from bitnet_compile.families import FAMILIES
 from bitnet_compile.ops import registry
 from bitnet_compile.ops.space import Constraint, SearchSpace
 from bitnet_runtime.manifest import read_manifest
-
-from conftest import HOST
 
 TESTS = Path(__file__).resolve().parent
 VNNI = pytest.mark.skipif(not {"avx512bw", "avx512_vnni"} <= HOST, reason="host lacks AVX-512 VNNI")
@@ -133,8 +132,8 @@ class _ScriptedWorker:
 
 def _scripted_study(tmp_path: Path, rounds, trials: int = 6) -> dict:
     import optuna
-
     import tuning_plugin  # noqa: F401 - registers toy_grid
+
     from bitnet_compile.target import parse_target
     from bitnet_compile.tuning.study import Study, StudySpec, run_study
 

@@ -12,8 +12,8 @@ import tvm
 from tvm import te
 
 from bitnet_compile.ops import registry
-from bitnet_compile.ops.operator import Operator
 from bitnet_compile.ops.case import Case, exact
+from bitnet_compile.ops.operator import Operator
 from bitnet_compile.ops.space import Constraint, SearchSpace
 
 

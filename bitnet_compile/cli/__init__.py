@@ -26,7 +26,8 @@ import os
 import sys
 from types import ModuleType
 
-from ..errors import UserError
+from bitnet_runtime.errors import exit_status
+
 from . import bench, bench_kernels, compile, dummy, schedules, targets, text, tune, verify
 
 # Subcommand -> its module, in --help order; "run" and "chat" share one module (and one add()).
@@ -45,7 +46,9 @@ COMMANDS: dict[str, ModuleType] = {
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bitnet-compile", description="Compile ternary (BitNet b1.58) kernels with TVM, and run models on them.")
+    p = argparse.ArgumentParser(
+        prog="bitnet-compile", description="Compile ternary (BitNet b1.58) kernels with TVM, and run models on them."
+    )
     sub = p.add_subparsers(dest="command", required=True)
     for module in dict.fromkeys(COMMANDS.values()):
         module.add(sub)
@@ -64,11 +67,4 @@ def main(argv: list[str] | None = None) -> int:
         from ..records import RECORDS_ENV
 
         os.environ[RECORDS_ENV] = str(args.records.resolve())
-    try:
-        return COMMANDS[args.command].run(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return exit_status(lambda: COMMANDS[args.command].run(args))

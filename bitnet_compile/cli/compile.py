@@ -21,7 +21,9 @@ def add(sub) -> None:
     p = sub.add_parser("compile", help="compile the kernels a model needs into an artifact (the default command)")
     options.add_target(p, f'TVM target string, JSON, or preset name (default: "{options.DEFAULT_TARGET}")')
     options.add_model_or_shapes(
-        p, "model preset (2b-4t, large, or a hub id), a config.json, or a directory holding one", "linear shapes as NxK[,NxK...] (out x in features)"
+        p,
+        "model preset (2b-4t, large, or a hub id), a config.json, or a directory holding one",
+        "linear shapes as NxK[,NxK...] (out x in features)",
     )
     p.add_argument("-o", "--output", type=Path, default=None, help="artifact directory (default: artifacts/<model>-<family>-<isa>)")
     options.add_family(p, "kernel family: auto (default: dot2 where AVX-512 VNNI exists, gpu2 on GPUs, else lut), lut, dot2, gpu2")
@@ -43,7 +45,10 @@ def run(args: argparse.Namespace) -> int:
     request = models.resolve_request(args.model, args.shapes)
     out = args.output or Path("artifacts") / f"{_slug(request.name or 'shapes')}-{family.name}-{target.isa}"
     shapes = ", ".join(f"{lin.name} {lin.n}x{lin.k}" for lin in request.linears)
-    print(f"target {target.mcpu} ({target.triple}, {target.isa}, {target.num_cores} cores); kernel family {family.name} ({family.summary})", file=sys.stderr)
+    print(
+        f"target {target.mcpu} ({target.triple}, {target.isa}, {target.num_cores} cores); kernel family {family.name} ({family.summary})",
+        file=sys.stderr,
+    )
     print(f"linears: {shapes}", file=sys.stderr)
     manifest = artifact.build(target, request.linears, out, family, model_name=request.name, output_layer=request.output_layer)
     for path in sorted(out.iterdir()):

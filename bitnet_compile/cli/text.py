@@ -20,4 +20,3 @@ def run(args: argparse.Namespace) -> int:
 
     generate = {"run": cli_text.run, "chat": cli_text.chat}[args.command]
     return generate(args, options.artifact_for(args))
-

@@ -30,5 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from ..emulation import EmulatedArtifact
 
     with EmulatedArtifact(args.artifact, args.threads or 1) as emulated:
-        print(f"verifying {len(emulated.kernel_names)} kernels of {args.artifact} ({target['arch']}, {target.get('isa')}) under qemu emulation")
+        print(
+            f"verifying {len(emulated.kernel_names)} kernels of {args.artifact} ({target['arch']}, {target.get('isa')}) under qemu emulation"
+        )
         return 0 if verify(emulated, args.seed) else 1

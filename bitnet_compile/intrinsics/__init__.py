@@ -11,15 +11,16 @@ and a compile parses only its own ISA's intrinsics.
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from tvm.tirx import PrimFunc
 
-_BUILDERS: dict[str, Callable[[], tuple["PrimFunc", "PrimFunc"]]] = {}
+_BUILDERS: dict[str, Callable[[], tuple[PrimFunc, PrimFunc]]] = {}
 
 
-def declare(name: str, build: Callable[[], tuple["PrimFunc", "PrimFunc"]]) -> str:
+def declare(name: str, build: Callable[[], tuple[PrimFunc, PrimFunc]]) -> str:
     """Name a tensor intrinsic whose (description, implementation) ``build`` parses on demand."""
     _BUILDERS[name] = build
     return name

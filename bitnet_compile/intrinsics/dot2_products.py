@@ -90,7 +90,9 @@ def _fields() -> tuple[PrimFunc, PrimFunc]:
                 field = T.meta_var(T.reinterpret("int8x64", T.bitwise_and(p, mask)))
                 acts = T.meta_var(_broadcast_dword(A.vload([f, 0], "int8x4")))
                 C.vstore([f, 0], T.call_llvm_pure_intrin("int32x16", VPDPBUSD, C.vload([f, 0], "int32x16"), field, acts))
-            T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", P.access_ptr("r", offset=PREFETCH_BYTES), T.int32(0), T.int32(3), T.int32(1)))
+            T.evaluate(
+                T.call_llvm_intrin("void", "llvm.prefetch.p0", P.access_ptr("r", offset=PREFETCH_BYTES), T.int32(0), T.int32(3), T.int32(1))
+            )
 
     return desc, impl
 
@@ -158,10 +160,16 @@ def _decoded_neon() -> tuple[PrimFunc, PrimFunc]:
                 p = T.meta_var(T.reinterpret("uint16x8", P.vload([part * 4, 0], "uint8x16")))
                 three = T.meta_var(T.broadcast(T.uint16(0x0303), 8))
                 acc = T.meta_var(C.vload([part * 4], "int32x4"))
-                c0 = T.meta_var(T.call_llvm_pure_intrin("int32x4", SDOT, acc, T.reinterpret("int8x16", T.bitwise_and(p, three)), _broadcast_q(A.vload([0, 0], "int8x4"))))
+                c0 = T.meta_var(
+                    T.call_llvm_pure_intrin(
+                        "int32x4", SDOT, acc, T.reinterpret("int8x16", T.bitwise_and(p, three)), _broadcast_q(A.vload([0, 0], "int8x4"))
+                    )
+                )
                 c1 = T.meta_var(T.call_llvm_pure_intrin("int32x4", SDOT, c0, _field(p, 2, three), _broadcast_q(A.vload([1, 0], "int8x4"))))
                 c2 = T.meta_var(T.call_llvm_pure_intrin("int32x4", SDOT, c1, _field(p, 4, three), _broadcast_q(A.vload([2, 0], "int8x4"))))
-                C.vstore([part * 4], T.call_llvm_pure_intrin("int32x4", SDOT, c2, _field(p, 6, three), _broadcast_q(A.vload([3, 0], "int8x4"))))
+                C.vstore(
+                    [part * 4], T.call_llvm_pure_intrin("int32x4", SDOT, c2, _field(p, 6, three), _broadcast_q(A.vload([3, 0], "int8x4")))
+                )
 
     return _decoded_desc(), impl
 

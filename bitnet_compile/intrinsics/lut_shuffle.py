@@ -29,7 +29,6 @@ from tvm.tirx import PrimFunc
 
 from . import declare
 
-
 PREFETCH_BYTES = 8192  # software prefetch distance of the weight stream (one per task)
 
 
@@ -138,7 +137,9 @@ def _lookup_intrin(isa: VectorISA) -> tuple[PrimFunc, PrimFunc]:
             )
             C.vstore([0, 0, 0], C.vload([0, 0, 0], i16v) + first)
             C.vstore([1, 0, 0], C.vload([1, 0, 0], i16v) + second)
-            T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", P.access_ptr("r", offset=PREFETCH_BYTES), T.int32(0), T.int32(3), T.int32(1)))
+            T.evaluate(
+                T.call_llvm_intrin("void", "llvm.prefetch.p0", P.access_ptr("r", offset=PREFETCH_BYTES), T.int32(0), T.int32(3), T.int32(1))
+            )
 
     return desc, impl
 

@@ -116,7 +116,7 @@ def launch_gpu(threads: int = GPU_THREADS) -> dict:
 # ----------------------------------------------------------------------------- the operator
 
 
-def kernel_shape(n: int, k: int, knobs: dict, target: "TargetSpec") -> tuple[dict, dict]:
+def kernel_shape(n: int, k: int, knobs: dict, target: TargetSpec) -> tuple[dict, dict]:
     """Unpadded: the planner hands quantize the padded K of the matmul it feeds."""
     return {"n": n, "k": k, "n_padded": n, "k_padded": k}, knobs
 
@@ -133,11 +133,22 @@ def make_case(shape: dict, knobs: dict, rng: np.random.Generator, tokens: int) -
     return Case((x, q, scale), 0, q, lambda: check_q() or check_scale())
 
 
-def build(name: str, shape: dict, knobs: dict, target: "TargetSpec") -> tvm.tirx.PrimFunc:
+def build(name: str, shape: dict, knobs: dict, target: TargetSpec) -> tvm.tirx.PrimFunc:
     """The same compute on every target; only the schedule differs between CPU and GPU."""
     return (build_primfunc_gpu if target.is_gpu else build_primfunc)(name, shape["k"], shape["k_padded"])
 
 
 OPERATORS = (
-    Operator("quantize", "quantize-1", None, CPU_ISAS | GPU_ISAS, FIXED, kernel_shape, make_case, build, reference, launch=lambda shape, knobs: launch_gpu()),
+    Operator(
+        "quantize",
+        "quantize-1",
+        None,
+        CPU_ISAS | GPU_ISAS,
+        FIXED,
+        kernel_shape,
+        make_case,
+        build,
+        reference,
+        launch=lambda shape, knobs: launch_gpu(),
+    ),
 )

@@ -5,8 +5,8 @@ makes one (``Operator.make_case``); the tuner and the tests check candidates wit
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 

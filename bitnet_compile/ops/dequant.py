@@ -82,7 +82,7 @@ def launch_gpu(n: int, threads: int = GPU_THREADS) -> dict:
 # ----------------------------------------------------------------------------- the operator
 
 
-def kernel_shape(n: int, k: int, knobs: dict, target: "TargetSpec") -> tuple[dict, dict]:
+def kernel_shape(n: int, k: int, knobs: dict, target: TargetSpec) -> tuple[dict, dict]:
     """Unpadded: the planner hands dequantize the padded N of the matmul it reads."""
     return {"n": n, "k": k, "n_padded": n, "k_padded": k}, knobs
 
@@ -98,7 +98,7 @@ def make_case(shape: dict, knobs: dict, rng: np.random.Generator, tokens: int) -
     return Case((acc, act_scale, weight_scale, out), 0, out, exact(lambda: out, want))
 
 
-def build(name: str, shape: dict, knobs: dict, target: "TargetSpec") -> tvm.tirx.PrimFunc:
+def build(name: str, shape: dict, knobs: dict, target: TargetSpec) -> tvm.tirx.PrimFunc:
     """The same compute on every target; only the schedule differs between CPU and GPU."""
     return (build_primfunc_gpu if target.is_gpu else build_primfunc)(name, shape["n"], shape["n_padded"])
 

@@ -24,9 +24,8 @@ from tvm import te, tirx
 
 from bitnet_runtime import layout_dot2
 from bitnet_runtime import reference as _reference
-from bitnet_runtime.layout import round_up
 from bitnet_runtime.layout_dot2 import CHUNK
-from bitnet_runtime.memory import aligned_copy, aligned_zeros
+from bitnet_runtime.memory import aligned_copy
 
 from ..errors import UserError
 from ..intrinsics import registered
@@ -86,7 +85,7 @@ GEMM_SPACE = SearchSpace(
 )
 
 
-def kernel_shape(n: int, k: int, knobs: dict, target: "TargetSpec", gemv: bool) -> tuple[dict, dict]:
+def kernel_shape(n: int, k: int, knobs: dict, target: TargetSpec, gemv: bool) -> tuple[dict, dict]:
     """The manifest shape of an (n, k) layer padded for these knobs alone (N to whole tasks of
     row blocks, K to whole unrolled steps for the GEMV), and the knobs."""
     n_p, k_p = layout_dot2.padded_shape(n, k, knobs["row_blocks"], knobs.get("k_unroll", 1) if gemv else 1)
@@ -225,7 +224,7 @@ def build_primfunc(name: str, n: int, k: int, knobs: Dot2GemvKnobs | Dot2GemmKno
     return sch.mod["main"].with_attr("global_symbol", name)
 
 
-def build(name: str, shape: dict, knobs: dict, target: "TargetSpec", gemv: bool) -> tvm.tirx.PrimFunc:
+def build(name: str, shape: dict, knobs: dict, target: TargetSpec, gemv: bool) -> tvm.tirx.PrimFunc:
     typed = knobs_of(Dot2GemvKnobs if gemv else Dot2GemmKnobs, knobs)
     return build_primfunc(name, shape["n_padded"], shape["k_padded"], typed, target.isa)
 

@@ -38,7 +38,7 @@ from tvm.script import tirx as T
 from bitnet_runtime import layout_f16
 from bitnet_runtime import reference as _reference
 from bitnet_runtime.layout_f16 import ROWS
-from bitnet_runtime.memory import aligned_copy, aligned_zeros
+from bitnet_runtime.memory import aligned_zeros
 
 from ..intrinsics import declare, registered
 from .case import Case
@@ -110,7 +110,7 @@ class F16Knobs:
 SPACE = SearchSpace(knobs={"k_unroll": (1, 2, 4, 8), "prefetch": (True, False)})
 
 
-def kernel_shape(n: int, k: int, knobs: dict, target: "TargetSpec") -> tuple[dict, dict]:
+def kernel_shape(n: int, k: int, knobs: dict, target: TargetSpec) -> tuple[dict, dict]:
     """Rows to whole tiles; K is not padded."""
     return {"n": n, "k": k, "n_padded": layout_f16.padded_rows(n), "k_padded": k}, knobs
 
@@ -176,7 +176,7 @@ def build_primfunc(name: str, n_padded: int, k: int, knobs: F16Knobs) -> tvm.tir
     return sch.mod["main"].with_attr("global_symbol", name)
 
 
-def build(name: str, shape: dict, knobs: dict, target: "TargetSpec") -> tvm.tirx.PrimFunc:
+def build(name: str, shape: dict, knobs: dict, target: TargetSpec) -> tvm.tirx.PrimFunc:
     return build_primfunc(name, shape["n_padded"], shape["k"], knobs_of(F16Knobs, knobs))
 
 

@@ -119,7 +119,7 @@ GEMM_SPACE = SearchSpace(
 )
 
 
-def kernel_shape(n: int, k: int, knobs: dict, target: "TargetSpec | None" = None) -> tuple[dict, dict]:
+def kernel_shape(n: int, k: int, knobs: dict, target: TargetSpec | None = None) -> tuple[dict, dict]:
     """The manifest shape of an (n, k) layer padded for these knobs (N to whole blocks of
     rows_per_block and of 16 rows, K to whole chunks), and the knobs."""
     n_p, k_p = layout_dot2.padded_shape(n, k, 1, 1)
@@ -254,7 +254,7 @@ def make_case(shape: dict, knobs: dict, rng, tokens: int) -> Case:
     raise UserError("GPU kernels have no CPU test case: they are checked with the 'cpu' device build (tests) and verify on a GPU")
 
 
-def build(name: str, shape: dict, knobs: dict, target: "TargetSpec", gemv: bool) -> tvm.tirx.PrimFunc:
+def build(name: str, shape: dict, knobs: dict, target: TargetSpec, gemv: bool) -> tvm.tirx.PrimFunc:
     typed = knobs_of(GpuGemvKnobs if gemv else GpuGemmKnobs, knobs)
     return build_primfunc(name, shape["n_padded"], shape["k_padded"], typed, target.isa)
 

@@ -48,7 +48,7 @@ from tvm.script import tirx as T
 from bitnet_runtime import layout_i8
 from bitnet_runtime import reference as _reference
 from bitnet_runtime.layout_i8 import CHUNK, ROWS, SHIFT
-from bitnet_runtime.memory import aligned_copy, aligned_zeros
+from bitnet_runtime.memory import aligned_zeros
 
 from ..errors import UserError
 from ..intrinsics import declare, registered
@@ -110,7 +110,7 @@ class I8Knobs:
 SPACE = SearchSpace(knobs={"k_unroll": (1, 2, 4, 8), "groups_per_pass": (1, 2, 4)})
 
 
-def kernel_shape(n: int, k: int, knobs: dict, target: "TargetSpec") -> tuple[dict, dict]:
+def kernel_shape(n: int, k: int, knobs: dict, target: TargetSpec) -> tuple[dict, dict]:
     """Rows to whole tiles, K to whole chunks; the shape names the variant the target gets."""
     n_p, k_p = layout_i8.padded_shape(n, k)
     return {"n": n, "k": k, "n_padded": n_p, "k_padded": k_p, "variant": variant_for(target.isa, target.features)}, knobs
@@ -164,7 +164,9 @@ def _vnni() -> tuple[tvm.tirx.PrimFunc, tvm.tirx.PrimFunc]:
             T.writes(C[0:16])
             acts = T.meta_var(T.bitwise_xor(_broadcast_dword(A.vload([0], "int8x4"), 64), T.broadcast(T.int8(-128), 64)))
             C.vstore([0], T.call_llvm_pure_intrin("int32x16", VPDPBUSD, C.vload([0], "int32x16"), acts, P.vload([0, 0], "int8x64")))
-            T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", P.access_ptr("r", offset=PREFETCH_BYTES), T.int32(0), T.int32(3), T.int32(1)))
+            T.evaluate(
+                T.call_llvm_intrin("void", "llvm.prefetch.p0", P.access_ptr("r", offset=PREFETCH_BYTES), T.int32(0), T.int32(3), T.int32(1))
+            )
 
     return desc, impl
 
@@ -201,7 +203,9 @@ def _pmaddwd(isa: str) -> tuple[tvm.tirx.PrimFunc, tvm.tirx.PrimFunc]:
             for part in T.unroll(16 // rows):
                 w = T.meta_var(T.Cast(i16v, P.vload([part * rows, 0], i8v)))
                 C.vstore([part * rows, 0], C.vload([part * rows, 0], i32v) + T.call_llvm_pure_intrin(i32v, intrin, w, acts))
-            T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", P.access_ptr("r", offset=PREFETCH_BYTES), T.int32(0), T.int32(3), T.int32(1)))
+            T.evaluate(
+                T.call_llvm_intrin("void", "llvm.prefetch.p0", P.access_ptr("r", offset=PREFETCH_BYTES), T.int32(0), T.int32(3), T.int32(1))
+            )
 
     return desc, impl
 
@@ -234,8 +238,13 @@ def _sdot() -> tuple[tvm.tirx.PrimFunc, tvm.tirx.PrimFunc]:
             T.writes(C[0:16])
             acts = T.meta_var(_broadcast_dword(A.vload([0], "int8x4"), 16))
             for part in T.unroll(4):
-                C.vstore([part * 4], T.call_llvm_pure_intrin("int32x4", SDOT, C.vload([part * 4], "int32x4"), P.vload([part * 4, 0], "int8x16"), acts))
-            T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", P.access_ptr("r", offset=PREFETCH_BYTES), T.int32(0), T.int32(3), T.int32(1)))
+                C.vstore(
+                    [part * 4],
+                    T.call_llvm_pure_intrin("int32x4", SDOT, C.vload([part * 4], "int32x4"), P.vload([part * 4, 0], "int8x16"), acts),
+                )
+            T.evaluate(
+                T.call_llvm_intrin("void", "llvm.prefetch.p0", P.access_ptr("r", offset=PREFETCH_BYTES), T.int32(0), T.int32(3), T.int32(1))
+            )
 
     return desc, impl
 
@@ -341,7 +350,7 @@ def build_primfunc(name: str, n_padded: int, k_padded: int, variant: str, knobs:
     return sch.mod["main"].with_attr("global_symbol", name)
 
 
-def build(name: str, shape: dict, knobs: dict, target: "TargetSpec") -> tvm.tirx.PrimFunc:
+def build(name: str, shape: dict, knobs: dict, target: TargetSpec) -> tvm.tirx.PrimFunc:
     return build_primfunc(name, shape["n_padded"], shape["k_padded"], shape["variant"], knobs_of(I8Knobs, knobs))
 
 

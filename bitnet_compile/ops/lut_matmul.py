@@ -23,7 +23,7 @@ from tvm import te
 from bitnet_runtime import layout
 from bitnet_runtime import reference as _reference
 from bitnet_runtime.layout import GROUP
-from bitnet_runtime.memory import aligned_copy, aligned_zeros
+from bitnet_runtime.memory import aligned_copy
 
 from ..errors import UserError
 from ..intrinsics import registered
@@ -64,13 +64,11 @@ class LutKnobs:
 # packed weights both read).
 SPACE = SearchSpace(
     knobs={"kblock": (8, 16, 24, 32, 48, 63), "row_blocks_per_task": (1, 2, 4, 8)},
-    constraints=(
-        Constraint("row_blocks_per_task == 1 or row_blocks_per_task * rows * threads <= n", "every thread gets a task"),
-    ),
+    constraints=(Constraint("row_blocks_per_task == 1 or row_blocks_per_task * rows * threads <= n", "every thread gets a task"),),
 )
 
 
-def kernel_shape(n: int, k: int, knobs: dict, target: "TargetSpec") -> tuple[dict, dict]:
+def kernel_shape(n: int, k: int, knobs: dict, target: TargetSpec) -> tuple[dict, dict]:
     """The manifest shape of an (n, k) layer under ``knobs``, and the knobs as built (kblock
     clamped to K)."""
     rows = VECTOR_ISAS[target.isa].rows
@@ -148,11 +146,11 @@ def build_primfunc(name: str, n: int, k: int, isa_name: str, knobs: LutKnobs, ge
     return sch.mod["main"].with_attr("global_symbol", name)
 
 
-def build(name: str, shape: dict, knobs: dict, target: "TargetSpec", gemv: bool) -> tvm.tirx.PrimFunc:
+def build(name: str, shape: dict, knobs: dict, target: TargetSpec, gemv: bool) -> tvm.tirx.PrimFunc:
     return build_primfunc(name, shape["n_padded"], shape["k_padded"], target.isa, knobs_of(LutKnobs, knobs), gemv)
 
 
-def _rows(target: "TargetSpec") -> dict:
+def _rows(target: TargetSpec) -> dict:
     return {"rows": VECTOR_ISAS[target.isa].rows}
 
 

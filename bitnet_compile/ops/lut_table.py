@@ -10,8 +10,8 @@ import numpy as np
 import tvm
 from tvm import te, tirx
 
-from bitnet_runtime import reference as _reference
 from bitnet_runtime import layout
+from bitnet_runtime import reference as _reference
 from bitnet_runtime.layout import GROUP
 from bitnet_runtime.memory import aligned_copy, aligned_zeros
 
@@ -61,7 +61,7 @@ def build_primfunc(name: str, k: int) -> tvm.tirx.PrimFunc:
 # ----------------------------------------------------------------------------- the operator
 
 
-def kernel_shape(n: int, k: int, knobs: dict, target: "TargetSpec") -> tuple[dict, dict]:
+def kernel_shape(n: int, k: int, knobs: dict, target: TargetSpec) -> tuple[dict, dict]:
     """K to whole groups of 4; the planner hands the table the padded K of its matmul."""
     return {"n": n, "k": k, "n_padded": n, "k_padded": layout.round_up(k, GROUP)}, knobs
 
@@ -74,7 +74,7 @@ def make_case(shape: dict, knobs: dict, rng: np.random.Generator, tokens: int) -
     return Case((aligned_copy(q), tables), 0, tables, exact(lambda: tables, reference(q)))
 
 
-def build(name: str, shape: dict, knobs: dict, target: "TargetSpec") -> tvm.tirx.PrimFunc:
+def build(name: str, shape: dict, knobs: dict, target: TargetSpec) -> tvm.tirx.PrimFunc:
     return build_primfunc(name, shape["k_padded"])
 
 

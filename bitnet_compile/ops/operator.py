@@ -9,8 +9,9 @@ searches the operators whose space has knobs, so neither has a table of its own 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,7 +31,7 @@ FIXED = SearchSpace(knobs={})  # a kernel without schedule knobs
 GEMM_TOKENS = 128  # prompt length a GEMM is tuned and checked for (the runtime's prefill chunks are this long)
 
 
-def no_context(target: "TargetSpec") -> dict:
+def no_context(target: TargetSpec) -> dict:
     return {}
 
 
@@ -60,7 +61,7 @@ class Operator:
     reference: Callable[..., Any]
     timing: str = "dram"
     tokens: int = 1
-    context: Callable[["TargetSpec"], dict] = no_context
+    context: Callable[[TargetSpec], dict] = no_context
     case_knobs: tuple[str, ...] = ()
     launch: Callable[[dict, dict], dict] | None = None
 
@@ -68,7 +69,7 @@ class Operator:
     def tunable(self) -> bool:
         return bool(self.space.knobs)
 
-    def names(self, n: int, k: int, target: "TargetSpec", threads: int) -> dict:
+    def names(self, n: int, k: int, target: TargetSpec, threads: int) -> dict:
         """What the constraints see: the layer shape, the thread count, the target's constants."""
         return {"n": n, "k": k, "threads": threads, **self.context(target)}
 

@@ -5,8 +5,9 @@ can print them and the tuner can reject a point before anything is compiled."""
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 from ..errors import UserError
 
@@ -49,7 +50,11 @@ class SearchSpace:
         return [f"{c.expr} ({c.why})" for c in self.constraints if not c.holds(names)]
 
     def outside_domains(self, point: dict[str, Any]) -> list[str]:
-        return [f"{name}={point.get(name)!r} is not one of {list(values)}" for name, values in self.knobs.items() if point.get(name) not in values]
+        return [
+            f"{name}={point.get(name)!r} is not one of {list(values)}"
+            for name, values in self.knobs.items()
+            if point.get(name) not in values
+        ]
 
     def points(self, context: dict[str, int]) -> Iterator[dict[str, Any]]:
         """Every valid point, in grid order."""

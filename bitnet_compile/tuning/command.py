@@ -10,8 +10,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..errors import UserError
 from .. import records
+from ..errors import UserError
 
 if TYPE_CHECKING:
     from .study import StudySpec
@@ -57,8 +57,8 @@ def run(args: argparse.Namespace) -> int:
     from bitnet_runtime.cpu import host_arch
 
     from .. import cross
-    from ..target import parse_target
     from ..ops import registry
+    from ..target import parse_target
     from .rpc import Remote
     from .study import Study, StudySpec, open_storage, run_study
     from .worker import Worker, WorkerError

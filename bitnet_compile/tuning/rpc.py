@@ -36,7 +36,7 @@ class Remote:
     key: str | None = None
 
     @classmethod
-    def parse(cls, address: str, key: str | None = None) -> "Remote":
+    def parse(cls, address: str, key: str | None = None) -> Remote:
         host, sep, port = address.rpartition(":")
         if not sep or not host or not port.isdigit():
             raise UserError(f"expected an RPC address as HOST:PORT, got {address!r}")
@@ -69,7 +69,9 @@ def measure_remote(executable, job: dict, prepared: list, cases, template, compi
     session = connect(job["rpc"])
     threads = session.get_function("runtime.NumThreads")()
     if threads != job["threads"]:
-        reason = f"the RPC server runs {threads} threads, the study tunes for {job['threads']}: start it with TVM_NUM_THREADS={job['threads']}"
+        reason = (
+            f"the RPC server runs {threads} threads, the study tunes for {job['threads']}: start it with TVM_NUM_THREADS={job['threads']}"
+        )
         return [{"state": "error", "reason": reason} for _ in prepared]
     with tempfile.TemporaryDirectory(prefix="bitnet-rpc-") as tmp:
         path = os.path.join(tmp, LIBRARY)
@@ -97,5 +99,7 @@ def measure_remote(executable, job: dict, prepared: list, cases, template, compi
         )  # fmt: skip
         samples = list(timer(*args).results)
         rounds = [float(np.median(r)) for r in np.array_split(np.array(samples), job["rounds"])]
-        results.append({"state": "ok", "seconds": float(np.median(samples)), "rounds": rounds, "samples": len(samples), "compile_s": compile_s})
+        results.append(
+            {"state": "ok", "seconds": float(np.median(samples)), "rounds": rounds, "samples": len(samples), "compile_s": compile_s}
+        )
     return results

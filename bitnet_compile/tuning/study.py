@@ -38,8 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import UserError
 from .. import records
+from ..errors import UserError
 from ..ops.operator import Operator
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -64,8 +64,8 @@ class StudySpec:
     n: int
     k: int
     threads: int
-    target: "TargetSpec"
-    remote: "Remote | None" = None
+    target: TargetSpec
+    remote: Remote | None = None
 
     @property
     def fingerprint(self) -> dict:
@@ -255,7 +255,7 @@ class Study:
             "rpc": spec.remote.to_json() if spec.remote else None,
         }  # fmt: skip
 
-    def step(self, worker: "Worker", timeout: float) -> bool:
+    def step(self, worker: Worker, timeout: float) -> bool:
         """Ask for one point and settle it; True when it was measured (counts as a trial)."""
         from optuna.trial import TrialState
 
@@ -305,7 +305,7 @@ class Study:
 
     # -- the end of a study --
 
-    def confirm(self, worker: "Worker", timeout: float) -> list[dict]:
+    def confirm(self, worker: Worker, timeout: float) -> list[dict]:
         """Time the fastest few and the default together; kept in the study for any process."""
         from optuna.trial import TrialState
 
@@ -392,7 +392,7 @@ def _postfix(study: Study) -> str:
     return text
 
 
-def run_study(study: Study, worker: "Worker", trials: int, deadline: float, timeout: float) -> dict:
+def run_study(study: Study, worker: Worker, trials: int, deadline: float, timeout: float) -> dict:
     """Measure until the study holds ``trials`` measured trials (all processes together), its
     space is exhausted or ``deadline`` (time.monotonic) passes; then confirm and record."""
     bar = _bar(trials, study.measured_count(), study.spec.label())

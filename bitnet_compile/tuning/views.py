@@ -19,9 +19,8 @@ import math
 import sys
 from pathlib import Path
 
-from ..errors import UserError
 from .. import records
-
+from ..errors import UserError
 
 # ----------------------------------------------------------------------------- reading
 
@@ -77,14 +76,16 @@ def _failed(rec: dict) -> int:
 
 def list_view(target_key: str | None) -> str:
     rows = []
-    for path, key, rec, _ in _all(target_key):
+    for path, _key, rec, _ in _all(target_key):
         best = rec.get("best") or {}
         speed = f"{rec['speedup']:.2f}x" if "speedup" in rec else "-"
         rows.append([path.stem, rec["op"], f"{rec['n']}x{rec['k']}", str(rec["threads"]), f"{rec['measured']}/{rec['space']['valid_points']}",
                      str(_failed(rec)), _us(_default_seconds(rec)), _us(best.get("seconds")), speed, _knobs(best.get("knobs", {}))])  # fmt: skip
     if not rows:
         return f"no tuning records in {records.records_dir()}"
-    return _table(["target", "kernel", "N x K", "threads", "trials/space", "failed", "default us", "best us", "speedup", "best knobs"], rows)
+    return _table(
+        ["target", "kernel", "N x K", "threads", "trials/space", "failed", "default us", "best us", "speedup", "best knobs"], rows
+    )
 
 
 def compare_view(target_key: str | None) -> str:
@@ -98,7 +99,9 @@ def compare_view(target_key: str | None) -> str:
     if not rows:
         return f"no tuned records with a default to compare in {records.records_dir()}"
     mean = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
-    table = _table(["target", "kernel", "N x K", "threads", "timing", "default knobs", "default us", "tuned knobs", "tuned us", "speedup"], rows)
+    table = _table(
+        ["target", "kernel", "N x K", "threads", "timing", "default knobs", "default us", "tuned knobs", "tuned us", "speedup"], rows
+    )
     return f"{table}\n\ngeometric mean speedup over {len(ratios)} kernels: {mean:.3f}x"
 
 
@@ -113,7 +116,17 @@ def show_view(key: str) -> str:
         f"study: {rec['study']} (updated {rec.get('updated', '?')})",
         "",
     ]
-    rows = [[str(t["number"]), t["state"], _knobs(t["knobs"]), _us(t.get("seconds")), str(t.get("duplicate_of", "")) and f"of #{t['duplicate_of']}", t.get("reason", "")[:90]] for t in rec["trials"]]
+    rows = [
+        [
+            str(t["number"]),
+            t["state"],
+            _knobs(t["knobs"]),
+            _us(t.get("seconds")),
+            str(t.get("duplicate_of", "")) and f"of #{t['duplicate_of']}",
+            t.get("reason", "")[:90],
+        ]
+        for t in rec["trials"]
+    ]
     lines.append(_table(["#", "state", "knobs", "us", "dup", "reason"], rows))
     if rec.get("confirmed"):
         lines += ["", "confirmation (interleaved rounds; a candidate replaces the default only by winning all rounds but one, by 2%):"]
@@ -171,14 +184,20 @@ def source(key: str, form: str, default: bool) -> str:
     """The code of a record's kernel, generated now with its knobs (for the record's target)."""
     import tvm
 
-    from ..target import parse_target
     from ..ops import registry
+    from ..target import parse_target
 
     path, rkey, rec, fp = find(key)
     template = registry.get_tunable(rec["op"])
     if template.version != rec["version"]:
         raise UserError(f"record {rkey} is for {rec['version']}, this compiler has {template.version}")
-    spec = {"kind": "llvm", "mtriple": fp["triple"], "mcpu": fp["mcpu"], "mattr": [f"+{f}" for f in fp["features"]], "num-cores": fp["cores"]}
+    spec = {
+        "kind": "llvm",
+        "mtriple": fp["triple"],
+        "mcpu": fp["mcpu"],
+        "mattr": [f"+{f}" for f in fp["features"]],
+        "num-cores": fp["cores"],
+    }
     target = parse_target(json.dumps(spec))
     knobs = rec["default"]["knobs"] if default or not rec.get("best") else rec["best"]["knobs"]
     shape, built = template.kernel_shape(rec["n"], rec["k"], knobs, target)
@@ -192,8 +211,8 @@ def source(key: str, form: str, default: bool) -> str:
 
 def space_view(kernel: str | None, shape_text: str, threads: int, target_text: str) -> str:
     from .. import models
-    from ..target import parse_target
     from ..ops import registry
+    from ..target import parse_target
 
     target = parse_target(target_text)
     lin = models.parse_shapes(shape_text)[0]

@@ -97,8 +97,8 @@ def _measure_local(executable, job: dict, prepared: list, cases: _Cases, templat
 
 def _run_job(job: dict, cases: _Cases) -> dict:
     """Build, check and time every candidate of ``job``; a result per candidate."""
-    from ..target import TargetSpec
     from ..ops import registry
+    from ..target import TargetSpec
 
     template = registry.get_tunable(job["op"])
     target = TargetSpec.from_json(job["target"])
@@ -129,7 +129,12 @@ def _run_job(job: dict, cases: _Cases) -> dict:
         if result["state"] == "ok":
             rounds = next(timed)
             every = [s for samples in rounds for s in samples]
-            result |= {"seconds": float(np.median(every)), "rounds": [float(np.median(r)) for r in rounds], "samples": len(every), "compile_s": compile_s}
+            result |= {
+                "seconds": float(np.median(every)),
+                "rounds": [float(np.median(r)) for r in rounds],
+                "samples": len(every),
+                "compile_s": compile_s,
+            }
     return {"results": results}
 
 
@@ -184,7 +189,9 @@ class Worker:
         log.close()
         heard, reply = self._read(READY_TIMEOUT_S)
         if reply is None or not reply.get("ready"):
-            reason = f"unexpected first line {reply!r}" if reply else self._death() if heard == "eof" else f"no reply within {READY_TIMEOUT_S} s"
+            reason = (
+                f"unexpected first line {reply!r}" if reply else self._death() if heard == "eof" else f"no reply within {READY_TIMEOUT_S} s"
+            )
             self.close()
             raise WorkerError(f"the measuring worker did not start: {reason}")
         self.info = reply
@@ -249,7 +256,7 @@ class Worker:
                     stream.close()
             self.proc = None
 
-    def __enter__(self) -> "Worker":
+    def __enter__(self) -> Worker:
         return self
 
     def __exit__(self, *exc) -> None:

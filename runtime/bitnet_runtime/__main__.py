@@ -1,8 +1,8 @@
 """Device-side command line, no compiler needed:
 
-    python -m bitnet_runtime verify DIR [--threads N] [--seed S]
-    python -m bitnet_runtime run -a DIR -m MODEL -p PROMPT [...]
-    python -m bitnet_runtime chat -a DIR -m MODEL [...]
+python -m bitnet_runtime verify DIR [--threads N] [--seed S]
+python -m bitnet_runtime run -a DIR -m MODEL -p PROMPT [...]
+python -m bitnet_runtime chat -a DIR -m MODEL [...]
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from . import cli_text
-from .errors import UserError
+from .errors import exit_status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,16 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in cli_text.COMMANDS:
         cli_text.add_command(sub, name, artifact_required=True)
     args = parser.parse_args(argv)
-    try:
-        if args.command == "verify":
-            return run_verify(args.artifact, args.threads, args.seed)
-        return {"run": cli_text.run, "chat": cli_text.chat}[args.command](args, args.artifact)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    if args.command == "verify":
+        return exit_status(lambda: run_verify(args.artifact, args.threads, args.seed))
+    return exit_status(lambda: {"run": cli_text.run, "chat": cli_text.chat}[args.command](args, args.artifact))
 
 
 def run_verify(artifact_dir: str, threads: int | None, seed: int) -> int:

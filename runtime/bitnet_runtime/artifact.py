@@ -7,13 +7,14 @@ runtime services parallel kernels call, then the library itself.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from . import cpu, gpu, services
 import numpy as np
 
+from . import cpu, gpu, services
 from .errors import UserError
 from .manifest import FileEntry, LinearEntry, Manifest, OutputLayer, file_sha256, read_manifest
 from .memory import ALIGNMENT, is_aligned
@@ -142,15 +143,21 @@ class Artifact(KernelTable):
         entry = self.manifest.output_layer
         if entry is None or (entry.n, entry.k) != (n, k):
             have = f"one for {entry.n}x{entry.k}" if entry else "none"
-            raise UserError(f"artifact has no output layer kernels for vocab {n} x hidden {k} ({have}): compile the artifact for this model")
+            raise UserError(
+                f"artifact has no output layer kernels for vocab {n} x hidden {k} ({have}): compile the artifact for this model"
+            )
         return entry
 
     def linear(self, n: int, k: int) -> LinearEntry:
         """The manifest entry (padded shape, kernel names) for an [n, k] weight matrix."""
         if self.device != "cpu":
-            raise UserError(f"this {self.device} artifact runs its kernels one by one (verify); layers and models run on CPU artifacts only, for now")
+            raise UserError(
+                f"this {self.device} artifact runs its kernels one by one (verify); layers and models run on CPU artifacts only, for now"
+            )
         for entry in self.manifest.linears:
             if (entry.n, entry.k) == (n, k):
                 return entry
         have = sorted({f"{e.n}x{e.k}" for e in self.manifest.linears})
-        raise UserError(f"artifact has no kernels for a {n}x{k} linear layer (it has {', '.join(have)}): compile the artifact for this model")
+        raise UserError(
+            f"artifact has no kernels for a {n}x{k} linear layer (it has {', '.join(have)}): compile the artifact for this model"
+        )

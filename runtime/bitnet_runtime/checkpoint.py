@@ -45,12 +45,18 @@ def _from_hub(repo_id: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise UserError(f"{repo_id!r} is a hub id and huggingface_hub is not installed: pip install huggingface_hub, or give a directory") from None
+        raise UserError(
+            f"{repo_id!r} is a hub id and huggingface_hub is not installed: pip install huggingface_hub, or give a directory"
+        ) from None
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=offline))
     except Exception as err:  # huggingface_hub raises many types: offline, not cached, not found, network
-        why = "HF_HUB_OFFLINE is set and it is not in the Hugging Face cache" if offline else f"not in the Hugging Face cache and not fetched from the hub ({type(err).__name__})"
+        why = (
+            "HF_HUB_OFFLINE is set and it is not in the Hugging Face cache"
+            if offline
+            else f"not in the Hugging Face cache and not fetched from the hub ({type(err).__name__})"
+        )
         raise UserError(f"model {repo_id}: {why}; download it where the hub is reachable, or pass a local directory") from None
 
 

@@ -18,10 +18,21 @@ from .sampling import SamplingParams
 
 def add_model_options(p: argparse.ArgumentParser, artifact_required: bool) -> None:
     p.add_argument("-m", "--model", required=True, help="model directory (config.json, safetensors, tokenizer.json) or Hugging Face hub id")
-    p.add_argument("-a", "--artifact", type=Path, required=artifact_required, help="compiled artifact directory" + ("" if artifact_required else " (default: compile one for this CPU, cached)"))
+    p.add_argument(
+        "-a",
+        "--artifact",
+        type=Path,
+        required=artifact_required,
+        help="compiled artifact directory" + ("" if artifact_required else " (default: compile one for this CPU, cached)"),
+    )
     p.add_argument("-t", "--threads", type=int, default=None, help="kernel threads (default: all cores)")
     p.add_argument("-c", "--context", type=int, default=None, help="context length in tokens (default: the model's)")
-    p.add_argument("--output-layer", choices=("f16", "i8"), default="f16", help="output layer format: f16 (exact, default) or i8 (per-row int8, faster)")
+    p.add_argument(
+        "--output-layer",
+        choices=("f16", "i8"),
+        default="f16",
+        help="output layer format: f16 (exact, default) or i8 (per-row int8, faster)",
+    )
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -43,7 +54,10 @@ def add_chat_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="system prompt")
 
 
-COMMANDS = {"run": ("generate text from a prompt", add_run_options), "chat": ("interactive chat with the model's chat template", add_chat_options)}
+COMMANDS = {
+    "run": ("generate text from a prompt", add_run_options),
+    "chat": ("interactive chat with the model's chat template", add_chat_options),
+}
 
 
 def add_command(sub, name: str, artifact_required: bool) -> argparse.ArgumentParser:
@@ -83,10 +97,18 @@ def run(args: argparse.Namespace, artifact: Path) -> int:
     stream = None if args.json else (lambda piece: print(piece, end="", flush=True))
     result = llm.generate(ids, args.max_tokens, sampling(args), args.stop, stream)
     if args.json:
-        print(json.dumps({
-            "prompt_ids": result.prompt_ids, "ids": result.token_ids, "text": result.text, "finish_reason": result.finish_reason,
-            "prefill_tokens_per_second": result.prefill_tokens_per_second, "decode_tokens_per_second": result.decode_tokens_per_second,
-        }))
+        print(
+            json.dumps(
+                {
+                    "prompt_ids": result.prompt_ids,
+                    "ids": result.token_ids,
+                    "text": result.text,
+                    "finish_reason": result.finish_reason,
+                    "prefill_tokens_per_second": result.prefill_tokens_per_second,
+                    "decode_tokens_per_second": result.decode_tokens_per_second,
+                }
+            )
+        )
     else:
         print()
     print(_speeds(result), file=sys.stderr)

@@ -4,6 +4,24 @@ Command-line entry points catch it and print its message on one line with a non-
 anything else escaping is a bug in bitnet-compile and keeps its traceback.
 """
 
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
 
 class UserError(Exception):
     """A mistake or an unsupported request on the user's side, described in one line."""
+
+
+def exit_status(command: Callable[[], int]) -> int:
+    """Run a command-line command: a UserError is one ``error:`` line and status 2, Ctrl-C is
+    status 130; both entry points (bitnet-compile and python -m bitnet_runtime) go through here."""
+    try:
+        return command()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -21,8 +21,9 @@ lut_gemv (one token) or lut_gemm -> int32 acc ``acc_shape`` (the same memory as
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 

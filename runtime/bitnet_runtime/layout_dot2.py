@@ -13,8 +13,8 @@ the same bytes as uint32 words (``act_words``, ``packed_words``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 

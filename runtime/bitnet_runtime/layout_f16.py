@@ -21,8 +21,8 @@ source, float32/float16 or bfloat16 stored as uint16 bit patterns (``bf16=True``
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 

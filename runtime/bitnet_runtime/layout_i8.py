@@ -23,8 +23,8 @@ same memory as [1, N_padded], the dequantize kernel's ``acc``); ``bind`` allocat
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 

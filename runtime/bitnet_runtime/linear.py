@@ -60,7 +60,7 @@ class BitLinear:
         self.packed = pack_weights(self._entry, w)
 
     @classmethod
-    def from_packed(cls, artifact: Artifact, n: int, k: int, packed: np.ndarray, weight_scale, buffers: dict | None = None) -> "BitLinear":
+    def from_packed(cls, artifact: Artifact, n: int, k: int, packed: np.ndarray, weight_scale, buffers: dict | None = None) -> BitLinear:
         """A layer over weights already packed by ``pack_weights`` (e.g. memory-mapped from the cache).
 
         ``buffers``: working memory shared with other layers of the same shape (a model's 30

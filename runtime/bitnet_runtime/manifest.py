@@ -22,7 +22,19 @@ LIBRARY_FILE = "kernels.so"
 RUNTIME_LIBRARY_FILE = "libtvm_runtime.so"
 CUDA_SOURCE_FILE = "kernels.cu"  # CUDA artifacts: the generated source, for reading (the library has the fatbin)
 METAL_SOURCE_FILE = "kernels.metal"  # Metal artifacts: the kernels, as Metal Shading Language
-KERNEL_OPS = ("quantize", "lut_table", "lut_gemv", "lut_gemm", "dot2_gemv", "dot2_gemm", "gpu2_gemv", "gpu2_gemm", "dequantize", "f16_gemv", "i8_gemv")
+KERNEL_OPS = (
+    "quantize",
+    "lut_table",
+    "lut_gemv",
+    "lut_gemm",
+    "dot2_gemv",
+    "dot2_gemm",
+    "gpu2_gemv",
+    "gpu2_gemm",
+    "dequantize",
+    "f16_gemv",
+    "i8_gemv",
+)
 SIZES = ("n", "k", "n_padded", "k_padded")  # every kernel's and linear's shape: the sizes numpy allocates
 REBUILD = "rebuild it with bitnet-compile (e.g. bitnet-compile --target TARGET --model MODEL -o DIR)"
 
@@ -47,11 +59,11 @@ class _Reader:
             raise UserError(f"manifest is corrupted: {self.where}.{key} has the wrong type ({type(value).__name__})")
         return value
 
-    def obj(self, key: str, none: bool = False) -> "_Reader | None":
+    def obj(self, key: str, none: bool = False) -> _Reader | None:
         value = self.get(key, dict, none=none)
         return None if value is None else _Reader(value, f"{self.where}.{key}")
 
-    def objects(self, key: str, default: Any = ...) -> list["_Reader"]:
+    def objects(self, key: str, default: Any = ...) -> list[_Reader]:
         items = self.get(key, list, default)
         return [_Reader(item, f"{self.where}.{key}[{i}]") for i, item in enumerate(items)]
 
@@ -79,7 +91,7 @@ class FileEntry:
     sha256: str
 
     @classmethod
-    def from_json(cls, r: _Reader) -> "FileEntry":
+    def from_json(cls, r: _Reader) -> FileEntry:
         return cls(r.get("file", str), r.get("sha256", str))
 
 
@@ -94,7 +106,7 @@ class KernelEntry:
     knob_source: str = "fixed"
 
     @classmethod
-    def from_json(cls, r: _Reader) -> "KernelEntry":
+    def from_json(cls, r: _Reader) -> KernelEntry:
         op = r.get("op", str)
         if op not in KERNEL_OPS:
             raise UserError(f"manifest is corrupted: {r.where}.op {op!r} is not a kernel this runtime knows ({', '.join(KERNEL_OPS)})")
@@ -119,7 +131,7 @@ class LinearEntry:
     kernels: dict[str, str]
 
     @classmethod
-    def from_json(cls, r: _Reader) -> "LinearEntry":
+    def from_json(cls, r: _Reader) -> LinearEntry:
         sizes = [r.get(key, int) for key in SIZES]
         return cls(r.get("name", str), *sizes, r.get("layout", str), r.mapping("layout_params", int), r.mapping("kernels", str))
 
@@ -143,8 +155,13 @@ class OutputFormat:
     k_padded: int | None = None
 
     @classmethod
-    def from_json(cls, r: _Reader) -> "OutputFormat":
-        return cls(r.get("layout", str), r.mapping("kernels", str), r.get("n_padded", int, None, none=True), r.get("k_padded", int, None, none=True))
+    def from_json(cls, r: _Reader) -> OutputFormat:
+        return cls(
+            r.get("layout", str),
+            r.mapping("kernels", str),
+            r.get("n_padded", int, None, none=True),
+            r.get("k_padded", int, None, none=True),
+        )
 
 
 @dataclass(frozen=True)
@@ -156,7 +173,7 @@ class OutputLayer:
     formats: dict[str, OutputFormat]
 
     @classmethod
-    def from_json(cls, r: _Reader) -> "OutputLayer":
+    def from_json(cls, r: _Reader) -> OutputLayer:
         formats = r.obj("formats")
         return cls(r.get("n", int), r.get("k", int), {name: OutputFormat.from_json(formats.obj(name)) for name in formats.data})
 
@@ -179,8 +196,14 @@ class Device:
     arguments: dict[str, Any] | None = None
 
     @classmethod
-    def from_json(cls, r: _Reader) -> "Device":
-        return cls(r.get("kind", str), r.get("code", str), r.get("launch", dict), r.get("arch", str, None, none=True), r.get("arguments", dict, None, none=True))
+    def from_json(cls, r: _Reader) -> Device:
+        return cls(
+            r.get("kind", str),
+            r.get("code", str),
+            r.get("launch", dict),
+            r.get("arch", str, None, none=True),
+            r.get("arguments", dict, None, none=True),
+        )
 
 
 @dataclass(frozen=True)
@@ -222,7 +245,7 @@ class Manifest:
         return json.dumps(self.to_json(), indent=2) + "\n"
 
     @classmethod
-    def from_json(cls, data: Any) -> "Manifest":
+    def from_json(cls, data: Any) -> Manifest:
         r = _Reader(data, "manifest")
         version = r.data.get("format_version")
         if version != FORMAT_VERSION:
@@ -230,7 +253,11 @@ class Manifest:
         features = r.get("required_cpu_features", list)
         if not all(isinstance(f, str) for f in features):
             raise UserError("manifest is corrupted: manifest.required_cpu_features must be a list of strings")
-        runtime_library, output_layer, device = r.obj("runtime_library", none=True), r.obj("output_layer", none=True), r.obj("device", none=True)
+        runtime_library, output_layer, device = (
+            r.obj("runtime_library", none=True),
+            r.obj("output_layer", none=True),
+            r.obj("device", none=True),
+        )
         return cls(
             created=r.get("created", str),
             compiler=r.get("compiler", dict),

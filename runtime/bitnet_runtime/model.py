@@ -61,7 +61,9 @@ class KVCache:
         end = pos + k.shape[0]
         if end > self.k.shape[1]:
             size = min(self.limit, -(-end // KV_CHUNK) * KV_CHUNK)
-            self.k, self.v = (np.concatenate((c, np.zeros((c.shape[0], size - c.shape[1], c.shape[2]), np.float32)), axis=1) for c in (self.k, self.v))
+            self.k, self.v = (
+                np.concatenate((c, np.zeros((c.shape[0], size - c.shape[1], c.shape[2]), np.float32)), axis=1) for c in (self.k, self.v)
+            )
         self.k[:, pos:end] = k.transpose(1, 0, 2)
         self.v[:, pos:end] = v.transpose(1, 0, 2)
 
@@ -90,7 +92,9 @@ class Layer:
         self.linears = {}
         for g in config.linear_groups():
             shared = buffers.setdefault(g.name, {})  # every layer's outputs are consumed before the next layer runs
-            layer = BitLinear.from_packed(artifact, g.n, g.k, weights.array(prefix + g.name), weights.array(prefix + g.name + ".scale"), shared)
+            layer = BitLinear.from_packed(
+                artifact, g.n, g.k, weights.array(prefix + g.name), weights.array(prefix + g.name + ".scale"), shared
+            )
             norm = weights.array(prefix + g.name + ".norm") if config.quant.use_rms_norm else None
             self.linears[g.name] = (layer, norm)
         self.input_norm, self.post_norm = weights.array(prefix + "input_norm"), weights.array(prefix + "post_norm")

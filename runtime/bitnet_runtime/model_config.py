@@ -215,7 +215,10 @@ def load_config(model_dir: Path) -> ModelConfig:
             max_positions=int(cfg.get("max_position_embeddings", 2048)),
             tied=bool(cfg.get("tie_word_embeddings", False)),  # transformers' default for both classes
             quant=_quantization(cfg, architecture),
-            sub_norms={"bitnet": ("self_attn.attn_sub_norm", "mlp.ffn_sub_norm"), "1bitllm": ("self_attn.inner_attn_ln", "mlp.ffn_layernorm")}.get(architecture),
+            sub_norms={
+                "bitnet": ("self_attn.attn_sub_norm", "mlp.ffn_sub_norm"),
+                "1bitllm": ("self_attn.inner_attn_ln", "mlp.ffn_layernorm"),
+            }.get(architecture),
             bos_id=None if cfg.get("bos_token_id") is None else int(cfg["bos_token_id"]),
             eos_ids=eos or _eos_ids(cfg.get("eos_token_id")),
             name=str(cfg.get("_name_or_path") or Path(model_dir).name),

@@ -87,8 +87,7 @@ def set_num_threads(n: int) -> None:
     got = tvm_ffi.get_global_func(_NUM_THREADS)()
     if got != n:
         raise UserError(
-            f"cannot use {n} threads: this thread's TVM pool already started with {got}; "
-            "set the thread count before the first kernel call"
+            f"cannot use {n} threads: this thread's TVM pool already started with {got}; set the thread count before the first kernel call"
         )
 
 

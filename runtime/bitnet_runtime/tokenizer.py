@@ -246,9 +246,7 @@ class _GenerationBlock(jinja2.ext.Extension):
 
 def _jinja_environment() -> ImmutableSandboxedEnvironment:
     """The environment transformers renders chat templates in; templates from the Hub are untrusted code."""
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, jinja2.ext.loopcontrols]
-    )
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now

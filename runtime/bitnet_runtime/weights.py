@@ -16,8 +16,8 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -89,9 +89,11 @@ class ModelWeights:
         try:
             return np.load(path, mmap_mode="c")
         except (OSError, ValueError) as err:
-            raise UserError(f"converted weights in {self.dir} are damaged ({path.name}: {err}); delete the directory to convert again") from None
+            raise UserError(
+                f"converted weights in {self.dir} are damaged ({path.name}: {err}); delete the directory to convert again"
+            ) from None
 
-    def rows(self, name: str) -> "RowReader":
+    def rows(self, name: str) -> RowReader:
         """A cached matrix read row by row from its file, not mapped (embedding lookups)."""
         return RowReader(self.dir / f"{name}.npy")
 
