@@ -64,8 +64,9 @@ def _absmean(weight):
     return (w * scale).round().clamp(-1, 1), scale
 
 
-def _packed(state: dict, linear_class: str) -> dict:
-    """Linear weights as transformers' pack_weights stores them, with the class's weight_scale."""
+def _packed(state: dict, linear_class: str, dtype: str = "bfloat16") -> dict:
+    """Linear weights as transformers' pack_weights stores them, with the class's weight_scale;
+    every other tensor in ``dtype``."""
     torch = _torch()
     from transformers.integrations.bitnet import pack_weights
 
@@ -77,7 +78,7 @@ def _packed(state: dict, linear_class: str) -> dict:
             ws = 1.0 / scale if linear_class == "autobitlinear" else scale
             out[name.replace(".weight", ".weight_scale")] = ws.reshape(1).to(torch.bfloat16)
         else:
-            out[name] = value.to(torch.bfloat16)
+            out[name] = value.to(getattr(torch, dtype))
     return out
 
 
@@ -103,9 +104,16 @@ def _save(model_dir: Path, state: dict, config: dict, shards: int = 1) -> Path:
 
 
 def bitnet(
-    model_dir: Path, seed: int = 0, mode: str = "offline", linear_class: str = "autobitlinear", shards: int = 1, **overrides
+    model_dir: Path,
+    seed: int = 0,
+    mode: str = "offline",
+    linear_class: str = "autobitlinear",
+    shards: int = 1,
+    dtype: str = "bfloat16",
+    **overrides,
 ) -> Path:
-    """microsoft/bitnet-b1.58-2B-4T (mode offline: packed) or its -bf16 variant (online)."""
+    """microsoft/bitnet-b1.58-2B-4T (mode offline: packed) or its -bf16 variant (online); the
+    float tensors (embedding, norms, online linears) in ``dtype`` (the hub's are bfloat16)."""
     from transformers import BitNetConfig, BitNetForCausalLM
 
     fields = (
@@ -115,7 +123,7 @@ def bitnet(
     state = _random_state(BitNetForCausalLM, BitNetConfig(**fields), seed)
     if fields.get("tie_word_embeddings"):
         state.pop("lm_head.weight", None)
-    state = _packed(state, linear_class) if mode == "offline" else {k: v.to(_torch().bfloat16) for k, v in state.items()}
+    state = _packed(state, linear_class, dtype) if mode == "offline" else {k: v.to(getattr(_torch(), dtype)) for k, v in state.items()}
     quant = {"quant_method": "bitnet", "linear_class": linear_class, "quantization_mode": mode}
     config = {"architectures": ["BitNetForCausalLM"], "model_type": "bitnet", **fields, "quantization_config": quant}
     return _save(model_dir, state, config, shards)

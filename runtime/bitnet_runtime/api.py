@@ -33,7 +33,8 @@ def _stderr(line: str) -> None:
 
 class LLM:
     """A model, its tokenizer and its kernels. ``output``: the output layer's format, "f16"
-    (the checkpoint's values in float16) or "i8" (per-row int8, a quarter of the bytes)."""
+    (the checkpoint's values in float16), "i8" (per-row int8, a quarter of float32's bytes) or
+    "f32" (the checkpoint's exact values, by numpy: for checking)."""
 
     def __init__(
         self,

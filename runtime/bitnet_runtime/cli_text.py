@@ -29,9 +29,9 @@ def add_model_options(p: argparse.ArgumentParser, artifact_required: bool) -> No
     p.add_argument("-c", "--context", type=int, default=None, help="context length in tokens (default: the model's)")
     p.add_argument(
         "--output-layer",
-        choices=("f16", "i8"),
+        choices=("f16", "i8", "f32"),
         default="f16",
-        help="output layer format: f16 (exact, default) or i8 (per-row int8, faster)",
+        help="output layer format: f16 (default), i8 (per-row int8, faster) or f32 (the checkpoint's exact values, by numpy: for checking)",
     )
 
 

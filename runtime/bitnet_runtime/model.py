@@ -184,7 +184,7 @@ class Model:
             raise UserError(f"{self.pos + len(ids)} tokens exceed the context of {self.context_length}")
         if min(ids) < 0 or max(ids) >= self.config.vocab:
             raise UserError(f"token ids must be in [0, {self.config.vocab}), got {min(ids)}..{max(ids)}")
-        x = self.embed[ids].astype(np.float32)
+        x = self.embed[ids]
         cos, sin = self.cos[self.pos : self.pos + len(ids)], self.sin[self.pos : self.pos + len(ids)]
         for layer in self.layers:
             x = layer(x, self.pos, cos, sin)

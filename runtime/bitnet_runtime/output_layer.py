@@ -1,12 +1,14 @@
-"""The output layer (logits = h @ E^T for the last token) on the artifact's kernels.
+"""The output layer (logits = h @ E^T for the last token).
 
-Two formats, chosen at load time, both computed by compiled GEMV kernels:
+Three formats, chosen at load time; the first two are computed by compiled GEMV kernels:
 - "f16": the checkpoint's matrix in float16 (bfloat16 checkpoints convert exactly except for
   values below float16's normal range, ~6e-5), float32 accumulation. The peers' format.
 - "i8": one int8 per weight with a float32 scale per row (max|row| / 127) and the hidden
   state quantized per token like a BitLinear input: a quarter of float32's bytes, half of
   float16's, so decoding reads less. Its top-1 agreement with "f16" is what
   ``bitnet-compile bench`` reports.
+- "f32": the checkpoint's values exactly, float32 rows, multiplied by numpy: the reference's
+  own arithmetic, for checking a model against transformers (twice f16's bytes, not fast).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from .manifest import OutputLayer
 from .memory import aligned_empty
 from .weights import ModelWeights
 
-OUTPUT_FORMATS = ("f16", "i8")
+OUTPUT_FORMATS = ("f16", "i8", "f32")
 
 
 def _kernels(artifact: Artifact, entry: OutputLayer, fmt: str) -> Kernels:
@@ -73,9 +75,25 @@ class I8Output:
         return self.out[0].copy()
 
 
+class F32Output:
+    """logits = rows @ h in float32 by numpy: exact checkpoint values, for checking."""
+
+    def __init__(self, rows: np.ndarray):
+        self.rows = rows
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows.nbytes
+
+    def __call__(self, h: np.ndarray) -> np.ndarray:
+        return self.rows @ np.asarray(h, np.float32).reshape(-1)
+
+
 def make_output_layer(artifact: Artifact, weights: ModelWeights, fmt: str):
     """The model's output layer in format ``fmt`` (the tied embedding or a separate lm_head)."""
     c = weights.config
+    if fmt == "f32":
+        return F32Output(weights.output_f32())
     entry = artifact.output_layer(c.vocab, c.hidden)
     if fmt not in OUTPUT_FORMATS or fmt not in entry.formats:
         raise UserError(f"output layer format {fmt!r} is not in this artifact (it has {', '.join(entry.formats)})")

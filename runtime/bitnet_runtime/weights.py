@@ -1,7 +1,8 @@
 """A model's weights in the artifact's kernel layouts: converted once, cached, memory-mapped.
 
 Converting a checkpoint (unpacking or ternarizing each linear, packing it for the kernels,
-tiling the output layer for its GEMV, the embedding in float16 rows for lookups) takes seconds to minutes; the result is kept
+tiling the output layer for its GEMV, the embedding rows for lookups in the checkpoint's own
+dtype) takes seconds to minutes; the result is kept
 under the cache directory, keyed by the checkpoint's identity (file names, sizes, mtimes and
 safetensors headers, not a hash of gigabytes) and by every layout parameter of the artifact,
 so a new artifact or a changed checkpoint converts again and nothing else does. Each array is
@@ -30,7 +31,7 @@ from .model_config import ModelConfig
 from .progress import progress
 from .safetensors_file import Checkpoint
 
-CONVERTER_VERSION = 3
+CONVERTER_VERSION = 4  # 4: embedding rows in the checkpoint's dtype (float16 before)
 META_FILE = "meta.json"
 
 
@@ -97,6 +98,18 @@ class ModelWeights:
         """A cached matrix read row by row from its file, not mapped (embedding lookups)."""
         return RowReader(self.dir / f"{name}.npy")
 
+    def output_f32(self) -> np.ndarray:
+        """The output layer as float32 rows [vocab, hidden], exactly the checkpoint's values
+        (``--output-layer f32``, for checking against a reference), made on first use."""
+        if not (self.dir / "output_f32.npy").is_file():
+            source, bf16 = _output_source(self._ckpt, self.config)
+            rows = np.empty(source.shape, np.float32)
+            for start in range(0, source.shape[0], layout_f16.CHUNK_ROWS):
+                stop = min(start + layout_f16.CHUNK_ROWS, source.shape[0])
+                rows[start:stop] = layout_f16.rows_as_float32(source, start, stop, bf16)
+            _save(self.dir, "output_f32", rows)
+        return self.array("output_f32")
+
     def output_i8(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The int8 output layer (rows, per-row scale, correction term), made on first use and
         cached beside the rest (the correction file is written last: its presence means done)."""
@@ -109,9 +122,10 @@ class ModelWeights:
 
 
 class RowReader:
-    """Rows of an .npy matrix by ``pread``: a lookup costs its own bytes and leaves nothing
-    resident. A memory-mapped lookup would map in whole large page-cache folios around each
-    row (measured: 288 MB of a 657 MB embedding resident after ~900 distinct tokens)."""
+    """Rows of an .npy matrix by ``pread``, as float32: a lookup costs its own bytes and leaves
+    nothing resident. A memory-mapped lookup would map in whole large page-cache folios around
+    each row (measured: 288 MB of a 657 MB embedding resident after ~900 distinct tokens). A
+    uint16 matrix holds bfloat16 bit patterns (``_save_rows``)."""
 
     def __init__(self, path: Path):
         mapped = np.load(path, mmap_mode="r")
@@ -128,7 +142,9 @@ class RowReader:
         for row, i in enumerate(ids):
             if os.preadv(self._fd, [flat[row]], self.offset + i * self.row_bytes) != self.row_bytes:
                 raise UserError(f"converted weights are truncated (row {i}): delete {self.path.parent} to convert again")
-        return out
+        if out.dtype == np.uint16:
+            return (out.astype(np.uint32) << 16).view(np.float32)
+        return out.astype(np.float32, copy=False)
 
     def __del__(self):
         if getattr(self, "_fd", None) is not None:
@@ -154,17 +170,17 @@ def _save(directory: Path, name: str, array: np.ndarray) -> None:
     os.replace(tmp, directory / f"{name}.npy")
 
 
-def _save_rows_f16(directory: Path, name: str, source: np.ndarray, bf16: bool) -> None:
-    """The embedding row-major in float16 for lookups: a token touches its own 5 KB, where
-    the output layer's 64-row tiles would map in 64 rows' worth for each lookup."""
+def _save_rows(directory: Path, name: str, source: np.ndarray, bf16: bool) -> None:
+    """The embedding row-major for lookups (a token touches its own row, where the output
+    layer's 64-row tiles would bring 64), in the checkpoint's own dtype so a lookup is exact:
+    float32 or float16 as they are, bfloat16 as its uint16 bit patterns."""
     tmp = directory / f"{name}.tmp.npy"
-    rows = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=source.shape)
+    rows = np.lib.format.open_memmap(tmp, mode="w+", dtype=source.dtype, shape=source.shape)
     for start in range(0, source.shape[0], layout_f16.CHUNK_ROWS):
         stop = min(start + layout_f16.CHUNK_ROWS, source.shape[0])
-        block = layout_f16.rows_as_float32(source, start, stop, bf16)
-        if not np.isfinite(block).all() or np.abs(block).max(initial=0) > layout_f16.F16_MAX:
-            raise UserError(f"embedding rows {start}..{stop - 1} are not finite or exceed float16 range")
-        rows[start:stop] = block
+        if not np.isfinite(layout_f16.rows_as_float32(source, start, stop, bf16)).all():
+            raise UserError(f"embedding rows {start}..{stop - 1} are not finite")
+        rows[start:stop] = source[start:stop]
     rows.flush()
     del rows
     os.replace(tmp, directory / f"{name}.npy")
@@ -193,7 +209,7 @@ def _convert(ckpt: Checkpoint, config: ModelConfig, artifact: Artifact, out: Pat
         for name, key, size in _layer_norms(config):
             _save(tmp, f"layers.{i}.{key}", checkpoint.norm_weight(ckpt, checkpoint.layer_prefix(i) + name, size))
     _save(tmp, "norm", checkpoint.norm_weight(ckpt, "model.norm", config.hidden))
-    _save_rows_f16(tmp, "embed", *_float_matrix(ckpt, "model.embed_tokens.weight", config))
+    _save_rows(tmp, "embed", *_float_matrix(ckpt, "model.embed_tokens.weight", config))
     output, bf16 = _output_source(ckpt, config)
     _save(tmp, "output", layout_f16.pack_rows(output, bf16=bf16))
     (tmp / META_FILE).write_text(json.dumps({"converter": CONVERTER_VERSION, "source": str(ckpt.dir), "config": config.name}, indent=2))
