@@ -7,6 +7,7 @@ runtime services parallel kernels call, then the library itself.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,11 +111,36 @@ class KernelTable:
         return cache[name]
 
 
-class Artifact(KernelTable):
-    """A loaded artifact: its manifest and its kernels, by name or by linear shape."""
+@dataclass
+class LaunchStats:
+    """Kernel launches and the seconds spent inside them, counted by an Artifact made with
+    ``stats``: what the benchmark reports per decoded token (host time is the rest)."""
 
-    def __init__(self, artifact_dir: Path | str):
+    calls: int = 0
+    seconds: float = 0.0
+
+    def reset(self) -> None:
+        self.calls, self.seconds = 0, 0.0
+
+    def counted(self, function: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return function(*args)
+            finally:
+                self.seconds += time.perf_counter() - start
+                self.calls += 1
+
+        return call
+
+
+class Artifact(KernelTable):
+    """A loaded artifact: its manifest and its kernels, by name or by linear shape. With
+    ``stats`` every kernel call is counted and timed into it (for measuring, not for speed)."""
+
+    def __init__(self, artifact_dir: Path | str, stats: LaunchStats | None = None):
         self.dir = Path(artifact_dir)
+        self.stats = stats
         self.manifest = read_manifest(self.dir)
         self.device = self.manifest.device_kind
         if self.device == "metal":
@@ -136,7 +162,7 @@ class Artifact(KernelTable):
             import tvm_ffi
 
             function = gpu.DeviceFunction(function, tvm_ffi.device("cuda", 0))
-        return function
+        return self.stats.counted(function) if self.stats else function
 
     def output_layer(self, n: int, k: int) -> OutputLayer:
         """The manifest entry of the [vocab, hidden] output layer: its formats and their kernels."""
