@@ -96,14 +96,19 @@ LINEAR_PLANNERS = {"lut": _lut_linear, "dot2": _dot2_linear, "gpu2": _gpu2_linea
 
 def plan(linears: list[Linear], target: TargetSpec, family: Family) -> tuple[list[KernelEntry], list[LinearEntry]]:
     """Kernels for the distinct shapes among ``linears``, and each linear's manifest entry:
-    every layer is quantize, the family's matmuls, dequantize."""
+    every layer is quantize (or, for a normalized input on a CPU, rmsnorm_quantize), the
+    family's matmuls, dequantize."""
     kernels: dict[str, KernelEntry] = {}
     entries = []
     for lin in linears:
         params, names, matmuls = LINEAR_PLANNERS[family.name](lin, target)
         shape = {key: matmuls[0].shape[key] for key in ("n", "k", "n_padded", "k_padded")}
         names = {"quantize": f"quantize_k{lin.k}_p{shape['k_padded']}", **names, "dequantize": f"dequantize_n{lin.n}_p{shape['n_padded']}"}
-        for entry in (KernelEntry(names["quantize"], "quantize", shape), *matmuls, KernelEntry(names["dequantize"], "dequantize", shape)):
+        fixed = [KernelEntry(names["quantize"], "quantize", shape), KernelEntry(names["dequantize"], "dequantize", shape)]
+        if not target.is_gpu:  # no GPU schedule yet: GPU artifacts do not run models
+            names["rmsnorm_quantize"] = f"rmsnorm_quantize_k{lin.k}_p{shape['k_padded']}"
+            fixed.append(KernelEntry(names["rmsnorm_quantize"], "rmsnorm_quantize", shape))
+        for entry in (fixed[0], *fixed[2:], *matmuls, fixed[1]):
             kernels.setdefault(entry.name, entry)
         entries.append(LinearEntry(lin.name, *shape.values(), family.layout, params, names))
     return list(kernels.values()), entries

@@ -65,7 +65,13 @@ def arm_dot2_artifact(tmp_path_factory) -> Path:
 def test_neon_prefers_lut_and_offers_dot2(arm_artifact: Path, arm_dot2_artifact: Path) -> None:
     assert read_manifest(arm_artifact).family == "lut"
     manifest = read_manifest(arm_dot2_artifact)
-    assert manifest.family == "dot2" and {k.op for k in manifest.kernels} == {"quantize", "dot2_gemv", "dot2_gemm", "dequantize"}
+    assert manifest.family == "dot2" and {k.op for k in manifest.kernels} == {
+        "quantize",
+        "rmsnorm_quantize",
+        "dot2_gemv",
+        "dot2_gemm",
+        "dequantize",
+    }
     asm = subprocess.run(
         ["aarch64-linux-gnu-objdump", "-d", str(arm_dot2_artifact / "kernels.so")], capture_output=True, text=True, check=True
     ).stdout
@@ -86,7 +92,7 @@ def test_every_kernel_exact_under_emulation(arm_artifact: Path, threads: int) ->
     with _emulated(arm_artifact, threads) as emulated:
         assert verify(emulated, seed=threads, echo=lines.append), "\n".join(lines)
         ops = {emulated.kernel(n).op for n in emulated.kernel_names}
-    assert ops == {"quantize", "lut_table", "lut_gemv", "lut_gemm", "dequantize", "f16_gemv", "i8_gemv"}
+    assert ops == {"quantize", "rmsnorm_quantize", "lut_table", "lut_gemv", "lut_gemm", "dequantize", "f16_gemv", "i8_gemv"}
     assert lines[-1] == f"{len(lines) - 1} passed, 0 failed"
 
 

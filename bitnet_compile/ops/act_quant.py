@@ -26,12 +26,13 @@ reference = _reference.quantize_activations
 VECTOR = 16  # float32 lanes of a zmm; on ymm LLVM splits it in two
 
 
-def compute(tokens, k: int, k_padded: int, scale_from_absmax: bool = False) -> tuple[te.Tensor, te.Tensor, te.Tensor]:
-    """x -> (q, scale). With ``scale_from_absmax`` (the GPU form) q recomputes its scale from
-    absmax (the same float32 division, so bit-identical) instead of reading the scale output:
-    on a GPU one thread writes that output, and reading it back in other threads would race,
-    while absmax sits in shared memory behind the reduction's barrier."""
-    x = te.placeholder((tokens, k), "float32", name="x")
+def quantize_of(x: te.Tensor, k: int, k_padded: int, scale_from_absmax: bool = False) -> tuple[te.Tensor, te.Tensor]:
+    """(q, scale) of the float32 rows of ``x`` [tokens, k] (a placeholder, or a computed tensor
+    such as rmsnorm_quant's normalized rows). With ``scale_from_absmax`` (the GPU form) q
+    recomputes its scale from absmax (the same float32 division, so bit-identical) instead of
+    reading the scale output: on a GPU one thread writes that output, and reading it back in
+    other threads would race, while absmax sits in shared memory behind the reduction's barrier."""
+    tokens = x.shape[0]
     r = te.reduce_axis((0, k), "r")
     absmax = te.compute((tokens,), lambda m: te.max(te.abs(x[m, r]), axis=r), name="absmax")
 
@@ -46,32 +47,61 @@ def compute(tokens, k: int, k_padded: int, scale_from_absmax: bool = False) -> t
         return tirx.Select(c < k, clamped.astype("int8"), tirx.const(0, "int8"))
 
     q = te.compute((tokens, k_padded), quantize, name="q")
+    return q, scale
+
+
+def compute(tokens, k: int, k_padded: int, scale_from_absmax: bool = False) -> tuple[te.Tensor, te.Tensor, te.Tensor]:
+    """x -> (q, scale)."""
+    x = te.placeholder((tokens, k), "float32", name="x")
+    q, scale = quantize_of(x, k, k_padded, scale_from_absmax)
     return x, q, scale
 
 
-def schedule(func: tvm.tirx.PrimFunc, k: int) -> tvm.s_tir.Schedule:
-    """Tokens in parallel, each token's max, scale and rounding in one loop body (so the
-    intermediates live on the stack, not in per-call heap workspaces). The max runs as
-    VECTOR-wide partial maxima: order-free, so still exact. The partial count divides K:
-    TVM 0.27 mis-vectorizes an rfactor whose split needs a predicate."""
-    sch = tvm.s_tir.Schedule(func)
-    absmax, scale, q = sch.get_sblock("absmax"), sch.get_sblock("scale"), sch.get_sblock("q")
-    _, r = sch.get_loops(absmax)
-    lanes = max(d for d in range(1, VECTOR + 1) if k % d == 0)
-    _, r_inner = sch.split(r, [None, lanes])
-    partial = sch.rfactor(r_inner, 0)
-    (token,) = sch.get_loops(scale)
-    sch.parallel(token)
-    sch.compute_at(absmax, token)
-    sch.compute_at(partial, token)
-    sch.reverse_compute_at(q, token)
-    if lanes > 1:  # loops now [token, lanes, steps], steps elided when it is 1
+def lanes_dividing(k: int) -> int:
+    """Partial reductions per row: the most up to VECTOR that divide K (TVM 0.27
+    mis-vectorizes an rfactor whose split needs a predicate)."""
+    return max(d for d in range(1, VECTOR + 1) if k % d == 0)
+
+
+def vectorize_partial(sch: tvm.s_tir.Schedule, partial, lanes: int) -> None:
+    """Vectorize an rfactor block's lanes (its loops under the token: lanes, steps; steps
+    elided when it is 1)."""
+    if lanes > 1:
         inner = sch.get_loops(partial)[1:]
         if len(inner) == 2:
             sch.reorder(inner[1], inner[0])
         sch.vectorize(inner[0])
+
+
+def schedule_quantize(sch: tvm.s_tir.Schedule, k: int, first: tuple = ()):
+    """Tokens in parallel, each token's max, scale and rounding in one loop body (so the
+    intermediates live on the stack, not in per-call heap workspaces). The max runs as
+    vector-wide partial maxima: order-free, so still exact. ``first``: per-token blocks that x
+    is computed from (rmsnorm_quant's inverse norm), merged into the token loop ahead of the
+    quantization. Returns the token loop."""
+    absmax, scale, q = sch.get_sblock("absmax"), sch.get_sblock("scale"), sch.get_sblock("q")
+    _, r = sch.get_loops(absmax)
+    lanes = lanes_dividing(k)
+    _, r_inner = sch.split(r, [None, lanes])
+    partial = sch.rfactor(r_inner, 0)
+    if first:
+        token = sch.merge(*(sch.get_loops(block)[0] for block in (*first, scale, q)))
+    else:
+        (token,) = sch.get_loops(scale)
+    sch.parallel(token)
+    sch.compute_at(absmax, token)
+    sch.compute_at(partial, token)
+    if not first:
+        sch.reverse_compute_at(q, token)
+    vectorize_partial(sch, partial, lanes)
     _, qc_inner = sch.split(sch.get_loops(q)[-1], [None, VECTOR])
     sch.vectorize(qc_inner)
+    return token
+
+
+def schedule(func: tvm.tirx.PrimFunc, k: int) -> tvm.s_tir.Schedule:
+    sch = tvm.s_tir.Schedule(func)
+    schedule_quantize(sch, k)
     return sch
 
 

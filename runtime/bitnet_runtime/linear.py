@@ -85,6 +85,7 @@ class BitLinear:
         self.shape = entry.shape
         self._kernels = {role: artifact.kernel(name).function for role, name in entry.kernels.items()}
         self.quantize, self.dequantize = self._kernels["quantize"], self._kernels["dequantize"]
+        self.rmsnorm_quantize = self._kernels["rmsnorm_quantize"]
         self.weight_scale = aligned_copy(scale)
         self._buffers: dict[int, _Buffers] = {}
 
@@ -100,16 +101,34 @@ class BitLinear:
             raise UserError(f"activations must have shape [tokens, {self.shape['k']}], got {list(np.shape(x))}")
         return x
 
+    def _buffer(self, tokens: int) -> _Buffers:
+        buf = self._buffers.get(tokens)
+        if buf is None:
+            buf = self._buffers[tokens] = _Buffers(tokens, self._entry, self._kernels)
+        return buf
+
     def forward(self, x: np.ndarray) -> np.ndarray:
         """y for x [tokens, in], in this layer's own buffer: valid until its next call with
         the same token count (the model's hot path, which copies nothing)."""
         x = self._check_input(x)
-        tokens = x.shape[0]
-        buf = self._buffers.get(tokens)
-        if buf is None:
-            buf = self._buffers[tokens] = _Buffers(tokens, self._entry, self._kernels)
+        buf = self._buffer(x.shape[0])
         buf.x[...] = x
         self.quantize(buf.x, buf.q, buf.scale)
+        return self._matmul(buf)
+
+    def forward_normed(self, x: np.ndarray, norm: np.ndarray, eps: np.ndarray) -> np.ndarray:
+        """y for RMSNorm(x) with weight ``norm`` and ``eps`` (float32 [1]), both 64-byte aligned:
+        the norm and the quantization are one kernel (rmsnorm_quantize), the normalized
+        activations never exist. Same buffer rules as ``forward``."""
+        x = self._check_input(x)
+        buf = self._buffer(x.shape[0])
+        if not is_aligned(x):  # the kernel reads with aligned vector loads
+            buf.x[...] = x
+            x = buf.x
+        self.rmsnorm_quantize(x, norm, eps, buf.q, buf.scale)
+        return self._matmul(buf)
+
+    def _matmul(self, buf: _Buffers) -> np.ndarray:
         acc = buf.matmul(self.packed)
         self.dequantize(acc, buf.scale, self.weight_scale, buf.out)
         return buf.out

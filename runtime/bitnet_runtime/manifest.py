@@ -16,7 +16,7 @@ from typing import Any
 
 from .errors import UserError
 
-FORMAT_VERSION = 3  # 3: typed manifest, kernel knobs only those the kernel has; 2: per-row weight scales
+FORMAT_VERSION = 4  # 4: linears carry rmsnorm_quantize; 3: typed manifest, only each kernel's own knobs; 2: per-row weight scales
 MANIFEST_FILE = "manifest.json"
 LIBRARY_FILE = "kernels.so"
 RUNTIME_LIBRARY_FILE = "libtvm_runtime.so"
@@ -24,6 +24,7 @@ CUDA_SOURCE_FILE = "kernels.cu"  # CUDA artifacts: the generated source, for rea
 METAL_SOURCE_FILE = "kernels.metal"  # Metal artifacts: the kernels, as Metal Shading Language
 KERNEL_OPS = (
     "quantize",
+    "rmsnorm_quantize",
     "lut_table",
     "lut_gemv",
     "lut_gemm",

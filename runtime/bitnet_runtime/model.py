@@ -18,16 +18,13 @@ from threadpoolctl import threadpool_limits
 from .artifact import Artifact
 from .errors import UserError
 from .linear import BitLinear
+from .memory import aligned_copy
 from .model_config import ModelConfig
 from .output_layer import make_output_layer
+from .reference import rms_norm
 from .weights import ModelWeights
 
 KV_CHUNK = 256  # KV cache capacity grows in steps of this many positions
-
-
-def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    variance = np.mean(np.square(x), axis=-1, keepdims=True)
-    return weight * (x * (np.float32(1.0) / np.sqrt(variance + np.float32(eps))))
 
 
 def relu2(x: np.ndarray) -> np.ndarray:
@@ -101,44 +98,51 @@ class Layer:
         self.sub_norms = (weights.array(prefix + "attn_sub_norm"), weights.array(prefix + "ffn_sub_norm")) if config.sub_norms else None
         self.cache = KVCache(config.kv_heads, config.head_dim, context)
         self.act = ACTIVATIONS[config.act]
+        self.eps, self.quant_eps = (
+            aligned_copy(np.array([config.rms_eps], np.float32)),
+            aligned_copy(np.array([config.quant.rms_norm_eps], np.float32)),
+        )
 
-    def _linear(self, name: str, x: np.ndarray) -> np.ndarray:
-        layer, norm = self.linears[name]
-        if norm is not None:  # use_rms_norm: the BitLinear normalizes its own input
-            x = rms_norm(x, norm, self.c.quant.rms_norm_eps)
-        return layer.forward(x)
+    def _linear(self, name: str, x: np.ndarray, norm: np.ndarray | None = None, eps: np.ndarray | None = None) -> np.ndarray:
+        """The BitLinear ``name`` of x, or of RMSNorm(x) with weight ``norm``: the norm is then
+        part of the BitLinear's input quantization (one rmsnorm_quantize kernel)."""
+        layer, own_norm = self.linears[name]
+        if own_norm is not None:  # use_rms_norm: the BitLinear normalizes its own input, after the layer's norm
+            if norm is not None:
+                x = rms_norm(x, norm, float(eps[0]))
+            norm, eps = own_norm, self.quant_eps
+        return layer.forward(x) if norm is None else layer.forward_normed(x, norm, eps)
 
-    def _qkv(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(q|k side by side [T, heads + kv_heads, d], so one rotary call serves both; v [T, kv_dim])."""
-        c = self.c
+    def _qkv(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(q|k side by side [T, heads + kv_heads, d], so one rotary call serves both; v [T, kv_dim])
+        of the input-normed x."""
+        c, norm = self.c, (self.input_norm, self.eps)
         if "qkv" in self.linears:
-            y = self._linear("qkv", h)
-            return y[:, : c.q_dim + c.kv_dim].reshape(h.shape[0], -1, c.head_dim), y[:, c.q_dim + c.kv_dim :]
-        qk = np.concatenate((self._linear("q", h), self._linear("k", h)), axis=1)
-        return qk.reshape(h.shape[0], -1, c.head_dim), self._linear("v", h)
+            y = self._linear("qkv", x, *norm)
+            return y[:, : c.q_dim + c.kv_dim].reshape(x.shape[0], -1, c.head_dim), y[:, c.q_dim + c.kv_dim :]
+        qk = np.concatenate((self._linear("q", x, *norm), self._linear("k", x, *norm)), axis=1)
+        return qk.reshape(x.shape[0], -1, c.head_dim), self._linear("v", x, *norm)
 
-    def _gate_up(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _gate_up(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(gate, up) of the post-attention-normed x."""
+        norm = (self.post_norm, self.eps)
         if "gate_up" in self.linears:
-            y = self._linear("gate_up", h)
+            y = self._linear("gate_up", x, *norm)
             return y[:, : self.c.ffn], y[:, self.c.ffn :]
-        return self._linear("gate", h), self._linear("up", h)
+        return self._linear("gate", x, *norm), self._linear("up", x, *norm)
+
+    def _sub_norm(self, i: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        return (self.sub_norms[i], self.eps) if self.sub_norms else (None, None)
 
     def __call__(self, x: np.ndarray, pos: int, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         c, t = self.c, x.shape[0]
-        h = rms_norm(x, self.input_norm, c.rms_eps)
-        qk, v = self._qkv(h)
+        qk, v = self._qkv(x)
         qk = rotate(qk, cos, sin)
         self.cache.store(qk[:, c.heads :], v.reshape(t, c.kv_heads, c.head_dim), pos)
         a = self.cache.attend(qk[:, : c.heads], pos)
-        if self.sub_norms:
-            a = rms_norm(a, self.sub_norms[0], c.rms_eps)
-        x = x + self._linear("o", a)
-        h = rms_norm(x, self.post_norm, c.rms_eps)
-        gate, up = self._gate_up(h)
-        m = self.act(gate) * up
-        if self.sub_norms:
-            m = rms_norm(m, self.sub_norms[1], c.rms_eps)
-        return x + self._linear("down", m)
+        x = x + self._linear("o", a, *self._sub_norm(0))
+        gate, up = self._gate_up(x)
+        return x + self._linear("down", self.act(gate) * up, *self._sub_norm(1))
 
 
 class Model:

@@ -27,6 +27,33 @@ def quantize_activations(x: np.ndarray, k_padded: int | None = None) -> tuple[np
     return out, scale.astype(np.float32)
 
 
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """RMSNorm in float32, in the order transformers computes it."""
+    variance = np.mean(np.square(x), axis=-1, keepdims=True)
+    return weight * (x * (np.float32(1.0) / np.sqrt(variance + np.float32(eps))))
+
+
+def rmsnorm_quantize(x: np.ndarray, weight: np.ndarray, eps: float, k_padded: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """RMSNorm, then per-token absmax int8 quantization: what a normalized BitLinear input is."""
+    return quantize_activations(rms_norm(np.asarray(x, np.float32), weight, eps), k_padded)
+
+
+RMSNORM_MAX_DIFFERENT = 1e-3  # fraction of quantized activations that may be one step off
+
+
+def rmsnorm_quantize_mismatch(q: np.ndarray, scale: np.ndarray, want_q: np.ndarray, want_scale: np.ndarray) -> str | None:
+    """None when a fused RMSNorm + quantize result is the reference's but for entries one
+    step off (at most RMSNORM_MAX_DIFFERENT of them) and scales equal to float32 rounding: the
+    kernel sums squares in another order than numpy's mean, so the variance may differ in its
+    last bits, which moves a value lying that close to a rounding boundary by one step."""
+    off = np.abs(q.astype(np.int16) - want_q.astype(np.int16))
+    if off.max(initial=0) > 1 or (off > 0).mean() > RMSNORM_MAX_DIFFERENT:
+        return f"{int((off > 0).sum())} of {q.size} quantized activations differ (max {int(off.max(initial=0))} steps)"
+    if not np.allclose(scale, want_scale, rtol=1e-5, atol=0):
+        return f"scales differ from the reference by up to {float(np.max(np.abs(scale / want_scale - 1))):.2e}"
+    return None
+
+
 def lut_tables(q: np.ndarray) -> np.ndarray:
     """Tables [M, K/4, 2, 16] int8: byte planes of L[e] = sum of the activations selected by e."""
     m, k = q.shape

@@ -44,6 +44,20 @@ def check_quantize(kernel: Kernel, rng: np.random.Generator) -> bool:
     return np.array_equal(q, want_q) and np.array_equal(scale, want_scale)
 
 
+def check_rmsnorm_quantize(kernel: Kernel, rng: np.random.Generator) -> bool:
+    """Within one quantization step of the reference (reference.rmsnorm_quantize_mismatch),
+    on random norm weights, an all-zero token included."""
+    s = kernel.shape
+    x = (rng.standard_normal((TOKENS, s["k"])) * rng.uniform(0.01, 100)).astype(np.float32)
+    x[1] = 0.0
+    weight = (1 + 0.2 * rng.standard_normal(s["k"])).astype(np.float32)
+    eps = np.array([1e-5], np.float32)
+    q, scale = aligned_zeros((TOKENS, s["k_padded"]), np.int8), aligned_zeros((TOKENS,), np.float32)
+    kernel(aligned_copy(x), aligned_copy(weight), aligned_copy(eps), q, scale)
+    want_q, want_scale = reference.rmsnorm_quantize(x, weight, float(eps[0]), s["k_padded"])
+    return reference.rmsnorm_quantize_mismatch(q, scale, want_q, want_scale) is None
+
+
 def check_table(kernel: Kernel, rng: np.random.Generator) -> bool:
     q = _activations(rng, TOKENS, kernel.shape["k_padded"])
     tables = aligned_zeros(layout.table_shape(TOKENS, q.shape[1]), np.int8)
@@ -172,13 +186,18 @@ def check_i8_gemv(kernel: Kernel, rng: np.random.Generator) -> bool:
     return True
 
 
-TOLERANT_OPS = {"f16_gemv": f"close (within {reference.F16_GEMV_RTOL:g} x sum|x w|)"}  # checked to a tolerance, not exactly
+TOLERANT_OPS = {
+    "f16_gemv": f"close (within {reference.F16_GEMV_RTOL:g} x sum|x w|)",
+    "rmsnorm_quantize": "close (one step off at most, in few entries)",
+}  # checked to a tolerance, not exactly
 
 
 def check_kernel(artifact: Artifact, name: str, rng: np.random.Generator) -> bool:
     kernel = artifact.kernel(name)
     if kernel.op == "quantize":
         return check_quantize(kernel, rng)
+    if kernel.op == "rmsnorm_quantize":
+        return check_rmsnorm_quantize(kernel, rng)
     if kernel.op == "lut_table":
         return check_table(kernel, rng)
     if kernel.op == "dequantize":
