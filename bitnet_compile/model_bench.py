@@ -4,12 +4,14 @@ For each thread count and output-layer format, a fresh process (TVM's thread poo
 per process, and peak memory must be the run's own) loads the model, then measures:
 - decode: 128 tokens generated one at a time after a short prompt (greedy, EOS ignored);
 - prompt: a 128-token prompt processed as one batch;
-- the Python/numpy time per decoded token outside the compiled linear and output layers;
+- per decoded token, the host time outside compiled kernels and the kernel launches;
 - peak resident memory, the weight bytes read per token and the DRAM read bandwidth (a
   read-only TVM kernel over twice the L3), hence the fraction of the bandwidth limit
   (decode tok/s x bytes per token / bandwidth) reached;
 - for the i8 output layer, its top-1 agreement with f16 on the same hidden states.
 Medians of ``--repeat`` runs. The worker half of this module needs only bitnet_runtime.
+With ``--peers DIR`` (peers.py), the f16 runs alternate with the peers' over ``--rounds``
+rounds, and a second table gives medians over the rounds and the ratios.
 """
 
 from __future__ import annotations
@@ -43,6 +45,15 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=int, default=128, help="decoded tokens and prompt tokens per run (default 128)")
     p.add_argument("--repeat", type=int, default=3, help="runs per figure; medians are reported (default 3)")
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    p.add_argument(
+        "--peers",
+        type=Path,
+        default=None,
+        help="also run the peers built in this directory (bitnet.cpp, llama.cpp), interleaved, and print ratios",
+    )
+    p.add_argument(
+        "--rounds", type=int, default=2, help="with --peers: interleaved rounds of this project's f16 runs and the peers' (default 2)"
+    )
 
 
 def _list(text: str, kind, what: str) -> list:
@@ -122,6 +133,7 @@ def run(args: argparse.Namespace, artifact_dir: Path) -> int:
             for t in threads:
                 print(f"measuring {t} thread{'s' if t > 1 else ''}, {fmt} output layer ...", file=sys.stderr, flush=True)
                 runs.append(_worker_run(spec, t, fmt))
+        side_by_side = _with_peers(args, spec, threads, model_dir, runs) if args.peers else None
     report = {
         "date": _dt.date.today().isoformat(),
         "cpu": cpu_model(),
@@ -132,13 +144,62 @@ def run(args: argparse.Namespace, artifact_dir: Path) -> int:
         "repeat": args.repeat,
         "seconds": time.perf_counter() - start,
         "runs": runs,
+        **({"peers": side_by_side} if side_by_side else {}),
     }
     print(format_report(report))
+    if side_by_side:
+        print(format_peers(side_by_side))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
+
+
+def _with_peers(args: argparse.Namespace, spec: dict, threads: list[int], model_dir: Path, first: list[dict]) -> list[dict]:
+    """Per thread count, this project's f16 decode/prompt and each peer's, medians over
+    ``--rounds`` interleaved rounds (the first round reuses the f16 runs just made)."""
+    import statistics
+
+    from bitnet_runtime.model_config import load_config
+
+    from . import peers
+
+    if args.rounds < 1:
+        raise UserError("--rounds must be at least 1")
+    found = peers.available(args.peers, load_config(model_dir).hidden)
+    samples: dict[tuple[int, str], list[dict]] = {}
+    for round_ in range(args.rounds):
+        for t in threads:
+            ours = next((r for r in first if r["threads"] == t and r["format"] == "f16"), None) if round_ == 0 else None
+            samples.setdefault((t, "this project"), []).append(ours or _worker_run(spec, t, "f16"))
+            for peer in found:
+                print(f"round {round_ + 1}/{args.rounds}: {peer.name}, {t} thread{'s' if t > 1 else ''} ...", file=sys.stderr, flush=True)
+                samples.setdefault((t, peer.name), []).append(peers.measure(peer, t, args.tokens, args.repeat))
+    table = []
+    for t in threads:
+        row: dict = {"threads": t}
+        for name in ["this project", *(p.name for p in found)]:
+            runs = samples[(t, name)]
+            row[name] = {key: statistics.median(r[key] for r in runs) for key in ("decode_tok_s", "prompt_tok_s")}
+        table.append(row)
+    return table
+
+
+def format_peers(table: list[dict]) -> str:
+    """Decode / prompt tokens/s side by side, and this project's ratio to each peer."""
+    names = [name for name in table[0] if name not in ("threads", "this project")]
+    head = ["threads", "this project (f16) decode / prompt"] + [f"{n} decode / prompt" for n in names] + [f"vs {n}" for n in names]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in table:
+        ours = row["this project"]
+        cells = [str(row["threads"]), f"{ours['decode_tok_s']:.1f} / {ours['prompt_tok_s']:.1f}"]
+        cells += [f"{row[n]['decode_tok_s']:.1f} / {row[n]['prompt_tok_s']:.1f}" for n in names]
+        cells += [
+            f"{ours['decode_tok_s'] / row[n]['decode_tok_s']:.2f}x / {ours['prompt_tok_s'] / row[n]['prompt_tok_s']:.2f}x" for n in names
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def format_report(report: dict) -> str:
