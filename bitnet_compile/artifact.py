@@ -41,7 +41,7 @@ from .errors import UserError
 from .families import Family, choose
 from .models import Linear
 from .ops import registry
-from .plan import launch, plan, plan_attention, plan_output_layer, schedule_summary
+from .plan import launch, plan, plan_output_layer, schedule_summary
 from .target import TargetSpec
 
 
@@ -166,12 +166,10 @@ def build(
     family: Family | None = None,
     model_name: str | None = None,
     output_layer: tuple[int, int] | None = None,
-    attention: list[tuple[int, int, int]] = (),
 ) -> Path:
     """Write a complete artifact to ``out_dir`` (family: the preferred one the target runs;
-    output_layer: (vocab, hidden) for a model's logits kernels; attention: (heads, kv_heads,
-    head_dim) of the models it will run; both CPU targets only); files appear only once fully
-    written."""
+    output_layer: (vocab, hidden) for a model's logits kernels, CPU targets only); files
+    appear only once fully written."""
     import tvm
 
     family = family or choose(target, "auto", schedule_db.family_preference(target.isa))
@@ -182,10 +180,6 @@ def build(
     elif output_layer:
         output_entry, output_kernels = plan_output_layer(*output_layer, target)
         kernels += [k for k in output_kernels if k.name not in {p.name for p in kernels}]
-    attention_entries: list = []
-    if attention and not target.is_gpu:
-        attention_entries, attention_kernels = plan_attention(list(attention))
-        kernels += attention_kernels
     print(schedule_summary(kernels, target), file=sys.stderr)
     executable = compile_kernels(kernels, target)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -200,7 +194,6 @@ def build(
         kernels=tuple(kernels),
         linears=tuple(entries),
         output_layer=output_entry,
-        attention=tuple(attention_entries),
         **EMITTERS[target.kind](executable, target, out_dir, kernels),
     )
     _write(out_dir, MANIFEST_FILE, lambda tmp: tmp.write_text(manifest.dumps()))

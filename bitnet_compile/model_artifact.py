@@ -27,17 +27,7 @@ def for_model(model: str, target: TargetSpec, family_name: str = "auto", echo=la
     vocab, hidden = request.output_layer
     family = choose(target, family_name, schedule_db.family_preference(target.isa))
     linear_shapes = [(lin.name, lin.n, lin.k) for lin in request.linears]
-    ident = [
-        __version__,
-        FORMAT_VERSION,
-        linear_shapes,
-        vocab,
-        hidden,
-        request.attention,
-        target.to_json(),
-        family.name,
-        schedule_db.fingerprint(target),
-    ]
+    ident = [__version__, FORMAT_VERSION, linear_shapes, vocab, hidden, target.to_json(), family.name, schedule_db.fingerprint(target)]
     key = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
     out = cache_root() / "artifacts" / f"{hidden}h-{vocab}v-{family.name}-{target.isa}-{key}"
     if (out / MANIFEST_FILE).is_file():
@@ -46,5 +36,5 @@ def for_model(model: str, target: TargetSpec, family_name: str = "auto", echo=la
     echo(f"compiling the kernels of {request.name} for {target.mcpu} ({target.isa}, {family.name}) into {out} (once)")
     from .artifact import build  # imports TVM: only when there is something to compile
 
-    build(target, request.linears, out, family, model_name=request.name, output_layer=request.output_layer, attention=[request.attention])
+    build(target, request.linears, out, family, model_name=request.name, output_layer=request.output_layer)
     return out

@@ -31,7 +31,6 @@ class ModelShape:
     linear_shapes: tuple[tuple[str, int, int], ...]  # (name, out, in), as the runtime runs them
     vocab: int
     hidden: int
-    attention: tuple[int, int, int]  # heads, kv_heads, head_dim
 
     def linears(self) -> list[Linear]:
         return [Linear(name, n, k) for name, n, k in self.linear_shapes]
@@ -40,7 +39,7 @@ class ModelShape:
 def _preset(name: str, hidden: int, ffn: int, heads: int, kv_heads: int, head_dim: int, vocab: int) -> ModelShape:
     q, kv = heads * head_dim, kv_heads * head_dim
     shapes = (("qkv", q + 2 * kv, hidden), ("o", hidden, q), ("gate_up", 2 * ffn, hidden), ("down", hidden, ffn))
-    return ModelShape(name, shapes, vocab, hidden, (heads, kv_heads, head_dim))
+    return ModelShape(name, shapes, vocab, hidden)
 
 
 PRESETS = {
@@ -55,9 +54,7 @@ def from_model_dir(model_dir: Path) -> ModelShape:
     from bitnet_runtime.model_config import load_config
 
     config = load_config(model_dir)
-    return ModelShape(
-        config.name, tuple(config.linear_shapes()), config.vocab, config.hidden, (config.heads, config.kv_heads, config.head_dim)
-    )
+    return ModelShape(config.name, tuple(config.linear_shapes()), config.vocab, config.hidden)
 
 
 def resolve(model: str) -> ModelShape:
@@ -81,13 +78,12 @@ def resolve(model: str) -> ModelShape:
 class Request:
     """The linears a command was asked for, by ``--model`` or ``--shapes``: compile, tune,
     bench-kernels and the artifact cache all start here, so a model means the same kernels
-    (its linears, its output layer and its attention) to each of them."""
+    (its linears and its output layer) to each of them."""
 
     name: str | None  # the model's name; None for bare shapes
     label: str  # how progress lines name it: the model's name, or "shapes NxK,..." as given
     linears: list[Linear]
     output_layer: tuple[int, int] | None  # a model's (vocab, hidden); bare shapes have none
-    attention: tuple[int, int, int] | None = None  # a model's (heads, kv_heads, head_dim)
 
 
 def resolve_request(model: str | None, shapes: str | None = None) -> Request:
@@ -98,7 +94,7 @@ def resolve_request(model: str | None, shapes: str | None = None) -> Request:
     if model is None:
         raise UserError("give a model (--model) or linear shapes (--shapes)")
     shape = resolve(model)
-    return Request(shape.name, shape.name, shape.linears(), (shape.vocab, shape.hidden), shape.attention)
+    return Request(shape.name, shape.name, shape.linears(), (shape.vocab, shape.hidden))
 
 
 def parse_shapes(text: str) -> list[Linear]:

@@ -13,7 +13,7 @@ import math
 from collections.abc import Callable
 
 from bitnet_runtime import layout, layout_dot2, layout_f16, layout_i8
-from bitnet_runtime.manifest import AttentionEntry, KernelEntry, LinearEntry, OutputFormat, OutputLayer
+from bitnet_runtime.manifest import KernelEntry, LinearEntry, OutputFormat, OutputLayer
 
 from . import records, schedule_db
 from .families import Family
@@ -148,17 +148,6 @@ def plan_output_layer(vocab: int, hidden: int, target: TargetSpec) -> tuple[Outp
         formats[fmt], entries = planner(vocab, hidden, target)
         kernels += entries
     return OutputLayer(vocab, hidden, formats), kernels
-
-
-def plan_attention(shapes: list[tuple[int, int, int]]) -> tuple[list[AttentionEntry], list[KernelEntry]]:
-    """A decode attention kernel per distinct (heads, kv_heads, head_dim)."""
-    entries, kernels = [], []
-    for heads, kv_heads, head_dim in dict.fromkeys(shapes):
-        name = f"attention_decode_h{heads}_g{kv_heads}_d{head_dim}"
-        entries.append(AttentionEntry(heads, kv_heads, head_dim, name))
-        shape = {"n": heads, "k": head_dim, "n_padded": heads, "k_padded": head_dim, "kv_heads": kv_heads}
-        kernels.append(KernelEntry(name, "attention_decode", shape))
-    return entries, kernels
 
 
 def launch(kernel: KernelEntry) -> dict:

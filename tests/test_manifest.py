@@ -15,7 +15,6 @@ from bitnet_runtime.__main__ import main
 from bitnet_runtime.errors import UserError
 from bitnet_runtime.manifest import (
     MANIFEST_FILE,
-    AttentionEntry,
     Device,
     FileEntry,
     KernelEntry,
@@ -53,7 +52,6 @@ def _manifest() -> Manifest:
                 "i8": OutputFormat("i8-tiles-v1", {"gemv": "i8_gemv_n300_k64"}, 320, 64),
             },
         ),
-        attention=(AttentionEntry(4, 2, 16, "attention_decode_h4_g2_d16"),),
         device_libraries=(FileEntry("libcudart.so.13", "ef" * 32),),
         sources=(FileEntry("kernels.cu", "01" * 32),),
         device=Device("cuda", "fatbin", {"gpu2_gemv_n100_k36": {"grid": [8, 1, 1], "threads": [32, 16, 1]}}, arch="sm_80"),

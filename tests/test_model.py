@@ -64,12 +64,7 @@ def artifact_dir(zoo, tmp_path_factory) -> Path:
     linears = {(lin.n, lin.k): lin for s in shapes for lin in s.linears()}
     out = tmp_path_factory.mktemp("artifact")
     build(
-        parse_target("llvm -mcpu=native"),
-        list(linears.values()),
-        out,
-        model_name="zoo",
-        output_layer=(shapes[0].vocab, shapes[0].hidden),
-        attention=[s.attention for s in shapes],
+        parse_target("llvm -mcpu=native"), list(linears.values()), out, model_name="zoo", output_layer=(shapes[0].vocab, shapes[0].hidden)
     )
     return out
 

@@ -57,9 +57,7 @@ def test_runtime_only_environment_runs_a_model(runtime_python, tmp_path):
     model = write_dummy_model("tiny", tmp_path / "model", progress=False)
     shape = models.from_model_dir(model)
     out = tmp_path / "artifact"
-    artifact.build(
-        parse_target("llvm -mcpu=native"), shape.linears(), out, output_layer=(shape.vocab, shape.hidden), attention=[shape.attention]
-    )
+    artifact.build(parse_target("llvm -mcpu=native"), shape.linears(), out, output_layer=(shape.vocab, shape.hidden))
     result = subprocess.run(
         [str(runtime_python), "-m", "bitnet_runtime", "run", "-a", str(out), "-m", str(model), "-p", "hello", "-n", "5", "--json"],
         capture_output=True,

@@ -8,10 +8,10 @@ a researcher's experimental kernel is one ``register`` call in a module passed t
 from __future__ import annotations
 
 from ..errors import UserError
-from . import act_quant, attention, dequant, dot2_matmul, f16_gemv, gpu_matmul, i8_gemv, lut_matmul, lut_table, rmsnorm_quant
+from . import act_quant, dequant, dot2_matmul, f16_gemv, gpu_matmul, i8_gemv, lut_matmul, lut_table, rmsnorm_quant
 from .operator import Operator
 
-MODULES = (act_quant, rmsnorm_quant, attention, lut_table, dequant, lut_matmul, dot2_matmul, gpu_matmul, f16_gemv, i8_gemv)
+MODULES = (act_quant, rmsnorm_quant, lut_table, dequant, lut_matmul, dot2_matmul, gpu_matmul, f16_gemv, i8_gemv)
 
 OPERATORS: dict[str, Operator] = {}
 

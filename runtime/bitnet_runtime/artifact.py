@@ -174,16 +174,6 @@ class Artifact(KernelTable):
             )
         return entry
 
-    def attention(self, heads: int, kv_heads: int, head_dim: int) -> Callable[..., Any]:
-        """The decode attention kernel of this attention shape."""
-        for entry in self.manifest.attention:
-            if (entry.heads, entry.kv_heads, entry.head_dim) == (heads, kv_heads, head_dim):
-                return self.kernel(entry.kernel).function
-        have = ", ".join(f"{e.heads}/{e.kv_heads} heads of {e.head_dim}" for e in self.manifest.attention) or "none"
-        raise UserError(
-            f"artifact has no attention kernel for {heads} heads / {kv_heads} KV heads of {head_dim} ({have}): compile the artifact for this model"
-        )
-
     def linear(self, n: int, k: int) -> LinearEntry:
         """The manifest entry (padded shape, kernel names) for an [n, k] weight matrix."""
         if self.device != "cpu":

@@ -16,7 +16,7 @@ from typing import Any
 
 from .errors import UserError
 
-FORMAT_VERSION = 4  # 4: linears carry rmsnorm_quantize, a model's attention its kernel; 3: typed manifest, only each kernel's own knobs; 2: per-row weight scales
+FORMAT_VERSION = 4  # 4: linears carry rmsnorm_quantize; 3: typed manifest, only each kernel's own knobs; 2: per-row weight scales
 MANIFEST_FILE = "manifest.json"
 LIBRARY_FILE = "kernels.so"
 RUNTIME_LIBRARY_FILE = "libtvm_runtime.so"
@@ -25,7 +25,6 @@ METAL_SOURCE_FILE = "kernels.metal"  # Metal artifacts: the kernels, as Metal Sh
 KERNEL_OPS = (
     "quantize",
     "rmsnorm_quantize",
-    "attention_decode",
     "lut_table",
     "lut_gemv",
     "lut_gemm",
@@ -148,20 +147,6 @@ class LinearEntry:
 
 
 @dataclass(frozen=True)
-class AttentionEntry:
-    """A model's attention shape and its decode kernel (one token over the KV cache)."""
-
-    heads: int
-    kv_heads: int
-    head_dim: int
-    kernel: str
-
-    @classmethod
-    def from_json(cls, r: _Reader) -> AttentionEntry:
-        return cls(r.get("heads", int), r.get("kv_heads", int), r.get("head_dim", int), r.get("kernel", str))
-
-
-@dataclass(frozen=True)
 class OutputFormat:
     """One output-layer format (f16, i8): its weight layout, kernels and padding where it pads."""
 
@@ -237,7 +222,6 @@ class Manifest:
     kernels: tuple[KernelEntry, ...]
     linears: tuple[LinearEntry, ...]
     output_layer: OutputLayer | None = None
-    attention: tuple[AttentionEntry, ...] = ()
     device_libraries: tuple[FileEntry, ...] = ()
     sources: tuple[FileEntry, ...] = ()
     device: Device | None = None
@@ -254,7 +238,7 @@ class Manifest:
         """JSON types only (lists, not tuples), so ``from_json(to_json())`` is the identity;
         the version first, where a reader of the file looks for it."""
         data = asdict(self)
-        for key in ("required_cpu_features", "kernels", "linears", "attention", "device_libraries", "sources"):
+        for key in ("required_cpu_features", "kernels", "linears", "device_libraries", "sources"):
             data[key] = list(data[key])
         return {"format_version": data.pop("format_version"), **data}
 
@@ -287,7 +271,6 @@ class Manifest:
             kernels=tuple(KernelEntry.from_json(k) for k in r.objects("kernels")),
             linears=tuple(LinearEntry.from_json(e) for e in r.objects("linears")),
             output_layer=output_layer and OutputLayer.from_json(output_layer),
-            attention=tuple(AttentionEntry.from_json(a) for a in r.objects("attention", [])),
             device_libraries=tuple(FileEntry.from_json(f) for f in r.objects("device_libraries", [])),
             sources=tuple(FileEntry.from_json(f) for f in r.objects("sources", [])),
             device=device and Device.from_json(device),

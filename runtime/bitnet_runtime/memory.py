@@ -19,13 +19,9 @@ def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
 
 
 def aligned_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
-    """Zeroed by the allocator (calloc): a large buffer's pages become resident only when
-    written, so a KV cache for the whole context costs memory only for the positions used."""
-    dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    raw = np.zeros(nbytes + ALIGNMENT, np.uint8)
-    offset = (-raw.ctypes.data) % ALIGNMENT
-    return raw[offset : offset + nbytes].view(dtype).reshape(shape)
+    out = aligned_empty(shape, dtype)
+    out[...] = 0
+    return out
 
 
 def aligned_copy(array: np.ndarray, dtype=None) -> np.ndarray:

@@ -12,20 +12,19 @@ through as one batch (the kernels' GEMM path), then each new token alone (GEMV).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import numpy as np
 from threadpoolctl import threadpool_limits
 
 from .artifact import Artifact
 from .errors import UserError
 from .linear import BitLinear
-from .memory import aligned_copy, aligned_zeros
+from .memory import aligned_copy
 from .model_config import ModelConfig
 from .output_layer import make_output_layer
 from .reference import rms_norm
 from .weights import ModelWeights
+
+KV_CHUNK = 256  # KV cache capacity grows in steps of this many positions
 
 
 def relu2(x: np.ndarray) -> np.ndarray:
@@ -47,43 +46,37 @@ def rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 
 
 class KVCache:
-    """Keys and values of one layer, position-major [context, kv_heads, head_dim], allocated
-    once for the whole context (zeroed by the allocator: memory only for positions used), so
-    the positions so far are a contiguous prefix. One token attends through the artifact's
-    decode attention kernel (``decode``); a prompt through numpy, causally."""
+    """Keys and values of one layer, [kv_heads, positions, head_dim], grown on demand (a long
+    context costs memory only when it is used)."""
 
-    def __init__(self, kv_heads: int, head_dim: int, context: int, decode: Callable[..., Any] | None = None, heads: int | None = None):
-        self.k = aligned_zeros((context, kv_heads, head_dim), np.float32)
-        self.v = aligned_zeros((context, kv_heads, head_dim), np.float32)
-        self.decode = decode
-        if decode is not None:
-            self.q = aligned_zeros((heads, head_dim), np.float32)
-            self.out = aligned_zeros((1, heads * head_dim), np.float32)
+    def __init__(self, kv_heads: int, head_dim: int, limit: int):
+        self.limit = limit
+        self.k = np.zeros((kv_heads, 0, head_dim), np.float32)
+        self.v = np.zeros_like(self.k)
 
     def store(self, k: np.ndarray, v: np.ndarray, pos: int) -> None:
-        """k, v [T, kv_heads, d] at positions pos.."""
-        self.k[pos : pos + k.shape[0]] = k
-        self.v[pos : pos + v.shape[0]] = v
+        end = pos + k.shape[0]
+        if end > self.k.shape[1]:
+            size = min(self.limit, -(-end // KV_CHUNK) * KV_CHUNK)
+            self.k, self.v = (
+                np.concatenate((c, np.zeros((c.shape[0], size - c.shape[1], c.shape[2]), np.float32)), axis=1) for c in (self.k, self.v)
+            )
+        self.k[:, pos:end] = k.transpose(1, 0, 2)
+        self.v[:, pos:end] = v.transpose(1, 0, 2)
 
     def attend(self, q: np.ndarray, pos: int) -> np.ndarray:
         """Causal attention of queries q [T, heads, d] at positions pos.. over the cache: [T, heads*d]."""
         t, heads, d = q.shape
-        length = pos + t
-        if t == 1 and self.decode is not None:
-            self.q[...] = q[0]
-            self.decode(self.q, self.k[:length], self.v[:length], self.out.reshape(heads, d))
-            return self.out
-        kv_heads = self.k.shape[1]
+        kv_heads, length = self.k.shape[0], pos + t
         group = heads // kv_heads
-        keys, values = self.k[:length].transpose(1, 0, 2), self.v[:length].transpose(1, 0, 2)  # [kv_heads, length, d]
         qg = q.reshape(t, kv_heads, group, d).transpose(1, 2, 0, 3).reshape(kv_heads, group * t, d)
-        scores = (qg @ keys.transpose(0, 2, 1)) * np.float32(d**-0.5)
+        scores = (qg @ self.k[:, :length].transpose(0, 2, 1)) * np.float32(d**-0.5)
         if t > 1:  # row g*t + i is query i of head g: it sees positions <= pos + i
             future = np.arange(length)[None, :] > (pos + np.arange(t))[:, None]
             scores[:, np.tile(future, (group, 1))] = -np.inf
         scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
         scores /= scores.sum(axis=-1, keepdims=True)
-        out = scores @ values
+        out = scores @ self.v[:, :length]
         return out.reshape(kv_heads, group, t, d).transpose(2, 0, 1, 3).reshape(t, heads * d)
 
 
@@ -103,8 +96,7 @@ class Layer:
             self.linears[g.name] = (layer, norm)
         self.input_norm, self.post_norm = weights.array(prefix + "input_norm"), weights.array(prefix + "post_norm")
         self.sub_norms = (weights.array(prefix + "attn_sub_norm"), weights.array(prefix + "ffn_sub_norm")) if config.sub_norms else None
-        decode = artifact.attention(config.heads, config.kv_heads, config.head_dim)
-        self.cache = KVCache(config.kv_heads, config.head_dim, context, decode, config.heads)
+        self.cache = KVCache(config.kv_heads, config.head_dim, context)
         self.act = ACTIVATIONS[config.act]
         self.eps, self.quant_eps = (
             aligned_copy(np.array([config.rms_eps], np.float32)),

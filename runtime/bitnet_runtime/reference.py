@@ -54,27 +54,6 @@ def rmsnorm_quantize_mismatch(q: np.ndarray, scale: np.ndarray, want_q: np.ndarr
     return None
 
 
-ATTENTION_RTOL = 1e-5  # of the largest |value| of v: float32 sums in another order
-
-
-def attention_decode(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """One token's grouped-query attention: q [heads, d] over k, v [length, kv_heads, d]."""
-    heads, d = q.shape
-    group = heads // k.shape[1]
-    keys, values = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)  # [length, heads, d]
-    scores = np.einsum("hd,jhd->hj", q, keys) * np.float32(d**-0.5)
-    scores = np.exp(scores - scores.max(axis=1, keepdims=True))
-    scores /= scores.sum(axis=1, keepdims=True)
-    return np.einsum("hj,jhd->hd", scores, values).astype(np.float32)
-
-
-def attention_mismatch(out: np.ndarray, want: np.ndarray) -> str | None:
-    """None when ``out`` agrees with the reference to ATTENTION_RTOL of its largest value."""
-    bound = ATTENTION_RTOL * max(float(np.abs(want).max()), 1e-30)
-    worst = float(np.nanmax(np.abs(out.astype(np.float64) - want))) if not np.isnan(out).any() else float("nan")
-    return None if worst <= bound else f"attention differs from the reference by {worst:.3g} (allowed {bound:.3g})"
-
-
 def lut_tables(q: np.ndarray) -> np.ndarray:
     """Tables [M, K/4, 2, 16] int8: byte planes of L[e] = sum of the activations selected by e."""
     m, k = q.shape
