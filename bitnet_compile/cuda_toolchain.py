@@ -119,10 +119,18 @@ def _env(**values: str) -> Iterator[None]:
 CALLBACK = "tvm_callback_cuda_compile"
 
 
+def gencode(arch: str) -> list[str]:
+    """nvcc's code for ``arch`` (sm_XY): the SASS for it and its PTX, which the driver compiles
+    for any newer GPU at load. SASS alone (TVM's own callback) fails on a newer GPU with
+    CUDA_ERROR_NO_BINARY_FOR_GPU: an sm_80 artifact on an H200 (sm_90), seen here."""
+    version = arch.removeprefix("sm_")
+    return ["-gencode", f"arch=compute_{version},code=sm_{version}", "-gencode", f"arch=compute_{version},code=compute_{version}"]
+
+
 def compile_fatbin(mod, target):
-    """``tvm.compile`` whose CUDA device module holds a fatbin built by nvcc now. TVM's nvcc
-    callback is registered only for this call: left registered, it would make every later
-    CUDA compile in the process (source inspection) call nvcc without an arch."""
+    """``tvm.compile`` whose CUDA device module holds a fatbin built by nvcc now (``gencode``).
+    The callback is registered only for this call: left registered, it would make every later
+    CUDA compile in the process (source inspection) call nvcc."""
     import tvm
     import tvm.support.nvcc
     import tvm_ffi
@@ -130,7 +138,12 @@ def compile_fatbin(mod, target):
     nvcc_path = nvcc()
     load_codegen_runtime()
     path = f"{nvcc_path.parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    tvm_ffi.register_global_func(CALLBACK, tvm.support.nvcc.tvm_callback_cuda_compile, override=True)
+    arch = gencode(str(target.attrs["arch"]))
+
+    def fatbin(code: str) -> bytes:
+        return tvm.support.nvcc.compile_cuda(code, target_format="fatbin", arch=arch, compiler="nvcc")
+
+    tvm_ffi.register_global_func(CALLBACK, fatbin, override=True)
     try:
         with _env(TVM_CUDA_COMPILE_MODE="nvcc", TVM_CUDA_NVCC_NO_FAST_MATH="1", PATH=path), target:
             return tvm.compile(mod, target=target)

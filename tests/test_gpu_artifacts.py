@@ -140,6 +140,13 @@ def test_verify_check_of_the_gpu_matmul_through_device_buffers(gemv: bool) -> No
         assert not verify.check_gpu2_matmul(wrong, rng)
 
 
+def test_the_fatbin_carries_ptx_for_newer_gpus() -> None:
+    """SASS alone for sm_80 fails to load on an sm_90 H200 (seen); the PTX lets the driver
+    compile it for any newer GPU."""
+    flags = cuda_toolchain.gencode("sm_80")
+    assert flags == ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_80,code=compute_80"]
+
+
 def test_missing_nvcc_is_named(monkeypatch) -> None:
     monkeypatch.setattr(shutil, "which", lambda name: None)
     monkeypatch.delenv("CUDA_HOME", raising=False)

@@ -32,7 +32,8 @@ Kernels (launch geometry):
 Compiling: ``tvm.compile`` alone leaves CUDA source in the device module, which a device could
 only compile with TVM installed; bitnet_compile/cuda_toolchain.py has nvcc build a fatbin at
 compile time instead (and says why that needs TVM's CUDA runtime loaded). sm_80 (A100) is the
-default arch; its PTX also runs on sm_90 (H100); dp4a needs sm_61+.
+default arch; the fatbin also carries its PTX, which ran exactly on an H200 (sm_90); dp4a needs
+sm_61+.
 """
 
 from __future__ import annotations
