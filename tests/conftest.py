@@ -44,6 +44,16 @@ def compile_module(funcs: dict, isa: str, preset: str | None = None):
     return tvm.compile(tvm.IRModule(funcs), target=spec.tvm_target()).mod
 
 
+def isolated_cache(tmp_path_factory):
+    """BITNET_CACHE in a fresh directory while the fixture lives: the model tests' conversions
+    and compiled artifacts never touch the user's cache. Model tests make it a fixture at
+    the scope they need: ``pytest.fixture(scope=..., autouse=True)(isolated_cache)``."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("BITNET_CACHE", str(tmp_path_factory.mktemp("bitnet-cache")))
+    yield
+    mp.undo()
+
+
 BLOCK_TVM = (
     "import sys, importlib.abc\n"
     "class _NoTVM(importlib.abc.MetaPathFinder):\n"

@@ -16,6 +16,7 @@ import pytest
 pytest.importorskip("transformers")
 
 import checkpoints as C  # noqa: E402
+from conftest import isolated_cache  # noqa: E402
 
 from bitnet_compile import models  # noqa: E402
 from bitnet_compile.artifact import build  # noqa: E402
@@ -40,13 +41,7 @@ FORMATS = {
 PROMPT = [0, 17, 33, 5, 101, 250, 7, 64, 9]
 
 
-@pytest.fixture(scope="session", autouse=True)
-def cache_dir(tmp_path_factory):
-    """Conversion caches of these tests live and die with the session."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("BITNET_CACHE", str(tmp_path_factory.mktemp("bitnet-cache")))
-    yield
-    mp.undo()
+cache_dir = pytest.fixture(scope="session", autouse=True)(isolated_cache)
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ import pytest
 pytest.importorskip("transformers")
 
 import checkpoints as C  # noqa: E402
+from conftest import isolated_cache  # noqa: E402
 
 SHAPE = dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=2, vocab_size=451, intermediate_size=160)
 FORMATS = {
@@ -31,12 +32,7 @@ CLOSE = 2e-5  # of the largest logit: float32 summation order
 ONE_STEP = 3e-2  # of the largest logit: an int8 activation a rounding step apart (one flip: up to 1.4e-2 seen)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cache_dir(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("BITNET_CACHE", str(tmp_path_factory.mktemp("bitnet-cache")))
-    yield
-    mp.undo()
+cache_dir = pytest.fixture(scope="module", autouse=True)(isolated_cache)
 
 
 @pytest.fixture(scope="module")
