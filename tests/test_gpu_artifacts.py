@@ -140,6 +140,19 @@ def test_verify_check_of_the_gpu_matmul_through_device_buffers(gemv: bool) -> No
         assert not verify.check_gpu2_matmul(wrong, rng)
 
 
+def test_a_driver_error_in_a_kernel_call_is_one_line() -> None:
+    """What the H200 said of an artifact without code for it, as a one-line error, not a
+    traceback from inside the call."""
+    import tvm_ffi
+
+    def refuses(*args):
+        raise RuntimeError("cuModuleLoadData(...) failed with error: CUDA_ERROR_NO_BINARY_FOR_GPU")
+
+    function = gpu.DeviceFunction(refuses, tvm_ffi.device("cpu", 0))
+    with pytest.raises(UserError, match="the GPU could not run the kernel: .*CUDA_ERROR_NO_BINARY_FOR_GPU"):
+        function(np.zeros(4, np.float32))
+
+
 def test_the_fatbin_carries_ptx_for_newer_gpus() -> None:
     """SASS alone for sm_80 fails to load on an sm_90 H200 (seen); the PTX lets the driver
     compile it for any newer GPU."""

@@ -90,7 +90,10 @@ class DeviceFunction:
         buffers = [self._buffer(i, a) for i, a in enumerate(hosts)]
         for host, buffer in zip(hosts, buffers):
             self._copy(tvm_ffi.from_dlpack(host), buffer)
-        self.function(*buffers)
+        try:
+            self.function(*buffers)
+        except RuntimeError as err:  # the driver's refusal (no code for this GPU, out of memory): one line
+            raise UserError(f"the GPU could not run the kernel: {str(err).splitlines()[-1]}") from None
         for array, host, buffer in zip(arrays, hosts, buffers):
             self._copy(buffer, tvm_ffi.from_dlpack(host))  # a device-to-host copy waits for the kernel
             if host is not array:
