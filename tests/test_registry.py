@@ -105,8 +105,9 @@ def test_knobs_must_name_every_field_and_nothing_else():
 
 def test_the_registry_knows_every_manifest_operator_and_refuses_others():
     from bitnet_runtime.manifest import KERNEL_OPS
+    from bitnet_runtime.verify import CHECKS
 
-    assert set(KERNEL_OPS) == set(registry.OPERATORS)
+    assert set(KERNEL_OPS) == set(registry.OPERATORS) == set(CHECKS)  # every kernel an artifact holds, verify checks
     with pytest.raises(UserError, match="no kernel 'nope'"):
         registry.get("nope")
     with pytest.raises(UserError, match="no tunable kernel 'quantize'"):

@@ -192,25 +192,26 @@ TOLERANT_OPS = {
 }  # checked to a tolerance, not exactly
 
 
+# manifest operator -> its check against the numpy reference
+CHECKS = {
+    "quantize": check_quantize,
+    "rmsnorm_quantize": check_rmsnorm_quantize,
+    "lut_table": check_table,
+    "lut_gemv": check_lut_matmul,
+    "lut_gemm": check_lut_matmul,
+    "dot2_gemv": check_dot2_matmul,
+    "dot2_gemm": check_dot2_matmul,
+    "gpu2_gemv": check_gpu2_matmul,
+    "gpu2_gemm": check_gpu2_matmul,
+    "dequantize": check_dequantize,
+    "f16_gemv": check_f16_gemv,
+    "i8_gemv": check_i8_gemv,
+}
+
+
 def check_kernel(artifact: Artifact, name: str, rng: np.random.Generator) -> bool:
     kernel = artifact.kernel(name)
-    if kernel.op == "quantize":
-        return check_quantize(kernel, rng)
-    if kernel.op == "rmsnorm_quantize":
-        return check_rmsnorm_quantize(kernel, rng)
-    if kernel.op == "lut_table":
-        return check_table(kernel, rng)
-    if kernel.op == "dequantize":
-        return check_dequantize(kernel, rng)
-    if kernel.op.startswith("dot2_"):
-        return check_dot2_matmul(kernel, rng)
-    if kernel.op.startswith("gpu2_"):
-        return check_gpu2_matmul(kernel, rng)
-    if kernel.op == "f16_gemv":
-        return check_f16_gemv(kernel, rng)
-    if kernel.op == "i8_gemv":
-        return check_i8_gemv(kernel, rng)
-    return check_lut_matmul(kernel, rng)
+    return CHECKS[kernel.op](kernel, rng)
 
 
 def verify(artifact: Artifact, seed: int = 0, names: list[str] | None = None, echo=print) -> bool:
