@@ -88,7 +88,7 @@ GEMM_SPACE = SearchSpace(
 def kernel_shape(n: int, k: int, knobs: dict, target: TargetSpec, gemv: bool) -> tuple[dict, dict]:
     """The manifest shape of an (n, k) layer padded for these knobs alone (N to whole tasks of
     row blocks, K to whole unrolled steps for the GEMV), and the knobs."""
-    n_p, k_p = layout_dot2.padded_shape(n, k, knobs["row_blocks"], knobs.get("k_unroll", 1) if gemv else 1)
+    n_p, k_p = layout_dot2.padded_shape(n, k, knobs["row_blocks"], knobs["k_unroll"] if gemv else 1)
     return {"n": n, "k": k, "n_padded": n_p, "k_padded": k_p}, knobs
 
 

@@ -81,6 +81,6 @@ def knobs_of(cls: type, knobs: dict) -> Any:
     names = {f.name for f in fields(cls)}
     missing, unknown = sorted(names - set(knobs)), sorted(set(knobs) - names)
     if missing or unknown:
-        problems = [f"missing {', '.join(missing)}"] * bool(missing) + [f"unknown {', '.join(unknown)}"] * bool(unknown)
+        problems = [f"{what} {', '.join(names)}" for what, names in (("missing", missing), ("unknown", unknown)) if names]
         raise UserError(f"knobs {knobs} for {cls.__name__}: {'; '.join(problems)}")
     return cls(**knobs)
