@@ -13,6 +13,7 @@ Layout of an artifact directory (manifest format version 3), by target kind (``E
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import os
 import re
@@ -22,6 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bitnet_runtime.decode_step import FUNCTIONS
 from bitnet_runtime.manifest import (
     CUDA_SOURCE_FILE,
     LIBRARY_FILE,
@@ -31,15 +33,18 @@ from bitnet_runtime.manifest import (
     Device,
     FileEntry,
     KernelEntry,
+    LinearEntry,
     Manifest,
+    OutputLayer,
+    Program,
     file_sha256,
 )
 from bitnet_runtime.progress import progress
 
-from . import __version__, cross, schedule_db
+from . import __version__, cross, program, schedule_db
 from .errors import UserError
 from .families import Family, choose
-from .models import Linear
+from .models import Decoder, Linear
 from .ops import registry
 from .plan import launch, plan, plan_output_layer, schedule_summary
 from .target import TargetSpec
@@ -54,14 +59,16 @@ def tvm_runtime_library(target: TargetSpec) -> Path:
     return path
 
 
-def compile_kernels(kernels: list[KernelEntry], target: TargetSpec):
+def compile_kernels(kernels: list[KernelEntry], target: TargetSpec, program: Callable | None = None):
     """Schedule every kernel (with progress), then compile them together into one module
-    (for CUDA with nvcc run now, so the artifact carries a fatbin)."""
+    (for CUDA with nvcc run now, so the artifact carries a fatbin). ``program(funcs)``: the
+    module of the kernels and the decode step's Relax functions calling them."""
     import tvm
 
     funcs = {}
     for k in progress(kernels, "scheduling", "kernel"):
         funcs[k.name] = registry.get(k.op).build(k.name, k.shape, k.knobs, target)
+    module = tvm.IRModule(funcs) if program is None else program(funcs)
     what = "LLVM" if not target.is_gpu else f"TVM's {target.kind} codegen" + (" and nvcc" if target.kind == "cuda" else "")
     print(
         f"compiling {len(funcs)} kernels for {target.gpu_arch or target.mcpu} ({target.isa}) with {what} ...", file=sys.stderr, flush=True
@@ -70,9 +77,9 @@ def compile_kernels(kernels: list[KernelEntry], target: TargetSpec):
     if target.kind == "cuda":
         from . import cuda_toolchain
 
-        executable = cuda_toolchain.compile_fatbin(tvm.IRModule(funcs), target.tvm_target())
+        executable = cuda_toolchain.compile_fatbin(module, target.tvm_target())
     else:
-        executable = tvm.compile(tvm.IRModule(funcs), target=target.tvm_target())
+        executable = tvm.compile(module, target=target.tvm_target())
     print(f"compiled in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return executable
 
@@ -159,6 +166,25 @@ def _emit_metal(executable, target: TargetSpec, out_dir: Path, kernels: list[Ker
 EMITTERS = {"llvm": _emit_cpu, "cuda": _emit_cuda, "metal": _emit_metal}
 
 
+def _plan_program(
+    decoder: Decoder | None, target: TargetSpec, linears: list[LinearEntry], output: OutputLayer | None, kernels: list[KernelEntry]
+) -> tuple[Program | None, Callable | None]:
+    """The decode step's manifest entry and the function adding it to the compiled module;
+    its extra kernels are appended to ``kernels``. (None, None) where there is no step: no
+    decoder given, a GPU target, or a model whose linears the step does not have."""
+    if decoder is None:
+        return None, None
+    by_name = {entry.name: entry for entry in linears}
+    if target.is_gpu or not {"qkv", "o", "gate_up", "down"} <= set(by_name):
+        print("decode step: not compiled for this target or model (tokens run kernel by kernel)", file=sys.stderr)
+        return None, None
+    roles, extra = program.plan_kernels(decoder, by_name)
+    kernels += [k for k in extra if k.name not in {p.name for p in kernels}]
+    formats = ["hidden", *(output.formats if output else ())]
+    entry = Program(**dataclasses.asdict(decoder), functions={fmt: FUNCTIONS[fmt] for fmt in formats}, kernels=roles)
+    return entry, lambda funcs: program.module(funcs, decoder, by_name, roles, output)
+
+
 def build(
     target: TargetSpec,
     linears: list[Linear],
@@ -166,10 +192,12 @@ def build(
     family: Family | None = None,
     model_name: str | None = None,
     output_layer: tuple[int, int] | None = None,
+    decoder: Decoder | None = None,
 ) -> Path:
     """Write a complete artifact to ``out_dir`` (family: the preferred one the target runs;
-    output_layer: (vocab, hidden) for a model's logits kernels, CPU targets only); files
-    appear only once fully written."""
+    output_layer: (vocab, hidden) for a model's logits kernels, CPU targets only; decoder: the
+    model's, for the compiled decode step, CPU targets only); files appear only once fully
+    written."""
     import tvm
 
     family = family or choose(target, "auto", schedule_db.family_preference(target.isa))
@@ -180,8 +208,9 @@ def build(
     elif output_layer:
         output_entry, output_kernels = plan_output_layer(*output_layer, target)
         kernels += [k for k in output_kernels if k.name not in {p.name for p in kernels}]
+    program_entry, add_program = _plan_program(decoder, target, entries, output_entry, kernels)
     print(schedule_summary(kernels, target), file=sys.stderr)
-    executable = compile_kernels(kernels, target)
+    executable = compile_kernels(kernels, target, add_program)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST_FILE).unlink(missing_ok=True)  # an artifact without manifest is incomplete
     manifest = Manifest(
@@ -194,6 +223,7 @@ def build(
         kernels=tuple(kernels),
         linears=tuple(entries),
         output_layer=output_entry,
+        program=program_entry,
         **EMITTERS[target.kind](executable, target, out_dir, kernels),
     )
     _write(out_dir, MANIFEST_FILE, lambda tmp: tmp.write_text(manifest.dumps()))

@@ -7,6 +7,7 @@ target, family, schedule knob or compiler version compiles a new one.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sys
@@ -27,7 +28,18 @@ def for_model(model: str, target: TargetSpec, family_name: str = "auto", echo=la
     vocab, hidden = request.output_layer
     family = choose(target, family_name, schedule_db.family_preference(target.isa))
     linear_shapes = [(lin.name, lin.n, lin.k) for lin in request.linears]
-    ident = [__version__, FORMAT_VERSION, linear_shapes, vocab, hidden, target.to_json(), family.name, schedule_db.fingerprint(target)]
+    decoder = request.decoder and dataclasses.asdict(request.decoder)
+    ident = [
+        __version__,
+        FORMAT_VERSION,
+        linear_shapes,
+        vocab,
+        hidden,
+        decoder,
+        target.to_json(),
+        family.name,
+        schedule_db.fingerprint(target),
+    ]
     key = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
     out = cache_root() / "artifacts" / f"{hidden}h-{vocab}v-{family.name}-{target.isa}-{key}"
     if (out / MANIFEST_FILE).is_file():
@@ -36,5 +48,5 @@ def for_model(model: str, target: TargetSpec, family_name: str = "auto", echo=la
     echo(f"compiling the kernels of {request.name} for {target.mcpu} ({target.isa}, {family.name}) into {out} (once)")
     from .artifact import build  # imports TVM: only when there is something to compile
 
-    build(target, request.linears, out, family, model_name=request.name, output_layer=request.output_layer)
+    build(target, request.linears, out, family, model_name=request.name, output_layer=request.output_layer, decoder=request.decoder)
     return out

@@ -24,27 +24,45 @@ class Linear:
 
 
 @dataclass(frozen=True)
+class Decoder:
+    """What the compiled decode step needs of a model beyond its linears: the attention's
+    shape, the MLP's activation and whether sub-norms precede o_proj and down_proj."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    act: str
+    sub_norms: bool
+
+
+@dataclass(frozen=True)
 class ModelShape:
-    """What the compiler needs of a model: its ternary matmuls and its output layer's size."""
+    """What the compiler needs of a model: its ternary matmuls, its output layer's size, and
+    its decoder (None where the compiled decode step does not cover it: per-projection input
+    norms)."""
 
     name: str
     linear_shapes: tuple[tuple[str, int, int], ...]  # (name, out, in), as the runtime runs them
     vocab: int
     hidden: int
+    decoder: Decoder | None = None
 
     def linears(self) -> list[Linear]:
         return [Linear(name, n, k) for name, n, k in self.linear_shapes]
 
 
-def _preset(name: str, hidden: int, ffn: int, heads: int, kv_heads: int, head_dim: int, vocab: int) -> ModelShape:
-    q, kv = heads * head_dim, kv_heads * head_dim
+def _preset(name: str, d: Decoder, vocab: int) -> ModelShape:
+    q, kv, hidden, ffn = d.heads * d.head_dim, d.kv_heads * d.head_dim, d.hidden, d.ffn
     shapes = (("qkv", q + 2 * kv, hidden), ("o", hidden, q), ("gate_up", 2 * ffn, hidden), ("down", hidden, ffn))
-    return ModelShape(name, shapes, vocab, hidden)
+    return ModelShape(name, shapes, vocab, hidden, d)
 
 
 PRESETS = {
-    "microsoft/bitnet-b1.58-2B-4T": _preset("microsoft/bitnet-b1.58-2B-4T", 2560, 6912, 20, 5, 128, 128256),
-    "1bitLLM/bitnet_b1_58-large": _preset("1bitLLM/bitnet_b1_58-large", 1536, 4096, 16, 16, 96, 32002),
+    "microsoft/bitnet-b1.58-2B-4T": _preset("microsoft/bitnet-b1.58-2B-4T", Decoder(30, 2560, 20, 5, 128, 6912, "relu2", True), 128256),
+    "1bitLLM/bitnet_b1_58-large": _preset("1bitLLM/bitnet_b1_58-large", Decoder(24, 1536, 16, 16, 96, 4096, "silu", True), 32002),
 }
 ALIASES = {"2b-4t": "microsoft/bitnet-b1.58-2B-4T", "large": "1bitLLM/bitnet_b1_58-large"}
 
@@ -54,7 +72,16 @@ def from_model_dir(model_dir: Path) -> ModelShape:
     from bitnet_runtime.model_config import load_config
 
     config = load_config(model_dir)
-    return ModelShape(config.name, tuple(config.linear_shapes()), config.vocab, config.hidden)
+    return ModelShape(config.name, tuple(config.linear_shapes()), config.vocab, config.hidden, decoder_of(config))
+
+
+def decoder_of(config) -> Decoder | None:
+    """A runtime ModelConfig's decoder, or None where each projection normalizes its own input
+    (q, k, v unfused: the decode step's program has no form for it yet)."""
+    if config.quant.use_rms_norm:
+        return None
+    c = config
+    return Decoder(c.layers, c.hidden, c.heads, c.kv_heads, c.head_dim, c.ffn, c.act, c.sub_norms is not None)
 
 
 def resolve(model: str) -> ModelShape:
@@ -84,6 +111,7 @@ class Request:
     label: str  # how progress lines name it: the model's name, or "shapes NxK,..." as given
     linears: list[Linear]
     output_layer: tuple[int, int] | None  # a model's (vocab, hidden); bare shapes have none
+    decoder: Decoder | None = None  # a model's, for the compiled decode step
 
 
 def resolve_request(model: str | None, shapes: str | None = None) -> Request:
@@ -94,7 +122,7 @@ def resolve_request(model: str | None, shapes: str | None = None) -> Request:
     if model is None:
         raise UserError("give a model (--model) or linear shapes (--shapes)")
     shape = resolve(model)
-    return Request(shape.name, shape.name, shape.linears(), (shape.vocab, shape.hidden))
+    return Request(shape.name, shape.name, shape.linears(), (shape.vocab, shape.hidden), shape.decoder)
 
 
 def parse_shapes(text: str) -> list[Linear]:

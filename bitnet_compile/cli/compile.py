@@ -50,7 +50,9 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     print(f"linears: {shapes}", file=sys.stderr)
-    manifest = artifact.build(target, request.linears, out, family, model_name=request.name, output_layer=request.output_layer)
+    manifest = artifact.build(
+        target, request.linears, out, family, model_name=request.name, output_layer=request.output_layer, decoder=request.decoder
+    )
     for path in sorted(out.iterdir()):
         if path.is_file():
             print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")

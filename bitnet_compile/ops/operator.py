@@ -35,6 +35,16 @@ def no_context(target: TargetSpec) -> dict:
     return {}
 
 
+def unplanned(op: str) -> KernelShape:
+    """The ``kernel_shape`` of a decoder-step kernel: its shape is the model's (heads, head
+    size, ffn), which ``plan.plan_decoder`` gives it, not an [n, k] linear's."""
+
+    def kernel_shape(n: int, k: int, knobs: dict, target: TargetSpec) -> tuple[dict, dict]:
+        raise UserError(f"{op} is a kernel of the compiled decode step: plan it with plan.plan_decoder, not per linear layer")
+
+    return kernel_shape
+
+
 @dataclass(frozen=True)
 class Operator:
     """A kernel the compiler can plan, build, check and (when ``space`` has knobs) tune.

@@ -8,10 +8,27 @@ a researcher's experimental kernel is one ``register`` call in a module passed t
 from __future__ import annotations
 
 from ..errors import UserError
-from . import act_quant, dequant, dot2_matmul, f16_gemv, gpu_matmul, i8_gemv, lut_matmul, lut_table, rmsnorm_quant
+from . import (
+    act_quant,
+    decode_attention,
+    dequant,
+    dot2_matmul,
+    f16_gemv,
+    gated_act,
+    gpu_matmul,
+    i8_gemv,
+    lut_matmul,
+    lut_table,
+    residual_dequant,
+    rmsnorm,
+    rmsnorm_quant,
+    rotary_append,
+)
 from .operator import Operator
 
 MODULES = (act_quant, rmsnorm_quant, lut_table, dequant, lut_matmul, dot2_matmul, gpu_matmul, f16_gemv, i8_gemv)
+# the compiled decode step's kernels between the linears (plan.plan_decoder)
+DECODER_MODULES = (rmsnorm, rotary_append, decode_attention, residual_dequant, gated_act)
 
 OPERATORS: dict[str, Operator] = {}
 
@@ -40,6 +57,6 @@ def get_tunable(op: str) -> Operator:
     return operator
 
 
-for _module in MODULES:
+for _module in MODULES + DECODER_MODULES:
     for _operator in _module.OPERATORS:
         register(_operator)

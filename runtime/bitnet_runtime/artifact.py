@@ -157,7 +157,7 @@ class Artifact(KernelTable):
         services.check_kernel_services(library)
 
     def _function(self, name: str) -> Callable[..., Any]:
-        function = self.module[name]
+        function = self.module.get_function(name, query_imports=True)  # a library with a decode program holds the kernels in an import
         if self.device == "cuda":
             import tvm_ffi
 

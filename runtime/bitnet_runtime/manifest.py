@@ -16,12 +16,14 @@ from typing import Any
 
 from .errors import UserError
 
-FORMAT_VERSION = 4  # 4: linears carry rmsnorm_quantize; 3: typed manifest, only each kernel's own knobs; 2: per-row weight scales
+FORMAT_VERSION = 5  # 5: the compiled decode step (program); 4: linears carry rmsnorm_quantize; 3: typed manifest, only each kernel's own knobs; 2: per-row weight scales
 MANIFEST_FILE = "manifest.json"
 LIBRARY_FILE = "kernels.so"
 RUNTIME_LIBRARY_FILE = "libtvm_runtime.so"
 CUDA_SOURCE_FILE = "kernels.cu"  # CUDA artifacts: the generated source, for reading (the library has the fatbin)
 METAL_SOURCE_FILE = "kernels.metal"  # Metal artifacts: the kernels, as Metal Shading Language
+# the decode step's kernels between the linears: their shapes are the model's (heads, head size, ffn)
+DECODER_OPS = ("rmsnorm", "rotary_append", "decode_attention", "residual_dequantize", "gated_act")
 KERNEL_OPS = (
     "quantize",
     "rmsnorm_quantize",
@@ -35,8 +37,9 @@ KERNEL_OPS = (
     "dequantize",
     "f16_gemv",
     "i8_gemv",
+    *DECODER_OPS,
 )
-SIZES = ("n", "k", "n_padded", "k_padded")  # every kernel's and linear's shape: the sizes numpy allocates
+SIZES = ("n", "k", "n_padded", "k_padded")  # every linear kernel's shape: the sizes numpy allocates
 REBUILD = "rebuild it with bitnet-compile (e.g. bitnet-compile --target TARGET --model MODEL -o DIR)"
 
 
@@ -112,7 +115,7 @@ class KernelEntry:
         if op not in KERNEL_OPS:
             raise UserError(f"manifest is corrupted: {r.where}.op {op!r} is not a kernel this runtime knows ({', '.join(KERNEL_OPS)})")
         shape = r.obj("shape")
-        for key in SIZES:  # the sizes must be numbers; the rest (rows, variant) numbers or names
+        for key in () if op in DECODER_OPS else SIZES:  # the sizes must be numbers; the rest (rows, variant) numbers or names
             shape.get(key, int)
         knobs = r.mapping("knobs", (int, float, bool, str), {})
         return cls(r.get("name", str), op, r.mapping("shape", (int, str)), knobs, r.get("knob_source", str, "fixed"))
@@ -186,6 +189,30 @@ class OutputLayer:
 
 
 @dataclass(frozen=True)
+class Program:
+    """The compiled decode step (``decode_step.py``): the decoder it was built for, its
+    functions by output format, and its kernels beyond the linears' by role."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    act: str
+    sub_norms: bool
+    functions: dict[str, str]
+    kernels: dict[str, str]
+
+    @classmethod
+    def from_json(cls, r: _Reader) -> Program:
+        sizes = [r.get(key, int) for key in ("layers", "hidden", "heads", "kv_heads", "head_dim", "ffn")]
+        if min(sizes) < 1:
+            raise UserError(f"manifest is corrupted: {r.where} has a size below 1")
+        return cls(*sizes, r.get("act", str), r.get("sub_norms", bool), r.mapping("functions", str), r.mapping("kernels", str))
+
+
+@dataclass(frozen=True)
 class Device:
     """A GPU artifact's device code: kind (cuda, metal), arch, code form, launch geometry and
     (Metal) buffer bindings per kernel."""
@@ -222,6 +249,7 @@ class Manifest:
     kernels: tuple[KernelEntry, ...]
     linears: tuple[LinearEntry, ...]
     output_layer: OutputLayer | None = None
+    program: Program | None = None
     device_libraries: tuple[FileEntry, ...] = ()
     sources: tuple[FileEntry, ...] = ()
     device: Device | None = None
@@ -254,9 +282,10 @@ class Manifest:
         features = r.get("required_cpu_features", list)
         if not all(isinstance(f, str) for f in features):
             raise UserError("manifest is corrupted: manifest.required_cpu_features must be a list of strings")
-        runtime_library, output_layer, device = (
+        runtime_library, output_layer, program, device = (
             r.obj("runtime_library", none=True),
             r.obj("output_layer", none=True),
+            r.obj("program", none=True) if "program" in r.data else None,
             r.obj("device", none=True),
         )
         return cls(
@@ -271,6 +300,7 @@ class Manifest:
             kernels=tuple(KernelEntry.from_json(k) for k in r.objects("kernels")),
             linears=tuple(LinearEntry.from_json(e) for e in r.objects("linears")),
             output_layer=output_layer and OutputLayer.from_json(output_layer),
+            program=program and Program.from_json(program),
             device_libraries=tuple(FileEntry.from_json(f) for f in r.objects("device_libraries", [])),
             sources=tuple(FileEntry.from_json(f) for f in r.objects("sources", [])),
             device=device and Device.from_json(device),

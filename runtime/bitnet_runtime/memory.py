@@ -24,6 +24,16 @@ def aligned_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
     return out
 
 
+def lazy_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """Aligned zeros whose pages the OS maps only when first written (numpy's calloc): a KV
+    cache for the whole context allocated at load costs memory only as positions fill."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.zeros(nbytes + ALIGNMENT, np.uint8)
+    offset = (-raw.ctypes.data) % ALIGNMENT
+    return raw[offset : offset + nbytes].view(dtype).reshape(shape)
+
+
 def aligned_copy(array: np.ndarray, dtype=None) -> np.ndarray:
     out = aligned_empty(array.shape, dtype or array.dtype)
     out[...] = array

@@ -16,68 +16,31 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from .artifact import Artifact
+from .decode_step import DecodeStep, scores_buffer
 from .errors import UserError
 from .linear import BitLinear
-from .memory import aligned_copy
+from .memory import aligned_copy, lazy_zeros
 from .model_config import ModelConfig
 from .output_layer import make_output_layer
-from .reference import rms_norm
+from .reference import ACTIVATIONS, attend, rms_norm, rotate
 from .weights import ModelWeights
-
-KV_CHUNK = 256  # KV cache capacity grows in steps of this many positions
-
-
-def relu2(x: np.ndarray) -> np.ndarray:
-    return np.square(np.maximum(x, np.float32(0)))
-
-
-def silu(x: np.ndarray) -> np.ndarray:
-    return x / (np.float32(1.0) + np.exp(-x))
-
-
-ACTIVATIONS = {"relu2": relu2, "silu": silu}
-
-
-def rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """Rotary embedding with rotate-half pairing: x [T, heads, d], cos/sin [T, d]."""
-    half = x.shape[-1] // 2
-    rotated = np.concatenate((-x[..., half:], x[..., :half]), axis=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
 class KVCache:
-    """Keys and values of one layer, [kv_heads, positions, head_dim], grown on demand (a long
-    context costs memory only when it is used)."""
+    """Keys and values of one layer, head-major [kv_heads, context, head_dim] as the compiled
+    decode step reads them, allocated once for the whole context (pages are mapped only as
+    positions fill, so a long context costs memory only when it is used)."""
 
-    def __init__(self, kv_heads: int, head_dim: int, limit: int):
-        self.limit = limit
-        self.k = np.zeros((kv_heads, 0, head_dim), np.float32)
-        self.v = np.zeros_like(self.k)
+    def __init__(self, kv_heads: int, head_dim: int, context: int):
+        self.k, self.v = lazy_zeros((kv_heads, context, head_dim), np.float32), lazy_zeros((kv_heads, context, head_dim), np.float32)
 
     def store(self, k: np.ndarray, v: np.ndarray, pos: int) -> None:
-        end = pos + k.shape[0]
-        if end > self.k.shape[1]:
-            size = min(self.limit, -(-end // KV_CHUNK) * KV_CHUNK)
-            self.k, self.v = (
-                np.concatenate((c, np.zeros((c.shape[0], size - c.shape[1], c.shape[2]), np.float32)), axis=1) for c in (self.k, self.v)
-            )
-        self.k[:, pos:end] = k.transpose(1, 0, 2)
-        self.v[:, pos:end] = v.transpose(1, 0, 2)
+        self.k[:, pos : pos + k.shape[0]] = k.transpose(1, 0, 2)
+        self.v[:, pos : pos + v.shape[0]] = v.transpose(1, 0, 2)
 
     def attend(self, q: np.ndarray, pos: int) -> np.ndarray:
         """Causal attention of queries q [T, heads, d] at positions pos.. over the cache: [T, heads*d]."""
-        t, heads, d = q.shape
-        kv_heads, length = self.k.shape[0], pos + t
-        group = heads // kv_heads
-        qg = q.reshape(t, kv_heads, group, d).transpose(1, 2, 0, 3).reshape(kv_heads, group * t, d)
-        scores = (qg @ self.k[:, :length].transpose(0, 2, 1)) * np.float32(d**-0.5)
-        if t > 1:  # row g*t + i is query i of head g: it sees positions <= pos + i
-            future = np.arange(length)[None, :] > (pos + np.arange(t))[:, None]
-            scores[:, np.tile(future, (group, 1))] = -np.inf
-        scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
-        scores /= scores.sum(axis=-1, keepdims=True)
-        out = scores @ self.v[:, :length]
-        return out.reshape(kv_heads, group, t, d).transpose(2, 0, 1, 3).reshape(t, heads * d)
+        return attend(q, self.k, self.v, pos)
 
 
 class Layer:
@@ -134,6 +97,16 @@ class Layer:
     def _sub_norm(self, i: int) -> tuple[np.ndarray | None, np.ndarray | None]:
         return (self.sub_norms[i], self.eps) if self.sub_norms else (None, None)
 
+    def step_arrays(self) -> dict[str, np.ndarray]:
+        """This layer's arrays by ``decode_step.layer_params`` name: what the compiled decode step reads."""
+        arrays = {"input_norm": self.input_norm, "post_norm": self.post_norm, "k_cache": self.cache.k, "v_cache": self.cache.v}
+        for name in ("qkv", "o", "gate_up", "down"):
+            linear = self.linears[name][0]
+            arrays[name], arrays[f"{name}_scale"] = linear.packed, linear.weight_scale
+        if self.sub_norms:
+            arrays["attn_sub_norm"], arrays["ffn_sub_norm"] = self.sub_norms
+        return arrays
+
     def __call__(self, x: np.ndarray, pos: int, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         c, t = self.c, x.shape[0]
         qk, v = self._qkv(x)
@@ -163,8 +136,21 @@ class Model:
         self.output = make_output_layer(artifact, weights, output)
         angles = np.arange(self.context_length, dtype=np.float32)[:, None] * c.inv_freq()[None, :]
         angles = np.concatenate((angles, angles), axis=1)
-        self.cos, self.sin = np.cos(angles), np.sin(angles)
+        self.cos, self.sin = aligned_copy(np.cos(angles)), aligned_copy(np.sin(angles))
         self.pos = 0
+        self.step = self._decode_step() if artifact.manifest.program else None
+
+    def _decode_step(self) -> DecodeStep:
+        """The artifact's compiled decode step, bound to this model's arrays (decode_step.py)."""
+        c, program = self.config, self.artifact.manifest.program
+        have = (program.layers, program.hidden, program.heads, program.kv_heads, program.head_dim, program.ffn, program.act)
+        if have != (c.layers, c.hidden, c.heads, c.kv_heads, c.head_dim, c.ffn, c.act) or program.sub_norms != bool(c.sub_norms):
+            raise UserError("the artifact's decode step was compiled for another model: compile the artifact for this model")
+        layers = [layer.step_arrays() for layer in self.layers]
+        scores = scores_buffer(c.kv_heads, c.heads // c.kv_heads, self.context_length)
+        head = (self.norm, *self.output.step_arrays)
+        return DecodeStep(self.artifact.module, self.output.step_format, c.hidden, self.cos, self.sin, scores,
+                          self.layers[0].eps, layers, head, program.sub_norms)  # fmt: skip
 
     def reset(self) -> None:
         self.pos = 0
@@ -174,20 +160,30 @@ class Model:
         return self.forward(ids)
 
     def decode(self, token: int) -> np.ndarray:
-        return self.forward([token])
+        """The logits after ``token``: one call of the compiled decode step where the artifact
+        has one, else the layers kernel by kernel."""
+        if self.step is None:
+            return self.forward([token])
+        self._check([token])
+        out = self.step(self.embed[[token]][0], self.pos)
+        self.pos += 1
+        return self.output.from_step(out)
 
     def forward(self, ids: list[int]) -> np.ndarray:
         """Append tokens at the current position; the logits after the last one."""
         return self.output(self.hidden(ids))
 
-    def hidden(self, ids: list[int]) -> np.ndarray:
-        """Append tokens at the current position; the final-normed hidden state of the last one."""
+    def _check(self, ids: list[int]) -> None:
         if not ids:
             raise UserError("no tokens to process")
         if self.pos + len(ids) > self.context_length:
             raise UserError(f"{self.pos + len(ids)} tokens exceed the context of {self.context_length}")
         if min(ids) < 0 or max(ids) >= self.config.vocab:
             raise UserError(f"token ids must be in [0, {self.config.vocab}), got {min(ids)}..{max(ids)}")
+
+    def hidden(self, ids: list[int]) -> np.ndarray:
+        """Append tokens at the current position; the final-normed hidden state of the last one."""
+        self._check(ids)
         x = self.embed[ids]
         cos, sin = self.cos[self.pos : self.pos + len(ids)], self.sin[self.pos : self.pos + len(ids)]
         for layer in self.layers:

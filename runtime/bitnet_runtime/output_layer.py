@@ -47,6 +47,16 @@ class F16Output:
         self.call.x[0] = h
         return self.call.run(self.tiles)[0, : self.n].copy()
 
+    # the compiled decode step runs this format's kernels itself (decode_step.py)
+    step_format = "f16"
+
+    @property
+    def step_arrays(self) -> tuple[np.ndarray, ...]:
+        return (self.tiles,)
+
+    def from_step(self, out: np.ndarray) -> np.ndarray:
+        return out[: self.n].copy()
+
 
 class I8Output:
     """logits = (int8 rows @ quantize(h)) * row scale / activation scale: three kernel calls."""
@@ -74,6 +84,15 @@ class I8Output:
         self.dequantize(acc, self.act_scale, self.scale, self.out)
         return self.out[0].copy()
 
+    step_format = "i8"
+
+    @property
+    def step_arrays(self) -> tuple[np.ndarray, ...]:
+        return self.rows, self.scale, self.correction
+
+    def from_step(self, out: np.ndarray) -> np.ndarray:
+        return out.copy()
+
 
 class F32Output:
     """logits = rows @ h in float32 by numpy: exact checkpoint values, for checking."""
@@ -87,6 +106,12 @@ class F32Output:
 
     def __call__(self, h: np.ndarray) -> np.ndarray:
         return self.rows @ np.asarray(h, np.float32).reshape(-1)
+
+    step_format = "hidden"  # the step returns the final-normed hidden state; numpy multiplies
+    step_arrays = ()
+
+    def from_step(self, h: np.ndarray) -> np.ndarray:
+        return self(h)
 
 
 def make_output_layer(artifact: Artifact, weights: ModelWeights, fmt: str):

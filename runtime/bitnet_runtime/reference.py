@@ -87,6 +87,71 @@ def dequantize(acc: np.ndarray, act_scale: np.ndarray, weight_scale: np.ndarray 
     return (acc.astype(np.float32) * ws[None, :]) * inverse[:, None]
 
 
+def residual_dequantize(acc: np.ndarray, act_scale: np.ndarray, weight_scale: np.ndarray | float, x: np.ndarray) -> np.ndarray:
+    """x + dequantize(acc, ...): a BitLinear's output added to the residual stream."""
+    return x + dequantize(acc, act_scale, weight_scale)
+
+
+# ----------------------------------------------------------------------------- decoder layer
+# The float steps of a decoder layer between its BitLinears, as model.py runs them: the spec
+# the compiled decode step's kernels are checked against.
+
+
+def relu2(x: np.ndarray) -> np.ndarray:
+    return np.square(np.maximum(x, np.float32(0)))
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (np.float32(1.0) + np.exp(-x))
+
+
+ACTIVATIONS = {"relu2": relu2, "silu": silu}
+
+
+def gated_act(gate_up: np.ndarray, act: str) -> np.ndarray:
+    """act(gate) * up of the fused gate|up output [tokens, 2 * ffn], gate first."""
+    ffn = gate_up.shape[-1] // 2
+    return ACTIVATIONS[act](gate_up[..., :ffn]) * gate_up[..., ffn:]
+
+
+def rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotary embedding with rotate-half pairing: x [T, heads, d], cos/sin [T, d]."""
+    half = x.shape[-1] // 2
+    rotated = np.concatenate((-x[..., half:], x[..., :half]), axis=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: int) -> np.ndarray:
+    """Causal grouped-query attention of queries q [T, heads, d] at positions pos.. over keys
+    and values [kv_heads, pos + T, d]: [T, heads * d]."""
+    t, heads, d = q.shape
+    kv_heads, length = k.shape[0], pos + t
+    group = heads // kv_heads
+    qg = q.reshape(t, kv_heads, group, d).transpose(1, 2, 0, 3).reshape(kv_heads, group * t, d)
+    scores = (qg @ k[:, :length].transpose(0, 2, 1)) * np.float32(d**-0.5)
+    if t > 1:  # row g*t + i is query i of head g: it sees positions <= pos + i
+        future = np.arange(length)[None, :] > (pos + np.arange(t))[:, None]
+        scores[:, np.tile(future, (group, 1))] = -np.inf
+    scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    scores /= scores.sum(axis=-1, keepdims=True)
+    out = scores @ v[:, :length]
+    return out.reshape(kv_heads, group, t, d).transpose(2, 0, 1, 3).reshape(t, heads * d)
+
+
+def rotary_append(qkv: np.ndarray, cos: np.ndarray, sin: np.ndarray, pos: int, kc: np.ndarray, vc: np.ndarray, heads: int):
+    """One token's q|k|v row [1, (heads + 2 kv_heads) d]: (rotated q [heads, d], and the
+    caches [kv_heads, context, d] with row ``pos`` holding the rotated k and the v)."""
+    kv_heads, _, d = kc.shape
+    qk = rotate(qkv[:, : (heads + kv_heads) * d].reshape(1, -1, d), cos[pos : pos + 1], sin[pos : pos + 1])[0]
+    kc[:, pos], vc[:, pos] = qk[heads:], qkv[0, (heads + kv_heads) * d :].reshape(kv_heads, d)
+    return qk[:heads], kc, vc
+
+
+def decode_attention(q: np.ndarray, kc: np.ndarray, vc: np.ndarray, pos: int) -> np.ndarray:
+    """One query token q [heads, d] at position ``pos`` over the caches: [1, heads * d]."""
+    return attend(q[None], kc, vc, pos)
+
+
 # ----------------------------------------------------------------------------- output layer
 # Output-layer GEMVs (logits = hidden @ E^T, one token): float16 weights in layout
 # f16-tiles-v1 ([tiles, K, 64]) and int8 weights in layout i8-tiles-v1 ([tiles, K/4, 64, 4]).
