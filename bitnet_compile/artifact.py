@@ -26,6 +26,7 @@ from pathlib import Path
 from bitnet_runtime.decode_step import FUNCTIONS
 from bitnet_runtime.manifest import (
     CUDA_SOURCE_FILE,
+    DECODER_OPS,
     LIBRARY_FILE,
     MANIFEST_FILE,
     METAL_SOURCE_FILE,
@@ -61,17 +62,19 @@ def tvm_runtime_library(target: TargetSpec) -> Path:
 
 def compile_kernels(kernels: list[KernelEntry], target: TargetSpec, program: Callable | None = None):
     """Schedule every kernel (with progress), then compile them together into one module
-    (for CUDA with nvcc run now, so the artifact carries a fatbin). ``program(funcs)``: the
-    module of the kernels and the decode step's Relax functions calling them."""
+    (for CUDA with nvcc run now, so the artifact carries a fatbin). ``program()``: the decode
+    step's Relax module, compiled on its own and given the kernels as an import."""
     import tvm
 
-    funcs = {}
+    funcs, step_funcs = {}, {}
     for k in progress(kernels, "scheduling", "kernel"):
-        funcs[k.name] = registry.get(k.op).build(k.name, k.shape, k.knobs, target)
-    module = tvm.IRModule(funcs) if program is None else program(funcs)
+        (step_funcs if k.op in DECODER_OPS else funcs)[k.name] = registry.get(k.op).build(k.name, k.shape, k.knobs, target)
+    module = tvm.IRModule(funcs)
     what = "LLVM" if not target.is_gpu else f"TVM's {target.kind} codegen" + (" and nvcc" if target.kind == "cuda" else "")
     print(
-        f"compiling {len(funcs)} kernels for {target.gpu_arch or target.mcpu} ({target.isa}) with {what} ...", file=sys.stderr, flush=True
+        f"compiling {len(funcs) + len(step_funcs)} kernels for {target.gpu_arch or target.mcpu} ({target.isa}) with {what} ...",
+        file=sys.stderr,
+        flush=True,
     )
     start = time.perf_counter()
     if target.kind == "cuda":
@@ -80,6 +83,16 @@ def compile_kernels(kernels: list[KernelEntry], target: TargetSpec, program: Cal
         executable = cuda_toolchain.compile_fatbin(module, target.tvm_target())
     else:
         executable = tvm.compile(module, target=target.tvm_target())
+    if program is not None:
+        from tvm import relax
+
+        # the plain build pipeline: no operator fusion, the program only calls kernels
+        step = tvm.compile(program(), target=target.tvm_target(), relax_pipeline=relax.pipeline.default_build_pipeline())
+        step.mod.import_module(executable.mod)
+        # the decode step's own kernels in a library of their own: compiled in one module with
+        # the matmuls, they measured the prompt's GEMM kernels 3-5x slower
+        step.mod.import_module(tvm.compile(tvm.IRModule(step_funcs), target=target.tvm_target()).mod)
+        executable = step
     print(f"compiled in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return executable
 
@@ -180,9 +193,10 @@ def _plan_program(
         return None, None
     roles, extra = program.plan_kernels(decoder, by_name)
     kernels += [k for k in extra if k.name not in {p.name for p in kernels}]
-    formats = ["hidden", *(output.formats if output else ())]
-    entry = Program(**dataclasses.asdict(decoder), functions={fmt: FUNCTIONS[fmt] for fmt in formats}, kernels=roles)
-    return entry, lambda funcs: program.module(funcs, decoder, by_name, roles, output)
+    names = program.formats(output)
+    calls = {fmt: program.kernel_calls(decoder, by_name, fmt) for fmt in names}
+    entry = Program(**dataclasses.asdict(decoder), functions={fmt: FUNCTIONS[fmt] for fmt in names}, kernels=roles, kernel_calls=calls)
+    return entry, lambda: program.module(decoder, by_name, roles, output)
 
 
 def build(

@@ -210,6 +210,7 @@ def format_report(report: dict) -> str:
         "prompt tok/s",
         "ms/token",
         "host ms/token",
+        "calls/token",
         "launches/token",
         "peak memory",
         "MB read/token",
@@ -228,6 +229,7 @@ def format_report(report: dict) -> str:
                 f"{r['prompt_tok_s']:.1f}",
                 f"{1000 / r['decode_tok_s']:.1f}",
                 f"{1000 * r['host_s_per_token']:.2f}",
+                f"{r['calls_per_token']:.0f}",
                 f"{r['launches_per_token']:.0f}",
                 f"{r['peak_rss_bytes'] / 1e9:.2f} GB",
                 f"{r['bytes_per_token'] / 1e6:.0f}",
@@ -266,22 +268,26 @@ def _decode_seconds(model, prompt: list[int], tokens: int) -> float:
     return time.perf_counter() - start
 
 
-def _host_and_launches(spec: dict, prompt: list[int], tokens: int) -> tuple[float, float]:
-    """Per decoded token: seconds outside the compiled kernels, and kernel launches. A second
-    load of the model whose artifact counts and times every kernel call; the prompt's calls
-    are left out (they would make decoding look cheaper than it is)."""
+def _host_and_launches(spec: dict, prompt: list[int], tokens: int) -> tuple[float, float, float]:
+    """Per decoded token: seconds outside compiled code, native calls from Python, and kernel
+    launches (inside the compiled decode step where the artifact has one). A second load of
+    the model whose artifact counts and times every call from Python (the decode step is one);
+    the prompt's calls are left out (they would make decoding look cheaper than it is)."""
     from bitnet_runtime.api import LLM
     from bitnet_runtime.artifact import Artifact, LaunchStats
 
     stats = LaunchStats()
     artifact = Artifact(spec["artifact"], stats=stats)
     model = LLM(spec["model"], artifact, output=spec["format"], threads=spec["threads"], echo=lambda line: None).model
+    if model.step is not None:
+        model.step.function = stats.counted(model.step.function)
     logits = model.prefill(prompt)
     stats.reset()
     start = time.perf_counter()
     for _ in range(tokens):
         logits = model.decode(int(np.argmax(logits)))
-    return (time.perf_counter() - start - stats.seconds) / tokens, stats.calls / tokens
+    inside = model.step.kernel_calls if model.step is not None else stats.calls / tokens
+    return (time.perf_counter() - start - stats.seconds) / tokens, stats.calls / tokens, inside
 
 
 def _bandwidth(spec: dict) -> float:
@@ -343,7 +349,7 @@ def worker(spec: dict) -> dict:
         "format": spec["format"],
         "decode_tok_s": decode_tok_s,
         "prompt_tok_s": float(np.median(prompt_speed)),
-        **dict(zip(("host_s_per_token", "launches_per_token"), _host_and_launches(spec, short, min(n, 32)))),
+        **dict(zip(("host_s_per_token", "calls_per_token", "launches_per_token"), _host_and_launches(spec, short, min(n, 32)))),
         "peak_rss_bytes": peak,
         "bytes_per_token": bytes_per_token,
         "bandwidth_gb_s": bandwidth,

@@ -42,12 +42,13 @@ class Emitter:
     """Emits kernel calls into the Relax function being built."""
 
     bb: relax.BlockBuilder
-    kernels: dict  # name -> GlobalVar, as the builder added them (typed, which call_tir needs)
+    calls: int = 0  # kernel calls emitted so far
 
     def call(self, kernel: str, args: list, outs: list[relax.TensorType]):
-        """``kernel``(args) -> its outputs (one value, or a tuple's items)."""
-        callee = self.kernels[kernel]
-        out = self.bb.emit(relax.call_tir(callee, relax.Tuple(args), outs if len(outs) > 1 else outs[0]))
+        """``kernel``(args) -> its outputs (one value, or a tuple's items): a destination-passing
+        call of the kernel by name, which the VM finds in the kernels' module it imports."""
+        self.calls += 1
+        out = self.bb.emit(relax.call_dps_packed(relax.ExternFunc(kernel), relax.Tuple(args), outs if len(outs) > 1 else outs[0]))
         return [self.bb.emit(relax.TupleGetItem(out, i)) for i in range(len(outs))] if len(outs) > 1 else out
 
     def reshape(self, value, shape: tuple[int, ...]):
@@ -142,14 +143,15 @@ def _layer_sinfo(d: Decoder, linears: dict[str, LinearEntry], ctx) -> relax.Tupl
     return relax.TupleType([by_name[name] for name in layer_params(d.sub_norms)])
 
 
-def module(funcs: dict, d: Decoder, linears: dict[str, LinearEntry], kernels: dict, output: OutputLayer | None):
-    """The artifact's kernels ``funcs`` (name -> PrimFunc) and the decode functions calling
-    them, one per output format, as one IRModule."""
+def module(d: Decoder, linears: dict[str, LinearEntry], kernels: dict, output: OutputLayer | None):
+    """The decode functions, one per output format (``formats``), calling the artifact's
+    kernels by name: compiled apart from the kernels and linked to them by import
+    (``artifact.compile_kernels``), so the kernels are built exactly as in an artifact
+    without a decode step."""
     bb = relax.BlockBuilder()
-    e = Emitter(bb, {name: bb.add_func(func, name) for name, func in funcs.items()})
+    e = Emitter(bb)
     ctx = tirx.Var("context", "int64")
-    formats = ["hidden"] + ([fmt for fmt in ("f16", "i8") if output and fmt in output.formats])
-    for fmt in formats:
+    for fmt in formats(output):
         x = relax.Var("x", _tensor((1, d.hidden), "float32"))
         pos = relax.Var("pos", _tensor((1,), "int32"))
         cos, sin = (relax.Var(name, _tensor((ctx, d.head_dim), "float32")) for name in ("cos", "sin"))
@@ -158,6 +160,7 @@ def module(funcs: dict, d: Decoder, linears: dict[str, LinearEntry], kernels: di
         layers = relax.Var("layers", relax.TupleType([_layer_sinfo(d, linears, ctx)] * d.layers))
         head = relax.Var("head", relax.TupleType([_tensor((d.hidden,), "float32"), *HEAD_SINFO[fmt]]))
         with bb.function(FUNCTIONS[fmt], [x, pos, cos, sin, scores, eps, layers, head]):
+            e.calls = 0
             with bb.dataflow():
                 h = x
                 for i in range(d.layers):
@@ -165,7 +168,21 @@ def module(funcs: dict, d: Decoder, linears: dict[str, LinearEntry], kernels: di
                 normed = e.call(kernels["rmsnorm"], [h, e.item(head, 0), eps], [_tensor((1, d.hidden), "float32")])
                 out = bb.emit_output(_head(e, fmt, output, normed, head))
             bb.emit_func_output(out)
+        assert e.calls == kernel_calls(d, linears, fmt), (e.calls, fmt)
     return bb.get()
+
+
+def formats(output: OutputLayer | None) -> list[str]:
+    """The decode functions an artifact gets: "hidden" always, and each compiled output format."""
+    return ["hidden"] + [fmt for fmt in ("f16", "i8") if output and fmt in output.formats]
+
+
+def kernel_calls(d: Decoder, linears: dict[str, LinearEntry], fmt: str) -> int:
+    """Kernels one decode step runs: per layer the four linears (quantize, matmul (LUT: table
+    and matmul), dequantize), rotary_append, decode_attention, gated_act; then rmsnorm and the
+    output format's kernels."""
+    per_linear = sum(4 if entry.layout == layout.VERSION else 3 for entry in (linears[n] for n in ("qkv", "o", "gate_up", "down")))
+    return d.layers * (per_linear + 3) + 1 + {"hidden": 0, "f16": 1, "i8": 3}[fmt]
 
 
 def plan_kernels(d: Decoder, linears: dict[str, LinearEntry]) -> tuple[dict[str, str], list[KernelEntry]]:

@@ -4,6 +4,8 @@ Every supported checkpoint format is built tiny, in its exact upstream layout, b
 ``checkpoints``; transformers loads the same directory as the reference. Tolerance: logits
 agree to within 1e-3 of the largest reference logit (float32 throughout; differences come
 only from summation order), and greedy generation agrees token for token over 32 tokens.
+Both ways of decoding are held to it: the compiled decode step (one call per token, an
+artifact compiled for the model) and the kernels one by one (an artifact without a step).
 """
 
 from __future__ import annotations
@@ -64,6 +66,33 @@ def artifact_dir(zoo, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def step_artifacts(zoo, tmp_path_factory) -> dict[str, Path]:
+    """Per model, an artifact compiled for it alone, with its decode step (models of the same
+    shapes and decoder share one)."""
+    built, out = {}, {}
+    for name, model_dir in zoo.items():
+        shape = models.from_model_dir(model_dir)
+        key = (shape.linear_shapes, shape.vocab, shape.decoder)
+        if key not in built:
+            built[key] = tmp_path_factory.mktemp("step-artifact")
+            output = (shape.vocab, shape.hidden)
+            build(
+                parse_target("llvm -mcpu=native"), shape.linears(), built[key], model_name=name, output_layer=output, decoder=shape.decoder
+            )
+        out[name] = built[key]
+    return out
+
+
+def _artifact(request, name: str, decoding: str) -> Path:
+    """The artifact for ``decoding``: "step" (compiled decode step) or "kernels" (one by one)."""
+    if decoding == "kernels":
+        return request.getfixturevalue("artifact_dir")
+    if models.from_model_dir(request.getfixturevalue("zoo")[name]).decoder is None:
+        pytest.skip("the decode step does not cover per-projection input norms")
+    return request.getfixturevalue("step_artifacts")[name]
+
+
 def _reference_dir(zoo, name: str) -> Path:
     return zoo["1bitllm-reference"] if name == "1bitllm" else zoo[name]
 
@@ -79,22 +108,25 @@ def _llm(zoo, artifact_dir, name, **kw):
     return LLM(zoo[name], artifact_dir, echo=lambda line: None, **kw)
 
 
+@pytest.mark.parametrize("decoding", ["step", "kernels"])
 @pytest.mark.parametrize("name", FORMATS)
-def test_logits_match_reference_prefill_and_decode(zoo, artifact_dir, references, name):
+def test_logits_match_reference_prefill_and_decode(request, zoo, references, name, decoding):
     want = C.reference_logits(references[name], PROMPT)
     tol = 1e-3 * np.abs(want).max()
-    model = _llm(zoo, artifact_dir, name).model
+    model = _llm(zoo, _artifact(request, name, decoding), name).model
+    assert (model.step is not None) == (decoding == "step")
     np.testing.assert_allclose(model.prefill(PROMPT), want[-1], rtol=0, atol=tol)
     model.prefill(PROMPT[:3])  # then one token at a time through the KV cache
     for i in range(3, len(PROMPT)):
         np.testing.assert_allclose(model.decode(PROMPT[i]), want[i], rtol=0, atol=tol, err_msg=f"position {i}")
 
 
+@pytest.mark.parametrize("decoding", ["step", "kernels"])
 @pytest.mark.parametrize("name", FORMATS)
-def test_greedy_generation_matches_reference(zoo, artifact_dir, references, name):
+def test_greedy_generation_matches_reference(request, zoo, references, name, decoding):
     want = C.reference_greedy(references[name], PROMPT, 32)
     assert len(set(want)) >= 2, "the reference continuation is degenerate: the test would prove little"
-    llm = _llm(zoo, artifact_dir, name)
+    llm = _llm(zoo, _artifact(request, name, decoding), name)
     from bitnet_runtime.sampling import SamplingParams
 
     llm.tokenizer.stop_ids.clear()  # the reference ignores EOS too

@@ -52,7 +52,8 @@ def artifact_dir(zoo, tmp_path_factory) -> Path:
 
     shape = models.from_model_dir(zoo["f32-autobitlinear"])
     out = tmp_path_factory.mktemp("artifact32")
-    build(parse_target("llvm -mcpu=native"), shape.linears(), out, model_name="zoo32", output_layer=(shape.vocab, shape.hidden))
+    output = (shape.vocab, shape.hidden)
+    build(parse_target("llvm -mcpu=native"), shape.linears(), out, model_name="zoo32", output_layer=output, decoder=shape.decoder)
     return out
 
 

@@ -42,8 +42,9 @@ def _cases(isa: str) -> list[tuple[str, object]]:
     target = _target(isa)
     funcs, cases = {}, []
     rng = np.random.default_rng(0)
+    decoder_ops = {op.op for module in registry.DECODER_MODULES for op in module.OPERATORS}  # test_decoder_kernels.py
     for operator in registry.OPERATORS.values():
-        if isa not in operator.isas or (operator.op.startswith("dot2") and not VNNI):
+        if isa not in operator.isas or (operator.op.startswith("dot2") and not VNNI) or operator.op in decoder_ops:
             continue
         knobs = schedule_db.default_knobs(operator.op, isa) if operator.tunable else {}
         for n, k in SHAPES:

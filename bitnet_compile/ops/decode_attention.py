@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 reference = _reference.decode_attention
 LANES = 16  # float32 lanes of a zmm (LLVM splits them on narrower vectors)
-TOLERANCE = 1e-5  # max |kernel - reference| relative to max |V|
+TOLERANCE = _reference.ATTENTION_TOLERANCE  # max |kernel - reference| relative to max |V|
 
 
 def lanes_for(head_dim: int) -> int:

@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 reference = _reference.gated_act
 VECTOR = 16
-TOLERANCE = 1e-6
+TOLERANCE = _reference.SILU_RTOL
 
 
 def _relu2(g):

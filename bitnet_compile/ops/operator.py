@@ -36,11 +36,11 @@ def no_context(target: TargetSpec) -> dict:
 
 
 def unplanned(op: str) -> KernelShape:
-    """The ``kernel_shape`` of a decoder-step kernel: its shape is the model's (heads, head
-    size, ffn), which ``plan.plan_decoder`` gives it, not an [n, k] linear's."""
+    """The ``kernel_shape`` of a decode-step kernel: its shape is the model's (heads, head
+    size, ffn), which ``program.plan_kernels`` gives it, not an [n, k] linear's."""
 
     def kernel_shape(n: int, k: int, knobs: dict, target: TargetSpec) -> tuple[dict, dict]:
-        raise UserError(f"{op} is a kernel of the compiled decode step: plan it with plan.plan_decoder, not per linear layer")
+        raise UserError(f"{op} is a kernel of the compiled decode step: program.plan_kernels plans it, not a linear layer")
 
     return kernel_shape
 

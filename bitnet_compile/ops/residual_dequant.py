@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from ..target import TargetSpec
 
 reference = _reference.residual_dequantize
-ULPS = 2
+ULPS = _reference.RESIDUAL_ULPS
 
 
 def compute(tokens, n: int, n_padded: int) -> tuple[te.Tensor, ...]:

@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from ..target import TargetSpec
 
 reference = _reference.rms_norm
-TOLERANCE = 1e-6
+TOLERANCE = _reference.RMSNORM_RTOL
 
 
 def compute(tokens, k: int) -> tuple[te.Tensor, ...]:

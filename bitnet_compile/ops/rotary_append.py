@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from ..target import TargetSpec
 
 reference = _reference.rotary_append
-ULPS = 4
+ULPS = _reference.ROTARY_ULPS
 
 
 def build_primfunc(name: str, heads: int, kv_heads: int, head_dim: int) -> tvm.tirx.PrimFunc:

@@ -41,10 +41,11 @@ class DecodeStep:
     """One model's arrays bound to the artifact's decode program: ``__call__(row, pos)`` runs
     one token and returns its logits (or, for the "hidden" output, the final-normed hidden
     state). ``layers``: per layer a mapping with the names of ``layer_params``; ``head``: the
-    final norm and the output format's arrays."""
+    final norm and the output format's arrays; ``kernel_calls``: the kernels one step runs
+    (the manifest's count)."""
 
     def __init__(self, module: Any, output: str, hidden: int, cos: np.ndarray, sin: np.ndarray, scores: np.ndarray,
-                 eps: np.ndarray, layers: Sequence[dict], head: Sequence[np.ndarray], sub_norms: bool):  # fmt: skip
+                 eps: np.ndarray, layers: Sequence[dict], head: Sequence[np.ndarray], sub_norms: bool, kernel_calls: int):  # fmt: skip
         import tvm_ffi
 
         try:
@@ -52,7 +53,8 @@ class DecodeStep:
         except (AttributeError, KeyError, RuntimeError):
             raise UserError("the artifact has no compiled decode step: rebuild it with this bitnet-compile") from None
         vm["vm_initialization"](1, 0, 2, 1, 0, 2)  # CPU device 0 with the pooled allocator, for the program and the host
-        self._function = vm[FUNCTIONS[output]]
+        self.function = vm[FUNCTIONS[output]]
+        self.kernel_calls = kernel_calls
         self.x, self.pos = aligned_zeros((1, hidden), np.float32), aligned_zeros((1,), np.int32)
         tensor = tvm_ffi.from_dlpack
         names = layer_params(sub_norms)
@@ -71,7 +73,7 @@ class DecodeStep:
     def __call__(self, row: np.ndarray, pos: int) -> np.ndarray:
         self.x[0] = row
         self.pos[0] = pos
-        return np.from_dlpack(self._function(*self._args))[0]
+        return np.from_dlpack(self.function(*self._args))[0]
 
 
 def scores_buffer(kv_heads: int, group: int, context: int) -> np.ndarray:

@@ -201,15 +201,19 @@ class Program:
     ffn: int
     act: str
     sub_norms: bool
-    functions: dict[str, str]
-    kernels: dict[str, str]
+    functions: dict[str, str]  # output format -> function
+    kernels: dict[str, str]  # role -> kernel
+    kernel_calls: dict[str, int]  # output format -> kernels one decode step runs
 
     @classmethod
     def from_json(cls, r: _Reader) -> Program:
         sizes = [r.get(key, int) for key in ("layers", "hidden", "heads", "kv_heads", "head_dim", "ffn")]
         if min(sizes) < 1:
             raise UserError(f"manifest is corrupted: {r.where} has a size below 1")
-        return cls(*sizes, r.get("act", str), r.get("sub_norms", bool), r.mapping("functions", str), r.mapping("kernels", str))
+        functions, calls = r.mapping("functions", str), r.mapping("kernel_calls", int)
+        if set(calls) != set(functions):
+            raise UserError(f"manifest is corrupted: {r.where}.kernel_calls must name the same formats as its functions")
+        return cls(*sizes, r.get("act", str), r.get("sub_norms", bool), functions, r.mapping("kernels", str), calls)
 
 
 @dataclass(frozen=True)

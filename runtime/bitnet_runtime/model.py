@@ -150,7 +150,7 @@ class Model:
         scores = scores_buffer(c.kv_heads, c.heads // c.kv_heads, self.context_length)
         head = (self.norm, *self.output.step_arrays)
         return DecodeStep(self.artifact.module, self.output.step_format, c.hidden, self.cos, self.sin, scores,
-                          self.layers[0].eps, layers, head, program.sub_norms)  # fmt: skip
+                          self.layers[0].eps, layers, head, program.sub_norms, program.kernel_calls[self.output.step_format])  # fmt: skip
 
     def reset(self) -> None:
         self.pos = 0

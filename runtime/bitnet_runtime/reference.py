@@ -94,7 +94,16 @@ def residual_dequantize(acc: np.ndarray, act_scale: np.ndarray, weight_scale: np
 
 # ----------------------------------------------------------------------------- decoder layer
 # The float steps of a decoder layer between its BitLinears, as model.py runs them: the spec
-# the compiled decode step's kernels are checked against.
+# the compiled decode step's kernels are checked against, and how close each kernel must be.
+# LLVM fuses a multiply and an add into one rounding where numpy rounds twice, and sums in
+# vector-wide partial sums where numpy sums pairwise or by BLAS: hence bounds, not equality.
+
+ULP = float(np.finfo(np.float32).eps)
+ROTARY_ULPS = 4  # rotary_append: |kernel - reference| <= 4 ulp of max |q|k|v| (v exact)
+RESIDUAL_ULPS = 2  # residual_dequantize: <= 2 ulp of |x| + |product|, elementwise
+ATTENTION_TOLERANCE = 1e-5  # decode_attention: <= this x max |V|
+SILU_RTOL = 1e-6  # gated_act with silu (relu2 is exact): relative
+RMSNORM_RTOL = 1e-6  # rmsnorm: <= this x max |out|
 
 
 def relu2(x: np.ndarray) -> np.ndarray:

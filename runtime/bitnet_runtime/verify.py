@@ -186,9 +186,86 @@ def check_i8_gemv(kernel: Kernel, rng: np.random.Generator) -> bool:
     return True
 
 
+def _floats(rng: np.random.Generator, shape: tuple[int, ...], scale: float = 1.0) -> np.ndarray:
+    return aligned_copy((rng.standard_normal(shape) * scale).astype(np.float32))
+
+
+def _rope_tables(rng: np.random.Generator, context: int, d: int) -> tuple[np.ndarray, np.ndarray]:
+    angles = rng.uniform(-4, 4, (context, d // 2)).astype(np.float32)
+    return tuple(aligned_copy(np.concatenate((f(angles), f(angles)), axis=1)) for f in (np.cos, np.sin))
+
+
+def check_rmsnorm(kernel: Kernel, rng: np.random.Generator) -> bool:
+    """Shape key: k. Within reference.RMSNORM_RTOL of max |out|, on TOKENS tokens."""
+    k = kernel.shape["k"]
+    x, weight, eps = _floats(rng, (TOKENS, k), rng.uniform(0.01, 100)), _floats(rng, (k,)) + 1, aligned_copy(np.array([1e-5], np.float32))
+    out = aligned_zeros((TOKENS, k), np.float32)
+    kernel(x, weight, eps, out)
+    want = reference.rms_norm(x, weight, 1e-5)
+    return bool(np.abs(out - want).max() <= reference.RMSNORM_RTOL * np.abs(want).max())
+
+
+def check_rotary_append(kernel: Kernel, rng: np.random.Generator) -> bool:
+    """Shape keys: heads, kv_heads, head_dim. Rotated q and cache row pos within
+    reference.ROTARY_ULPS; every other cache row untouched."""
+    heads, kv_heads, d = (kernel.shape[key] for key in ("heads", "kv_heads", "head_dim"))
+    context = 37
+    qkv = _floats(rng, (1, (heads + 2 * kv_heads) * d))
+    cos, sin = _rope_tables(rng, context, d)
+    pos = aligned_copy(np.array([rng.integers(0, context)], np.int32))
+    kc, vc, q = _floats(rng, (kv_heads, context, d)), _floats(rng, (kv_heads, context, d)), aligned_zeros((heads, d), np.float32)
+    want = reference.rotary_append(qkv, cos, sin, int(pos[0]), kc.copy(), vc.copy(), heads)
+    kernel(qkv, cos, sin, pos, kc, vc, q)
+    bound = reference.ROTARY_ULPS * reference.ULP * float(np.abs(qkv).max())
+    return all(np.abs(got - w).max() <= bound for got, w in zip((q, kc, vc), want))
+
+
+def check_decode_attention(kernel: Kernel, rng: np.random.Generator) -> bool:
+    """Shape keys: heads, kv_heads, head_dim. Within reference.ATTENTION_TOLERANCE x max |V|,
+    at a random length of a 41-position cache."""
+    heads, kv_heads, d = (kernel.shape[key] for key in ("heads", "kv_heads", "head_dim"))
+    context = 41
+    q, kc, vc = _floats(rng, (heads, d), 3.0), _floats(rng, (kv_heads, context, d)), _floats(rng, (kv_heads, context, d))
+    pos = aligned_copy(np.array([rng.integers(0, context)], np.int32))
+    scores, out = aligned_zeros((kv_heads, heads // kv_heads, context), np.float32), aligned_zeros((1, heads * d), np.float32)
+    kernel(q, kc, vc, pos, scores, out)
+    want = reference.decode_attention(q, kc, vc, int(pos[0]))
+    return bool(np.abs(out - want).max() <= reference.ATTENTION_TOLERANCE * np.abs(vc).max())
+
+
+def check_residual_dequantize(kernel: Kernel, rng: np.random.Generator) -> bool:
+    """Shape keys: n, n_padded. Within reference.RESIDUAL_ULPS of |x| + |product|, elementwise."""
+    n, n_p = kernel.shape["n"], kernel.shape["n_padded"]
+    acc = aligned_copy(rng.integers(-(2**24), 2**24, (TOKENS, n_p), dtype=np.int32))
+    act_scale, weight_scale = (
+        aligned_copy(rng.uniform(0.1, 1000, TOKENS).astype(np.float32)),
+        aligned_copy(rng.uniform(0.01, 2, n).astype(np.float32)),
+    )
+    x, out = _floats(rng, (TOKENS, n), 1000.0), aligned_zeros((TOKENS, n), np.float32)
+    kernel(acc, act_scale, weight_scale, x, out)
+    want = reference.residual_dequantize(acc[:, :n], act_scale, weight_scale, x)
+    return bool(np.all(np.abs(out - want) <= reference.RESIDUAL_ULPS * reference.ULP * (np.abs(x) + np.abs(want - x))))
+
+
+def check_gated_act(kernel: Kernel, rng: np.random.Generator) -> bool:
+    """Shape keys: n (ffn), act. relu2 exact; silu within reference.SILU_RTOL, relative."""
+    n, act = kernel.shape["n"], kernel.shape["act"]
+    gate_up, out = _floats(rng, (TOKENS, 2 * n), 4.0), aligned_zeros((TOKENS, n), np.float32)
+    kernel(gate_up, out)
+    want = reference.gated_act(gate_up, act)
+    if act == "relu2":
+        return np.array_equal(out, want)
+    return bool(np.all(np.abs(out - want) <= reference.SILU_RTOL * np.maximum(np.abs(want), 1e-30)))
+
+
 TOLERANT_OPS = {
     "f16_gemv": f"close (within {reference.F16_GEMV_RTOL:g} x sum|x w|)",
     "rmsnorm_quantize": "close (one step off at most, in few entries)",
+    "rmsnorm": f"close (within {reference.RMSNORM_RTOL:g} x max|out|)",
+    "rotary_append": f"close (within {reference.ROTARY_ULPS} ulp)",
+    "decode_attention": f"close (within {reference.ATTENTION_TOLERANCE:g} x max|V|)",
+    "residual_dequantize": f"close (within {reference.RESIDUAL_ULPS} ulp)",
+    "gated_act": f"exact (relu2) or close (silu, within {reference.SILU_RTOL:g})",
 }  # checked to a tolerance, not exactly
 
 
@@ -206,6 +283,11 @@ CHECKS = {
     "dequantize": check_dequantize,
     "f16_gemv": check_f16_gemv,
     "i8_gemv": check_i8_gemv,
+    "rmsnorm": check_rmsnorm,
+    "rotary_append": check_rotary_append,
+    "decode_attention": check_decode_attention,
+    "residual_dequantize": check_residual_dequantize,
+    "gated_act": check_gated_act,
 }
 
 
