@@ -198,7 +198,11 @@ def _rope_tables(rng: np.random.Generator, context: int, d: int) -> tuple[np.nda
 def check_rmsnorm(kernel: Kernel, rng: np.random.Generator) -> bool:
     """Shape key: k. Within reference.RMSNORM_RTOL of max |out|, on TOKENS tokens."""
     k = kernel.shape["k"]
-    x, weight, eps = _floats(rng, (TOKENS, k), rng.uniform(0.01, 100)), aligned_copy(_floats(rng, (k,)) + 1), aligned_copy(np.array([1e-5], np.float32))
+    x, weight, eps = (
+        _floats(rng, (TOKENS, k), rng.uniform(0.01, 100)),
+        aligned_copy(_floats(rng, (k,)) + 1),
+        aligned_copy(np.array([1e-5], np.float32)),
+    )
     out = aligned_zeros((TOKENS, k), np.float32)
     kernel(x, weight, eps, out)
     want = reference.rms_norm(x, weight, 1e-5)
