@@ -4,7 +4,9 @@ For each thread count and output-layer format, a fresh process (TVM's thread poo
 per process, and peak memory must be the run's own) loads the model, then measures:
 - decode: 128 tokens generated one at a time after a short prompt (greedy, EOS ignored);
 - prompt: a 128-token prompt processed as one batch;
-- per decoded token, the host time outside compiled kernels and the kernel launches;
+- per decoded token, the host time outside compiled code, the native calls from Python (one
+  with the compiled decode step) and the kernel launches;
+- ``--decode step,kernels``: both ways of decoding, to compare them in one run;
 - peak resident memory, the weight bytes read per token and the DRAM read bandwidth (a
   read-only TVM kernel over twice the L3), hence the fraction of the bandwidth limit
   (decode tok/s x bytes per token / bandwidth) reached;
@@ -35,6 +37,7 @@ from .isolation import module_command
 from .measure import cpu_model, l3_bytes, stream_bytes
 
 BANDWIDTH_FILE = "bandwidth.so"
+DECODE_MODES = ("step", "kernels")
 
 
 def add_options(p: argparse.ArgumentParser) -> None:
@@ -42,6 +45,12 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-a", "--artifact", type=Path, default=None, help="artifact directory (default: compile one for this CPU, cached)")
     p.add_argument("-t", "--threads", default="1,2", help="thread counts, e.g. 1,2 (default)")
     p.add_argument("--output-layer", default="f16,i8", help="output layer formats to measure (default f16,i8)")
+    p.add_argument(
+        "--decode",
+        default=None,
+        help="how decoded tokens run: step (the artifact's compiled decode step, one call per token), "
+        "kernels (kernel by kernel from Python), or both to compare: step,kernels (default: step where the artifact has one)",
+    )
     p.add_argument("--tokens", type=int, default=128, help="decoded tokens and prompt tokens per run (default 128)")
     p.add_argument("--repeat", type=int, default=3, help="runs per figure; medians are reported (default 3)")
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
@@ -116,6 +125,11 @@ def run(args: argparse.Namespace, artifact_dir: Path) -> int:
         raise UserError(f"unknown output layer format in {args.output_layer!r}: f16, i8")
     model_dir = locate(args.model)
     manifest = read_manifest(Path(artifact_dir))
+    modes = _list(args.decode, str, "decode") if args.decode else ["step" if manifest.program else "kernels"]
+    if set(modes) - set(DECODE_MODES):
+        raise UserError(f"unknown decode mode in {args.decode!r}: {', '.join(DECODE_MODES)}")
+    if "step" in modes and manifest.program is None:
+        raise UserError(f"artifact {artifact_dir} has no compiled decode step: --decode kernels, or compile it for the model")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         nbytes = stream_bytes(l3_bytes())
@@ -129,11 +143,12 @@ def run(args: argparse.Namespace, artifact_dir: Path) -> int:
         }
         _prepare(spec, formats)
         runs = []
-        for fmt in formats:
-            for t in threads:
-                print(f"measuring {t} thread{'s' if t > 1 else ''}, {fmt} output layer ...", file=sys.stderr, flush=True)
-                runs.append(_worker_run(spec, t, fmt))
-        side_by_side = _with_peers(args, spec, threads, model_dir, runs) if args.peers else None
+        for mode in modes:
+            for fmt in formats:
+                for t in threads:
+                    print(f"measuring {t} thread{'s' if t > 1 else ''}, {fmt} output layer, decode {mode} ...", file=sys.stderr, flush=True)
+                    runs.append(_worker_run(spec | {"decode": mode}, t, fmt))
+        side_by_side = _with_peers(args, spec | {"decode": modes[0]}, threads, model_dir, runs) if args.peers else None
     report = {
         "date": _dt.date.today().isoformat(),
         "cpu": cpu_model(),
@@ -171,7 +186,8 @@ def _with_peers(args: argparse.Namespace, spec: dict, threads: list[int], model_
     samples: dict[tuple[int, str], list[dict]] = {}
     for round_ in range(args.rounds):
         for t in threads:
-            ours = next((r for r in first if r["threads"] == t and r["format"] == "f16"), None) if round_ == 0 else None
+            mine = [r for r in first if (r["threads"], r["format"], r["decode"]) == (t, "f16", spec["decode"])]
+            ours = mine[0] if round_ == 0 and mine else None
             samples.setdefault((t, "this project"), []).append(ours or _worker_run(spec, t, "f16"))
             for peer in found:
                 print(f"round {round_ + 1}/{args.rounds}: {peer.name}, {t} thread{'s' if t > 1 else ''} ...", file=sys.stderr, flush=True)
@@ -206,6 +222,7 @@ def format_report(report: dict) -> str:
     head = [
         "threads",
         "output layer",
+        "decode",
         "decode tok/s",
         "prompt tok/s",
         "ms/token",
@@ -225,6 +242,7 @@ def format_report(report: dict) -> str:
             [
                 str(r["threads"]),
                 r["format"],
+                r["decode"],
                 f"{r['decode_tok_s']:.1f}",
                 f"{r['prompt_tok_s']:.1f}",
                 f"{1000 / r['decode_tok_s']:.1f}",
@@ -279,6 +297,8 @@ def _host_and_launches(spec: dict, prompt: list[int], tokens: int) -> tuple[floa
     stats = LaunchStats()
     artifact = Artifact(spec["artifact"], stats=stats)
     model = LLM(spec["model"], artifact, output=spec["format"], threads=spec["threads"], echo=lambda line: None).model
+    if spec["decode"] == "kernels":
+        model.step = None
     if model.step is not None:
         model.step.function = stats.counted(model.step.function)
     logits = model.prefill(prompt)
@@ -327,6 +347,8 @@ def worker(spec: dict) -> dict:
 
     llm = LLM(spec["model"], spec["artifact"], output=spec["format"], threads=spec["threads"], echo=lambda line: None)
     model, n, repeat = llm.model, spec["tokens"], spec["repeat"]
+    if spec["decode"] == "kernels":
+        model.step = None
     rng = np.random.default_rng(0)
     short = rng.integers(0, model.config.vocab, 8).tolist()
     prompt = rng.integers(0, model.config.vocab, n).tolist()
@@ -347,6 +369,7 @@ def worker(spec: dict) -> dict:
     return {
         "threads": spec["threads"],
         "format": spec["format"],
+        "decode": spec["decode"],
         "decode_tok_s": decode_tok_s,
         "prompt_tok_s": float(np.median(prompt_speed)),
         **dict(zip(("host_s_per_token", "calls_per_token", "launches_per_token"), _host_and_launches(spec, short, min(n, 32)))),

@@ -71,10 +71,17 @@ def test_user_mistakes_are_one_line_errors(env, model, args, message):
 
 def test_bench_reports_every_figure(env, model, tmp_path):
     report = tmp_path / "bench.json"
-    result = cli(env, "bench", "-m", str(model), "-t", "1,2", "--tokens", "8", "--repeat", "1", "--json", str(report))
+    result = cli(
+        env, "bench", "-m", str(model), "-t", "1,2", "--tokens", "8", "--repeat", "1", "--decode", "step,kernels", "--json", str(report)
+    )
     assert result.returncode == 0, result.stderr
-    runs = json.loads(report.read_text())["runs"]
-    assert [(r["threads"], r["format"]) for r in runs] == [(1, "f16"), (2, "f16"), (1, "i8"), (2, "i8")]
+    every = json.loads(report.read_text())["runs"]
+    assert [(r["decode"], r["threads"], r["format"]) for r in every] == [
+        (mode, t, fmt) for mode in ("step", "kernels") for fmt in ("f16", "i8") for t in (1, 2)
+    ]
+    step, runs = every[:4], every[4:]
+    assert all(r["calls_per_token"] == 1 and r["launches_per_token"] > 4 for r in step)  # one call, the kernels inside it
+    assert all(r["calls_per_token"] == r["launches_per_token"] for r in runs)  # kernel by kernel: every launch a call
     for r in runs:
         assert r["decode_tok_s"] > 0 and r["prompt_tok_s"] > 0 and r["peak_rss_bytes"] > 0 and r["bandwidth_gb_s"] > 0
         assert 0 < r["fraction_of_limit"] and r["bytes_per_token"] > 0
@@ -83,4 +90,4 @@ def test_bench_reports_every_figure(env, model, tmp_path):
     assert launches["i8"] == launches["f16"] + 2  # the int8 output layer is quantize, GEMV, dequantize; f16 one GEMV
     assert launches["f16"] == int(launches["f16"]) and launches["f16"] >= 4
     assert 0 <= runs[-1]["top1_agreement"] <= 1
-    assert "| threads | output layer | decode tok/s |" in result.stdout
+    assert "| threads | output layer | decode | decode tok/s |" in result.stdout

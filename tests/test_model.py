@@ -133,6 +133,24 @@ def test_greedy_generation_matches_reference(request, zoo, references, name, dec
     assert llm.generate(PROMPT, 32, SamplingParams()).token_ids == want
 
 
+def test_decode_step_runs_without_the_compiler(zoo, step_artifacts):
+    """The device runtime alone (tvm blocked) runs the compiled decode step, and its logits
+    are the kernel-by-kernel path's."""
+    from conftest import run_without_tvm
+
+    code = (
+        "import numpy as np\nfrom bitnet_runtime.api import LLM\n"
+        f"m = LLM({str(zoo['bitnet-packed'])!r}, {str(step_artifacts['bitnet-packed'])!r}, echo=lambda line: None).model\n"
+        "assert m.step is not None\n"
+        f"m.prefill({PROMPT[:4]!r}); step = [m.decode(t) for t in {PROMPT[4:]!r}]\n"
+        f"m.step = None; m.prefill({PROMPT[:4]!r}); kernels = [m.decode(t) for t in {PROMPT[4:]!r}]\n"
+        "print(max(float(np.abs(a - b).max() / np.abs(b).max()) for a, b in zip(step, kernels)))\n"
+    )
+    result = run_without_tvm(code)
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout.split()[-1]) < 1e-5
+
+
 def test_second_start_uses_the_conversion_cache(zoo, artifact_dir):
     lines = []
     from bitnet_runtime.api import LLM
