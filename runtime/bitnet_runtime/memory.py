@@ -5,6 +5,8 @@ array that reaches a kernel comes from here.
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 
 ALIGNMENT = 64
@@ -25,13 +27,17 @@ def aligned_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
 
 
 def lazy_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
-    """Aligned zeros whose pages the OS maps only when first written (numpy's calloc): a KV
-    cache for the whole context allocated at load costs memory only as positions fill."""
+    """Zeros in an anonymous memory map (page-aligned), whose pages the OS maps only when first
+    written: a KV cache for the whole context allocated at load costs memory only as positions
+    fill. Small pages are asked for explicitly, since numpy would have a large array use 2 MB
+    pages, and a head-major cache touches every head's region at the first position (measured:
+    +0.5 GB peak on the 2B-4T shape)."""
     dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    raw = np.zeros(nbytes + ALIGNMENT, np.uint8)
-    offset = (-raw.ctypes.data) % ALIGNMENT
-    return raw[offset : offset + nbytes].view(dtype).reshape(shape)
+    count = int(np.prod(shape, dtype=np.int64))
+    buffer = mmap.mmap(-1, max(count * dtype.itemsize, 1))
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        buffer.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(buffer, dtype, count).reshape(shape)
 
 
 def aligned_copy(array: np.ndarray, dtype=None) -> np.ndarray:
