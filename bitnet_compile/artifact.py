@@ -13,14 +13,17 @@ Layout of an artifact directory (manifest format version 3), by target kind (``E
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
+import fcntl
 import os
 import re
+import secrets
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from bitnet_runtime.decode_step import FUNCTIONS
@@ -98,11 +101,29 @@ def compile_kernels(kernels: list[KernelEntry], target: TargetSpec, program: Cal
 
 
 def _write(out_dir: Path, name: str, write: Callable[[Path], object]) -> FileEntry:
-    """``write(tmp_path)``, then rename into place: a file appears whole or not at all."""
-    tmp = out_dir / (name + ".tmp")
-    write(tmp)
-    os.replace(tmp, out_dir / name)
+    """``write(tmp_path)``, then rename into place: a file appears whole or not at all. The
+    temporary name is this build's own, and it is removed when writing fails."""
+    tmp = out_dir / f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        write(tmp)
+        os.replace(tmp, out_dir / name)
+    finally:
+        tmp.unlink(missing_ok=True)
     return FileEntry(name, file_sha256(out_dir / name))
+
+
+@contextlib.contextmanager
+def build_lock(out_dir: Path) -> Iterator[None]:
+    """One build at a time per artifact directory (an advisory lock on ``.build-lock`` inside
+    it, released when the process ends, however it ends); a second build waits for the first."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".build-lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another build of {out_dir} to finish ...", file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def _export(executable, target: TargetSpec, path: Path) -> None:
@@ -207,11 +228,28 @@ def build(
     model_name: str | None = None,
     output_layer: tuple[int, int] | None = None,
     decoder: Decoder | None = None,
+    if_missing: bool = False,
 ) -> Path:
     """Write a complete artifact to ``out_dir`` (family: the preferred one the target runs;
     output_layer: (vocab, hidden) for a model's logits kernels, CPU targets only; decoder: the
     model's, for the compiled decode step, CPU targets only); files appear only once fully
-    written."""
+    written, one build at a time. ``if_missing``: keep a complete artifact already there
+    (another process's build that finished while this one waited)."""
+    with build_lock(out_dir):
+        if if_missing and (out_dir / MANIFEST_FILE).is_file():
+            return out_dir / MANIFEST_FILE
+        return _build(target, linears, out_dir, family, model_name, output_layer, decoder)
+
+
+def _build(
+    target: TargetSpec,
+    linears: list[Linear],
+    out_dir: Path,
+    family: Family | None,
+    model_name: str | None,
+    output_layer: tuple[int, int] | None,
+    decoder: Decoder | None,
+) -> Path:
     import tvm
 
     family = family or choose(target, "auto", schedule_db.family_preference(target.isa))

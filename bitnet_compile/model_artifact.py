@@ -48,5 +48,14 @@ def for_model(model: str, target: TargetSpec, family_name: str = "auto", echo=la
     echo(f"compiling the kernels of {request.name} for {target.mcpu} ({target.isa}, {family.name}) into {out} (once)")
     from .artifact import build  # imports TVM: only when there is something to compile
 
-    build(target, request.linears, out, family, model_name=request.name, output_layer=request.output_layer, decoder=request.decoder)
+    build(
+        target,
+        request.linears,
+        out,
+        family,
+        model_name=request.name,
+        output_layer=request.output_layer,
+        decoder=request.decoder,
+        if_missing=True,
+    )
     return out

@@ -4,7 +4,10 @@ where tvm cannot be imported, and refused cleanly when damaged or foreign."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import textwrap
 
 import numpy as np
@@ -18,7 +21,7 @@ from bitnet_compile.target import parse_target
 from bitnet_runtime import cpu
 from bitnet_runtime.artifact import Artifact
 from bitnet_runtime.errors import UserError
-from bitnet_runtime.manifest import FORMAT_VERSION, file_sha256, read_manifest
+from bitnet_runtime.manifest import FORMAT_VERSION, digest_of, file_sha256, read_manifest
 
 LINEARS = [Linear("a", 100, 36), Linear("b", 256, 512), Linear("c", 130, 1000)]
 NATIVE = parse_target("llvm -mcpu=native")
@@ -101,10 +104,20 @@ def _flip_byte(path):
     path.write_bytes(bytes(data))
 
 
-def _tamper(path, edit):
+def _tamper(path, edit, redigest: bool = True):
+    """Edit a manifest; ``redigest``: as a deliberate editor would, with its digest made to match."""
     data = json.loads(path.read_text())
     edit(data)
+    if redigest:
+        data["digest"] = digest_of(data)
     path.write_text(json.dumps(data))
+
+
+def _outside(d, target):
+    """kernels.so replaced by a symbolic link to a copy outside the artifact directory."""
+    shutil.copyfile(d / "kernels.so", target)
+    (d / "kernels.so").unlink()
+    (d / "kernels.so").symlink_to(target)
 
 
 @pytest.mark.parametrize(
@@ -119,6 +132,13 @@ def _tamper(path, edit):
         (lambda d: _tamper(d / "manifest.json", lambda m: m.pop("kernels")), "kernels is missing"),
         (lambda d: _tamper(d / "manifest.json", lambda m: m["required_cpu_features"].append("avx10.9")), "lacks avx10.9"),
         (lambda d: _tamper(d / "manifest.json", lambda m: m["target"].update(arch="aarch64")), "aarch64"),
+        (lambda d: _tamper(d / "manifest.json", lambda m: m["required_cpu_features"].clear(), redigest=False), "digest does not match"),
+        (lambda d: _tamper(d / "manifest.json", lambda m: m.pop("digest"), redigest=False), "digest does not match"),
+        (lambda d: _tamper(d / "manifest.json", lambda m: m["library"].update(file="../kernels.so")), "not the name of a file"),
+        (lambda d: _tamper(d / "manifest.json", lambda m: m["library"].update(file=str(d / "kernels.so"))), "not the name of a file"),
+        (lambda d: _tamper(d / "manifest.json", lambda m: m["library"].update(sha256="x" * 64)), "not a sha256"),
+        (lambda d: _outside(d, d.parent / "elsewhere.so"), "leads outside the artifact"),
+        (lambda d: ((d / "kernels.so").unlink(), os.mkfifo(d / "kernels.so")), "not a regular file"),
     ],
 )
 def test_damaged_artifacts_are_refused(copy, damage, message):
@@ -175,3 +195,39 @@ def test_kernel_call_checks_its_arrays(built):
         quantize(x, aligned_zeros((2, 512), np.int16), s)
     with pytest.raises(UserError, match=entry.kernels["quantize"]):
         quantize(x, q)
+
+
+def test_a_library_replaced_on_disk_is_not_loaded_again_in_the_same_process(built, tmp_path):
+    """The dynamic loader would hand back the first copy: refused instead of running old code."""
+    other = tmp_path / "other"
+    artifact.build(NATIVE, [Linear("z", 48, 80)], other)
+    place = tmp_path / "place"
+    shutil.copytree(built, place)
+    Artifact(place)
+    shutil.rmtree(place)
+    shutil.copytree(other, place)
+    with pytest.raises(UserError, match="changed since this process loaded it"):
+        Artifact(place)
+
+
+def test_concurrent_builds_into_one_directory(tmp_path):
+    """Two compiles of one artifact directory at once: one waits for the other, both succeed,
+    and the result is whole (no shared temporary names)."""
+    out = tmp_path / "art"
+    cmd = [sys.executable, "-m", "bitnet_compile", "--target", "llvm -mcpu=native", "--shapes", "64x96,32x64", "-o", str(out)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert all(code == 0 for code, _ in results), results
+    assert [f.name for f in out.iterdir() if ".tmp-" in f.name] == []
+    result = run_without_tvm(f"from bitnet_runtime.__main__ import main; raise SystemExit(main(['verify', {str(out)!r}]))")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_failed_write_leaves_no_temporary_file(tmp_path):
+    def fail(tmp):
+        tmp.write_text("partial")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        artifact._write(tmp_path, "kernels.so", fail)
+    assert list(tmp_path.iterdir()) == []

@@ -22,6 +22,7 @@ from bitnet_runtime.manifest import (
     Manifest,
     OutputFormat,
     OutputLayer,
+    digest_of,
     read_manifest,
 )
 
@@ -76,8 +77,10 @@ def test_written_manifest_reads_back(tmp_path: Path) -> None:
 
 
 def _write(directory: Path, edit) -> Path:
+    """The manifest with ``edit`` made and its digest made to match (a deliberate edit)."""
     data = _manifest().to_json()
     edit(data)
+    data["digest"] = digest_of(data)
     (directory / MANIFEST_FILE).write_text(json.dumps(data))
     return directory
 

@@ -7,6 +7,7 @@ runtime services parallel kernels call, then the library itself.
 
 from __future__ import annotations
 
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,14 +23,38 @@ from .memory import ALIGNMENT, is_aligned
 
 
 def _checked_file(artifact_dir: Path, entry: FileEntry | None, what: str) -> Path:
+    """The file's resolved path, once it is a regular file inside the artifact directory (a
+    symbolic link may not lead out of it) with the manifest's sha256."""
     if entry is None:
         raise UserError(f"the manifest names no {what}: the artifact is incomplete, rebuild it with bitnet-compile")
     path = artifact_dir / entry.file
-    if not path.is_file():
-        raise UserError(f"{what} {path} is missing from the artifact")
-    if file_sha256(path) != entry.sha256:
+    try:
+        real = path.resolve(strict=True)
+        regular = stat.S_ISREG(real.stat().st_mode)
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} is missing from the artifact") from None
+    except (OSError, RuntimeError) as err:
+        raise UserError(f"cannot read {what} {path}: {getattr(err, 'strerror', None) or err}") from None
+    if real.parent != artifact_dir.resolve():
+        raise UserError(f"{what} {path} leads outside the artifact directory (to {real}): refused")
+    if not regular:
+        raise UserError(f"{what} {path} is not a regular file")
+    if file_sha256(real) != entry.sha256:
         raise UserError(f"{what} {path} does not match the sha256 in the manifest: the file is corrupted or was replaced")
-    return path
+    return real
+
+
+# library path -> the sha256 it had when this process loaded it: the dynamic loader keeps the
+# first copy, so a library replaced on disk and loaded again would run the old code
+_LOADED: dict[str, str] = {}
+
+
+def _load_once(path: Path, sha256: str) -> None:
+    loaded = _LOADED.setdefault(str(path), sha256)
+    if loaded != sha256:
+        raise UserError(
+            f"{path} changed since this process loaded it, and a process cannot load a library twice: restart it to use the new one"
+        )
 
 
 def check_cpu(manifest: Manifest) -> None:
@@ -153,6 +178,7 @@ class Artifact(KernelTable):
             gpu.ensure_cuda_runtime([_checked_file(self.dir, entry, "CUDA runtime library") for entry in self.manifest.device_libraries])
         import tvm_ffi
 
+        _load_once(library, self.manifest.library.sha256)
         self.module = tvm_ffi.load_module(str(library))
         services.check_kernel_services(library)
 

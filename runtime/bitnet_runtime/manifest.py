@@ -96,7 +96,14 @@ class FileEntry:
 
     @classmethod
     def from_json(cls, r: _Reader) -> FileEntry:
-        return cls(r.get("file", str), r.get("sha256", str))
+        """A bare file name: the manifest decides what is loaded, so it may name nothing outside
+        the artifact directory (no path separators, no "..", nothing absolute)."""
+        name, sha256 = r.get("file", str), r.get("sha256", str)
+        if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+            raise UserError(f"manifest is corrupted: {r.where}.file {name!r} is not the name of a file in the artifact directory")
+        if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
+            raise UserError(f"manifest is corrupted: {r.where}.sha256 is not a sha256")
+        return cls(name, sha256)
 
 
 @dataclass(frozen=True)
@@ -268,11 +275,12 @@ class Manifest:
 
     def to_json(self) -> dict[str, Any]:
         """JSON types only (lists, not tuples), so ``from_json(to_json())`` is the identity;
-        the version first, where a reader of the file looks for it."""
+        the version first, where a reader of the file looks for it, the digest last."""
         data = asdict(self)
         for key in ("required_cpu_features", "kernels", "linears", "device_libraries", "sources"):
             data[key] = list(data[key])
-        return {"format_version": data.pop("format_version"), **data}
+        data = {"format_version": data.pop("format_version"), **data}
+        return data | {"digest": digest_of(data)}
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), indent=2) + "\n"
@@ -283,6 +291,8 @@ class Manifest:
         version = r.data.get("format_version")
         if version != FORMAT_VERSION:
             raise UserError(f"artifact has manifest format version {version!r}; this runtime reads version {FORMAT_VERSION}: {REBUILD}")
+        if r.data.get("digest") != digest_of(r.data):
+            raise UserError(f"manifest is corrupted: its digest does not match its contents (was it edited?): {REBUILD}")
         features = r.get("required_cpu_features", list)
         if not all(isinstance(f, str) for f in features):
             raise UserError("manifest is corrupted: manifest.required_cpu_features must be a list of strings")
@@ -310,6 +320,14 @@ class Manifest:
             device=device and Device.from_json(device),
             format_version=version,
         )
+
+
+def digest_of(data: dict[str, Any]) -> str:
+    """sha256 of a manifest's JSON (its own "digest" left out, keys sorted): written with the
+    manifest and checked before anything in it is believed, so an edit (a CPU feature
+    removed, a file name changed) is refused rather than obeyed."""
+    body = {key: value for key, value in data.items() if key != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def file_sha256(path: Path) -> str:
