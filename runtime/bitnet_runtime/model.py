@@ -12,6 +12,8 @@ through as one batch (the kernels' GEMM path), then each new token alone (GEMV).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from threadpoolctl import threadpool_limits
 
@@ -24,6 +26,15 @@ from .model_config import ModelConfig
 from .output_layer import make_output_layer
 from .reference import ACTIVATIONS, attend, rms_norm, rotate
 from .weights import ModelWeights
+
+
+def finite(weights: ModelWeights, name: str) -> np.ndarray:
+    """A norm's weights, checked once at load: the kernels quantize a NaN to a finite int8, so a
+    NaN norm would otherwise turn into wrong text, not an error."""
+    array = weights.array(name)
+    if not np.isfinite(array).all():
+        raise UserError(f"the checkpoint's {name} weights hold NaN or Inf: the model is broken")
+    return array
 
 
 class KVCache:
@@ -55,10 +66,10 @@ class Layer:
             layer = BitLinear.from_packed(
                 artifact, g.n, g.k, weights.array(prefix + g.name), weights.array(prefix + g.name + ".scale"), shared
             )
-            norm = weights.array(prefix + g.name + ".norm") if config.quant.use_rms_norm else None
+            norm = finite(weights, prefix + g.name + ".norm") if config.quant.use_rms_norm else None
             self.linears[g.name] = (layer, norm)
-        self.input_norm, self.post_norm = weights.array(prefix + "input_norm"), weights.array(prefix + "post_norm")
-        self.sub_norms = (weights.array(prefix + "attn_sub_norm"), weights.array(prefix + "ffn_sub_norm")) if config.sub_norms else None
+        self.input_norm, self.post_norm = (finite(weights, prefix + name) for name in ("input_norm", "post_norm"))
+        self.sub_norms = tuple(finite(weights, prefix + name) for name in ("attn_sub_norm", "ffn_sub_norm")) if config.sub_norms else None
         self.cache = KVCache(config.kv_heads, config.head_dim, context)
         self.act = ACTIVATIONS[config.act]
         self.eps, self.quant_eps = (
@@ -131,7 +142,7 @@ class Model:
         self.context_length = min(context or c.max_positions, c.max_positions)
         buffers: dict = {}
         self.layers = [Layer(artifact, weights, c, i, self.context_length, buffers) for i in range(c.layers)]
-        self.norm = weights.array("norm")
+        self.norm = finite(weights, "norm")
         self.embed = weights.rows("embed")
         self.output = make_output_layer(artifact, weights, output)
         angles = np.arange(self.context_length, dtype=np.float32)[:, None] * c.inv_freq()[None, :]
@@ -167,11 +178,22 @@ class Model:
         self._check([token])
         out = self.step(self.embed[[token]][0], self.pos)
         self.pos += 1
-        return self.output.from_step(out)
+        return self._finite(self.output.from_step(out))
 
     def forward(self, ids: list[int]) -> np.ndarray:
         """Append tokens at the current position; the logits after the last one."""
-        return self.output(self.hidden(ids))
+        return self._finite(self.output(self.hidden(ids)))
+
+    def _finite(self, logits: np.ndarray) -> np.ndarray:
+        """The logits, once they are finite: a NaN or Inf anywhere in a step reaches them (the
+        residual stream carries it), and fluent text from broken numbers is worse than an error.
+        One sum over the vocabulary: a NaN or Inf makes it non-finite."""
+        if not math.isfinite(float(np.add.reduce(logits, dtype=np.float64))):
+            raise UserError(
+                f"the model computed NaN or Inf logits at position {self.pos}: its weights or config are broken "
+                "(NaN or huge values in the checkpoint, or a bad rope_theta / rms_norm_eps)"
+            )
+        return logits
 
     def _check(self, ids: list[int]) -> None:
         if not ids:
@@ -186,7 +208,8 @@ class Model:
         self._check(ids)
         x = self.embed[ids]
         cos, sin = self.cos[self.pos : self.pos + len(ids)], self.sin[self.pos : self.pos + len(ids)]
-        for layer in self.layers:
-            x = layer(x, self.pos, cos, sin)
-        self.pos += len(ids)
-        return rms_norm(x[-1], self.norm, self.config.rms_eps)
+        with np.errstate(over="ignore", invalid="ignore"):  # non-finite values are caught at the logits (_finite)
+            for layer in self.layers:
+                x = layer(x, self.pos, cos, sin)
+            self.pos += len(ids)
+            return rms_norm(x[-1], self.norm, self.config.rms_eps)

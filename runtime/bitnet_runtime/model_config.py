@@ -169,11 +169,38 @@ def _quantization(cfg: dict, architecture: str) -> Quantization:
     return Quantization(linear_class, mode, bool(q.get("use_rms_norm", False)), float(q.get("rms_norm_eps") or 1e-6))
 
 
+class _Field(ValueError):
+    """A config field of the wrong type or out of range (its message names it)."""
+
+
+def _int(cfg: dict, key: str, default: object = ..., low: int = 1) -> int:
+    """An integer field (not a float, string or bool) of at least ``low``."""
+    value = cfg.get(key, default) if default is not ... else cfg[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise _Field(f"{key} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def _float(cfg: dict, key: str, default: float, positive: bool = True) -> float:
+    """A finite number field, above 0 where ``positive``."""
+    value = cfg.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (positive and value <= 0):
+        raise _Field(f"{key} must be a finite number{' > 0' if positive else ''}, got {value!r}")
+    return float(value)
+
+
+def _object(cfg: dict, key: str) -> dict:
+    value = cfg.get(key) or {}
+    if not isinstance(value, dict):
+        raise _Field(f"{key} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
 def _rope(cfg: dict) -> tuple[float, dict | None]:
     """rope_theta and scaling, from transformers 5's rope_parameters or the older fields."""
-    params = cfg.get("rope_parameters") or {}
-    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-    scaling = cfg.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
+    params = _object(cfg, "rope_parameters")
+    theta = _float(params, "rope_theta", _float(cfg, "rope_theta", 10000.0))
+    scaling = _object(cfg, "rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
     if scaling:
         kind = scaling.get("rope_type", scaling.get("type", "default"))
         if kind not in ROPE_TYPES:
@@ -194,7 +221,7 @@ def load_config(model_dir: Path) -> ModelConfig:
     cfg = read_json(path)
     architecture = _architecture(cfg)
     try:
-        hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+        hidden, heads = _int(cfg, "hidden_size"), _int(cfg, "num_attention_heads")
         act = cfg.get("hidden_act", "silu")
         theta, scaling = _rope(cfg)
         gen = Path(model_dir) / "generation_config.json"
@@ -202,17 +229,17 @@ def load_config(model_dir: Path) -> ModelConfig:
         config = ModelConfig(
             architecture=architecture,
             hidden=hidden,
-            layers=int(cfg["num_hidden_layers"]),
+            layers=_int(cfg, "num_hidden_layers"),
             heads=heads,
-            kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or hidden // heads),
-            ffn=int(cfg["intermediate_size"]),
-            vocab=int(cfg["vocab_size"]),
-            rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            kv_heads=_int(cfg, "num_key_value_heads", None) if cfg.get("num_key_value_heads") is not None else heads,
+            head_dim=_int(cfg, "head_dim", None) if cfg.get("head_dim") is not None else hidden // heads,
+            ffn=_int(cfg, "intermediate_size"),
+            vocab=_int(cfg, "vocab_size"),
+            rms_eps=_float(cfg, "rms_norm_eps", 1e-6),
             act=act,
             rope_theta=theta,
             rope_scaling=scaling,
-            max_positions=int(cfg.get("max_position_embeddings", 2048)),
+            max_positions=_int(cfg, "max_position_embeddings", 2048),
             tied=bool(cfg.get("tie_word_embeddings", False)),  # transformers' default for both classes
             quant=_quantization(cfg, architecture),
             sub_norms={
@@ -223,7 +250,9 @@ def load_config(model_dir: Path) -> ModelConfig:
             eos_ids=eos or _eos_ids(cfg.get("eos_token_id")),
             name=str(cfg.get("_name_or_path") or Path(model_dir).name),
         )
-    except (KeyError, TypeError, ValueError) as err:
+    except _Field as err:
+        raise UserError(f"{path} is not a usable model config: {err}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise UserError(f"{path} is not a usable model config: missing or bad field {err}") from None
     _check(config, cfg, path)
     return config

@@ -11,7 +11,9 @@ file size first, so a truncated or corrupted file is a UserError, never a bus er
 from __future__ import annotations
 
 import json
+import math
 import mmap
+import stat
 import struct
 from pathlib import Path
 
@@ -40,12 +42,18 @@ SINGLE_FILE = "model.safetensors"
 MAX_HEADER = 100 << 20  # the format's own limit
 
 
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 class SafetensorsFile:
     """One .safetensors file: its header parsed and checked, its data mapped read-only."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         try:
+            if not stat.S_ISREG(self.path.stat().st_mode):  # a FIFO would block the open forever
+                raise UserError(f"{self.path} is not a regular file")
             with self.path.open("rb") as f:
                 size = self.path.stat().st_size
                 if size < 8:
@@ -72,16 +80,26 @@ class SafetensorsFile:
         return header
 
     def _check_entries(self, data_size: int) -> None:
+        """Every entry typed (dtype known, shape and offsets non-negative integers), sized as its
+        shape says, inside the data section, and no two overlapping."""
+        spans = []
         for name, e in self.entries.items():
             try:
-                dtype, shape, (start, end) = DTYPES[e["dtype"]], [int(d) for d in e["shape"]], e["data_offsets"]
+                dtype, shape, (start, end) = DTYPES[e["dtype"]], list(e["shape"]), e["data_offsets"]
             except (KeyError, TypeError, ValueError):
                 raise UserError(f"{self.path} is corrupted: bad header entry for {name!r}") from None
-            want = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-            if not (0 <= start <= end) or end - start != want:
+            if not all(_is_count(v) for v in (*shape, start, end)):
+                raise UserError(f"{self.path} is corrupted: {name}'s shape and offsets must be non-negative integers")
+            want = math.prod(shape) * np.dtype(dtype).itemsize  # Python integers: no overflow
+            if not start <= end or end - start != want:
                 raise UserError(f"{self.path} is corrupted: {name} has {end - start} bytes for shape {shape} {e['dtype']}")
             if end > data_size:
                 raise UserError(f"{self.path} is truncated: {name} ends at byte {end} of a {data_size}-byte data section")
+            spans.append((start, end, name))
+        spans.sort()
+        for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+            if start < end:
+                raise UserError(f"{self.path} is corrupted: the data of {first} and {second} overlap")
 
     def dtype(self, name: str) -> str:
         return self.entries[name]["dtype"]
@@ -111,21 +129,35 @@ class Checkpoint:
     def _open_files(self) -> list[SafetensorsFile]:
         index = self.dir / INDEX_FILE
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-                shards = sorted(set(weight_map.values()))
-            except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-                raise UserError(f"{index} is corrupted: {err}") from None
-            missing = [s for s in shards if not (self.dir / s).is_file()]
-            if missing:
-                raise UserError(f"{self.dir} is incomplete: shard(s) {', '.join(missing)} named by {INDEX_FILE} are missing")
-            return [SafetensorsFile(self.dir / s) for s in shards]
-        if (self.dir / SINGLE_FILE).is_file():
+            return self._open_shards(index)
+        if (self.dir / SINGLE_FILE).exists():
             return [SafetensorsFile(self.dir / SINGLE_FILE)]
         found = sorted(p.name for p in self.dir.glob("*.safetensors"))
         if len(found) == 1:
             return [SafetensorsFile(self.dir / found[0])]
         raise UserError(f"no weights in {self.dir}: expected {SINGLE_FILE} or {INDEX_FILE} (PyTorch .bin checkpoints are not supported)")
+
+    def _open_shards(self, index: Path) -> list[SafetensorsFile]:
+        """The shards the index names: bare file names in the model directory, each holding the
+        tensors the index's weight_map puts in it."""
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+            raise UserError(f"{index} is corrupted: {err}") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise UserError(f"{index} is corrupted: weight_map must map tensor names to shard file names")
+        shards = sorted(set(weight_map.values()))
+        outside = [s for s in shards if s in ("", ".", "..") or any(c in s for c in "/\\\0")]
+        if outside:
+            raise UserError(f"{index} names shard(s) outside the model directory: {', '.join(map(repr, outside))}")
+        missing = [s for s in shards if not (self.dir / s).exists()]
+        if missing:
+            raise UserError(f"{self.dir} is incomplete: shard(s) {', '.join(missing)} named by {INDEX_FILE} are missing")
+        files = {s: SafetensorsFile(self.dir / s) for s in shards}
+        for name, shard in weight_map.items():
+            if name not in files[shard].entries:
+                raise UserError(f"{index} puts {name} in {shard}, which does not hold it")
+        return list(files.values())
 
     def __contains__(self, name: str) -> bool:
         return name in self._where

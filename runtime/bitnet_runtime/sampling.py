@@ -41,7 +41,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Temperature 0, or one too small for float32 to divide by (below its smallest normal)."""
+        return self.temperature < float(np.finfo(np.float32).tiny)
 
 
 class Sampler:
@@ -66,8 +67,11 @@ class Sampler:
         temperature, top-k and top-p; for inspection, e.g. against transformers' warpers."""
         if self.params.greedy:
             return np.array([int(np.argmax(logits))]), np.ones(1)
-        # float32 keeps exp vectorized over a 128k vocabulary; subtracting the maximum keeps it exact enough.
-        scores = np.asarray(logits, dtype=np.float32) / np.float32(self.params.temperature)
+        # float32 keeps exp vectorized over a 128k vocabulary. The maximum is subtracted before
+        # the division: a tiny temperature then sends the others to -inf (probability 0), where
+        # dividing first overflowed to inf - inf = NaN.
+        scores = np.asarray(logits, dtype=np.float32)
+        scores = (scores - scores.max()) / np.float32(self.params.temperature)
         ids = _top_k(scores, self.params.top_k)
         probs = _softmax(scores if ids is None else scores[ids])
         if self.params.top_p < 1:
