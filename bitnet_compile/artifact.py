@@ -114,16 +114,20 @@ def _write(out_dir: Path, name: str, write: Callable[[Path], object]) -> FileEnt
 
 @contextlib.contextmanager
 def build_lock(out_dir: Path) -> Iterator[None]:
-    """One build at a time per artifact directory (an advisory lock on ``.build-lock`` inside
-    it, released when the process ends, however it ends); a second build waits for the first."""
+    """One build at a time per artifact directory: an advisory lock on the directory itself
+    (no lock file left in the artifact), released when the process ends, however it ends; a
+    second build waits for the first."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / ".build-lock", "a") as f:
+    fd = os.open(out_dir, os.O_RDONLY)
+    try:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             print(f"waiting for another build of {out_dir} to finish ...", file=sys.stderr, flush=True)
-            fcntl.flock(f, fcntl.LOCK_EX)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
+    finally:
+        os.close(fd)
 
 
 def _export(executable, target: TargetSpec, path: Path) -> None:
