@@ -77,15 +77,17 @@ def set_num_threads(n: int) -> None:
     ``runtime.config_threadpool`` can later only choose how many of those workers take part.
     So the variable is set for pools not created yet (all of them, when the runtime is not even
     loaded), this thread's pool is reconfigured, and a request the pool cannot meet is refused
-    instead of silently running on fewer threads. More threads than usable cores only make
-    them wait on each other (and a pool of thousands never starts): capped, with a warning.
+    instead of silently running on fewer threads. More threads than the machine has CPUs only
+    make them wait on each other (and a pool of thousands never starts): capped, with a
+    warning. (The machine's count, not this process's affinity: TVM's pool pins the calling
+    thread, and processes it starts inherit that mask.)
     """
     if n < 1:
         raise UserError(f"thread count must be at least 1, got {n}")
-    cores = usable_cores()
-    if n > cores:
-        print(f"warning: {n} threads asked for, but this process may use {cores} cores: using {cores}", file=sys.stderr)
-        n = cores
+    cpus = os.cpu_count() or 1
+    if n > cpus:
+        print(f"warning: {n} threads asked for, but this machine has {cpus} CPUs: using {cpus}", file=sys.stderr)
+        n = cpus
     os.environ["TVM_NUM_THREADS"] = str(n)
     if not _services_present():
         return
