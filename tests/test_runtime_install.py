@@ -35,14 +35,18 @@ def test_runtime_only_environment_has_no_tvm(runtime_python):
 
 
 def test_runtime_only_environment_verifies_an_artifact(runtime_python, tmp_path):
+    """With the runtime's own command, from a directory holding a numpy.py that must not run."""
     out = tmp_path / "artifact"
     artifact.build(parse_target("llvm -mcpu=native"), [Linear("x", 72, 100)], out)
+    trap = tmp_path / "cwd"
+    trap.mkdir()
+    (trap / "numpy.py").write_text("raise SystemExit('the numpy.py of the current directory ran')\n")
     result = subprocess.run(
-        [str(runtime_python), "-m", "bitnet_runtime", "verify", str(out), "--threads", "2"],
+        [str(runtime_python.parent / "bitnet-runtime"), "verify", str(out), "--threads", "2"],
         capture_output=True,
         text=True,
         timeout=300,
-        cwd="/",
+        cwd=trap,
     )
     assert result.returncode == 0, result.stderr
     assert f"{len(read_manifest(out).kernels)} passed, 0 failed" in result.stdout

@@ -10,9 +10,9 @@ from pathlib import Path
 from . import options
 
 VERIFY_HINTS = {
-    "llvm": "verify on the device with: python -m bitnet_runtime verify {out}",
-    "foreign": "verify here under qemu with: bitnet-compile verify {out}; on the device with: python -m bitnet_runtime verify {out}",
-    "cuda": "verify on a machine with an NVIDIA GPU with: python -m bitnet_runtime verify {out}",
+    "llvm": "verify on the device with: bitnet-runtime verify {out}",
+    "foreign": "verify here under qemu with: bitnet-compile verify {out}; on the device with: bitnet-runtime verify {out}",
+    "cuda": "verify on a machine with an NVIDIA GPU with: bitnet-runtime verify {out}",
     "metal": "Metal source in {out}: build and run it on macOS as docs/targets.md 'Metal' describes",
 }
 

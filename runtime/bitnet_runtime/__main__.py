@@ -1,8 +1,8 @@
 """Device-side command line, no compiler needed:
 
-python -m bitnet_runtime verify DIR [--threads N] [--seed S]
-python -m bitnet_runtime run -a DIR -m MODEL -p PROMPT [...]
-python -m bitnet_runtime chat -a DIR -m MODEL [...]
+bitnet-runtime verify DIR [--threads N] [--seed S]
+bitnet-runtime run -a DIR -m MODEL -p PROMPT [...]
+bitnet-runtime chat -a DIR -m MODEL [...]
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from .errors import exit_status
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bitnet_runtime", description="bitnet-compile device runtime")
+    parser = argparse.ArgumentParser(prog="bitnet-runtime", description="bitnet-compile device runtime")
     sub = parser.add_subparsers(dest="command", required=True)
     verify_cmd = sub.add_parser("verify", help="check every kernel of an artifact against its numpy reference")
     verify_cmd.add_argument("artifact", help="artifact directory (holds manifest.json)")

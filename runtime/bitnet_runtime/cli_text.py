@@ -1,5 +1,5 @@
 """``run`` and ``chat`` on the command line, shared by ``bitnet-compile`` (which compiles the
-artifact when none is given) and ``python -m bitnet_runtime`` (on the device, artifact given).
+artifact when none is given) and ``bitnet-runtime`` (on the device, artifact given).
 
 Like llama.cpp: the generated text streams to stdout; what the program is doing and how fast
 goes to stderr, one line each; ``--json`` prints one JSON object instead, for scripts.

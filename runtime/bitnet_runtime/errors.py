@@ -16,7 +16,7 @@ class UserError(Exception):
 
 def exit_status(command: Callable[[], int]) -> int:
     """Run a command-line command: a UserError is one ``error:`` line and status 2, Ctrl-C is
-    status 130; both entry points (bitnet-compile and python -m bitnet_runtime) go through here."""
+    status 130; both entry points (bitnet-compile and bitnet-runtime) go through here."""
     try:
         return command()
     except UserError as err:

@@ -77,6 +77,12 @@ class Tokenizer:
         The post-processor is bypassed and BOS is prepended by hand so that a text that already
         starts with the BOS token (a rendered chat, say) does not get a second one.
         """
+        if not isinstance(text, str):
+            raise UserError(f"text to encode must be a string, not {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:  # undecodable bytes from a terminal or file arrive as lone surrogates
+            raise UserError(f"the text is not valid UTF-8 (an undecodable byte at character {err.start})") from None
         ids = self.backend.encode(text, add_special_tokens=False).ids
         if add_bos and self.add_bos and ids[:1] != [self.bos_id]:
             ids.insert(0, self.bos_id)

@@ -1,4 +1,4 @@
-"""``python -m bitnet_runtime verify DIR``: run every kernel of an artifact against its numpy
+"""``bitnet-runtime verify DIR``: run every kernel of an artifact against its numpy
 reference on random full-range inputs, on the device the artifact was copied to.
 
 Integer kernels must match exactly; so must the float ones, which repeat the reference's
