@@ -10,6 +10,7 @@ the GEMV's k-block, the dot2 kernels pad N for both kernels' row blocks.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 
 from bitnet_runtime import layout, layout_dot2, layout_f16, layout_i8
@@ -32,7 +33,24 @@ def knobs_for(op: str, target: TargetSpec, n: int, k: int, accept: Callable[[dic
     if not operator.tunable:
         return {}, "fixed"
     found = records.lookup(target, op, operator.version, operator.layout, n, k, target.num_cores, accept or (lambda _: True))
+    if found is not None and (problems := _invalid_knobs(operator, found[0])):
+        print(f"warning: ignoring the tuning record of {op} {n}x{k} ({'; '.join(problems)}): using the defaults", file=sys.stderr)
+        found = None
     return found or (schedule_db.default_knobs(op, target.isa), "default")
+
+
+def _invalid_knobs(operator, knobs: object) -> list[str]:
+    """What is wrong with knobs read from a records file (a hand edit, another version): each
+    must be one of its search space's values (a huge one would hang the compile), no others."""
+    if not isinstance(knobs, dict):
+        return [f"knobs are {type(knobs).__name__}, not an object"]
+    unknown = [f"unknown knob {name!r}" for name in knobs if name not in operator.space.knobs]
+    wrong_type = [
+        f"{name}={value!r}"
+        for name, value in knobs.items()
+        if isinstance(value, bool) != isinstance(operator.space.knobs.get(name, [value])[0], bool)
+    ]
+    return unknown + wrong_type + operator.space.outside_domains(knobs)
 
 
 def _shape(op: str, lin: Linear, knobs: dict, target: TargetSpec) -> dict:

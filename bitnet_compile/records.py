@@ -112,16 +112,21 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def update(path: Path, print_: dict, key: str, record: dict) -> None:
-    """Replace one record of a file, atomically and under the file's lock."""
+def update(path: Path, print_: dict, key: str, record: dict) -> bool:
+    """Replace one record of a file, atomically and under the file's lock; False (nothing
+    written) where the new record found no working candidate and the old one had a best."""
     with _locked(path):
         data = read(path)
+        old = data["records"].get(key)
+        if not record.get("best") and isinstance(old, dict) and old.get("best"):
+            return False
         data["target"] = print_
         data["records"][key] = record | {"updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         data["records"] = dict(sorted(data["records"].items()))
         tmp = path.with_suffix(f".tmp-{os.getpid()}")
         tmp.write_text(json.dumps(data, indent=1) + "\n")
         os.replace(tmp, path)
+        return True
 
 
 MIN_GAIN = 0.02  # a candidate must beat the default by 2% in the confirmation to replace it

@@ -462,3 +462,41 @@ def test_records_tuned_over_rpc_serve_a_foreign_target(tmp_path, monkeypatch):
     records.update(records.path_for(fp, tmp_path), fp, key, record)
     knobs, source = plan.knobs_for("lut_gemv", target, 2560, 2560)
     assert knobs == best and source.startswith("tuned")
+
+
+def test_a_run_where_every_trial_fails_is_an_error_and_keeps_the_good_record(tmp_path):
+    import tuning_plugin  # noqa: F401  (registers toy_broken here too)
+
+    from bitnet_compile.target import parse_target
+
+    good = {"split": 2, "flaw": "compile"}
+    path = _write_record(tmp_path / "records", parse_target("llvm -mcpu=native"), "toy_broken", 8, 8, good, [])
+    before = json.loads(path.read_text())["records"]
+    done = _tune(tmp_path, "-s", "8x8", "-k", "toy_broken", "-n", "2", "--storage", f"sqlite:///{tmp_path}/s.db")
+    assert done.returncode == 2, done.stderr
+    assert "1 of 1 studies found no working candidate" in done.stderr.splitlines()[-1]
+    after = json.loads(path.read_text())["records"]
+    assert after == before
+
+
+@VNNI
+@pytest.mark.parametrize("bad", [{"row_blocks": 10**9, "k_unroll": 2}, {"row_blocks": "4", "k_unroll": 2}, {"row_blocks": True, "k_unroll": 2},
+                                 {"row_blocks": 4, "k_unroll": 2, "extra": 1}])  # fmt: skip
+def test_records_with_knobs_outside_the_space_are_ignored(tmp_path, monkeypatch, capsys, bad):
+    from bitnet_compile import plan
+    from bitnet_compile.models import Linear
+    from bitnet_compile.target import parse_target
+
+    monkeypatch.setenv(records.RECORDS_ENV, str(tmp_path))
+    target = parse_target("llvm -mcpu=native")
+    _write_record(tmp_path, target, "dot2_gemv", 256, 512, bad, [])
+    kernels, _ = plan.plan([Linear("a", 256, 512)], target, FAMILIES["dot2"])
+    gemv = next(k for k in kernels if k.op == "dot2_gemv")
+    assert gemv.knob_source == "default"
+    assert "warning: ignoring the tuning record of dot2_gemv 256x512" in capsys.readouterr().err
+
+
+def test_an_in_memory_storage_is_refused(tmp_path):
+    for url in ("sqlite://", "sqlite:///:memory:"):
+        done = _tune(tmp_path, "-s", "8x8", "-k", "toy_grid", "-n", "1", "--storage", url)
+        assert done.returncode == 2 and "in-memory database" in done.stderr, done.stderr

@@ -59,3 +59,4 @@ registry.register(_template("toy_flaws", SearchSpace(
     constraints=(Constraint("flaw == 'none' or split == 1", "one flawed candidate of each kind is enough"),),
 )))  # fmt: skip
 registry.register(_template("toy_grid", SearchSpace(knobs={"split": (1, 2, 4, 8), "delay": (0.3, 0.31, 0.32)})))
+registry.register(_template("toy_broken", SearchSpace(knobs={"split": (1, 2), "flaw": ("compile",)})))  # every candidate fails

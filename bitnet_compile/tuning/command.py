@@ -117,6 +117,12 @@ def run(args: argparse.Namespace) -> int:
         except WorkerError as err:
             raise UserError(str(err)) from None
     print(f"tuned {len(summary)} studies in {time.monotonic() - start:.0f} s; records in {records.path_for(fp)}", file=sys.stderr)
+    failed = [record for record in summary if not record.get("best")]
+    if failed:
+        log = cache_root() / "tuning" / "worker.log"
+        raise UserError(
+            f"{len(failed)} of {len(summary)} studies found no working candidate (every trial failed, see {log}); their earlier records were kept"
+        )
     return 0
 
 

@@ -114,6 +114,10 @@ def open_storage(url: str | None):
             return JournalStorage(JournalFileBackend(str(path)))
         if "://" not in url:
             raise UserError(f"--storage {url!r}: expected sqlite:///FILE, postgresql://..., mysql://..., or journal:FILE")
+        if url.startswith("sqlite") and url.split("://", 1)[1].lstrip("/") in ("", ":memory:"):
+            raise UserError(
+                f"--storage {url} is an in-memory database: the study would be lost when tuning ends; give a file, sqlite:///FILE"
+            )
         kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
         return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
     except ImportError:
