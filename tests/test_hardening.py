@@ -207,3 +207,25 @@ def test_thread_counts_above_the_cores_are_capped(capsys, monkeypatch):
     services.set_num_threads(1000)
     assert os.environ["TVM_NUM_THREADS"] == str(os.cpu_count())
     assert "warning: 1000 threads asked for" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "template,message",
+    [
+        ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "ran longer than 1 s"),
+        ("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}", "wrote more than"),
+        ("{{ messages[0].content.__class__.__mro__ }}", "rejected the conversation|failed"),  # the sandbox
+        ("{{ 1 / 0 }}", "failed: ZeroDivisionError"),
+        ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "recursed too deeply|failed"),
+    ],
+)
+def test_chat_templates_run_sandboxed_and_bounded(model, tmp_path, monkeypatch, template, message):
+    from bitnet_runtime import tokenizer as T
+
+    monkeypatch.setattr(T, "TEMPLATE_SECONDS", 1)
+    d = Path(shutil.copytree(model, tmp_path / "chat"))
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": template}))
+    tok = T.Tokenizer.from_dir(d)
+    with pytest.raises(UserError, match=message):
+        tok.render_chat([{"role": "user", "content": "hi"}])

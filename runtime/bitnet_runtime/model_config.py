@@ -141,8 +141,10 @@ def read_json(path: Path, missing_ok: bool = False) -> dict:
 
 def _architecture(cfg: dict) -> str:
     archs = cfg.get("architectures") or []
+    if not isinstance(archs, list):
+        raise _Field(f"architectures must be a list, got {type(archs).__name__}")
     arch = archs[0] if archs else ""
-    quant = (cfg.get("quantization_config") or {}).get("quant_method")
+    quant = _object(cfg, "quantization_config").get("quant_method")
     if cfg.get("model_type") == "bitnet" or arch == "BitNetForCausalLM":
         return "bitnet"
     if arch == "BitnetForCausalLM":  # 1bitLLM's remote-code class (model_type "llama")
@@ -158,7 +160,7 @@ def _architecture(cfg: dict) -> str:
 def _quantization(cfg: dict, architecture: str) -> Quantization:
     if architecture == "1bitllm":
         return Quantization("autobitlinear", "online")
-    q = cfg.get("quantization_config") or {}
+    q = _object(cfg, "quantization_config")
     if architecture == "bitnet" and not q:
         raise UserError("this BitNet config has no quantization_config: cannot tell packed from full-precision weights")
     if q.get("quant_method", "bitnet") != "bitnet":
@@ -166,7 +168,8 @@ def _quantization(cfg: dict, architecture: str) -> Quantization:
     linear_class, mode = q.get("linear_class", "bitlinear"), q.get("quantization_mode", "offline")
     if linear_class not in ("bitlinear", "autobitlinear") or mode not in ("offline", "online"):
         raise UserError(f"unsupported quantization_config: linear_class {linear_class!r}, quantization_mode {mode!r}")
-    return Quantization(linear_class, mode, bool(q.get("use_rms_norm", False)), float(q.get("rms_norm_eps") or 1e-6))
+    eps = _float(q, "rms_norm_eps", 1e-6) if q.get("rms_norm_eps") is not None else 1e-6
+    return Quantization(linear_class, mode, bool(q.get("use_rms_norm", False)), eps)
 
 
 class _Field(ValueError):
@@ -206,6 +209,12 @@ def _rope(cfg: dict) -> tuple[float, dict | None]:
         if kind not in ROPE_TYPES:
             raise UserError(f"unsupported rope scaling {kind!r}: supported are {', '.join(ROPE_TYPES)}")
         scaling = dict(scaling, rope_type=kind)
+        if kind == "llama3":
+            scaling["factor"] = _float(scaling, "factor", 0.0)  # required: its absence is an error (0 fails the range)
+            for key, default in (("low_freq_factor", 1.0), ("high_freq_factor", 4.0), ("original_max_position_embeddings", 8192)):
+                scaling[key] = _float(scaling, key, default)
+            if scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+                raise _Field("rope_scaling.high_freq_factor must be above low_freq_factor")
     return theta, scaling
 
 
@@ -219,8 +228,8 @@ def load_config(model_dir: Path) -> ModelConfig:
     """The checked config of a model directory (config.json, and generation_config.json's EOS ids)."""
     path = Path(model_dir) / "config.json"
     cfg = read_json(path)
-    architecture = _architecture(cfg)
     try:
+        architecture = _architecture(cfg)
         hidden, heads = _int(cfg, "hidden_size"), _int(cfg, "num_attention_heads")
         act = cfg.get("hidden_act", "silu")
         theta, scaling = _rope(cfg)

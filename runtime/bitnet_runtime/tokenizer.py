@@ -9,7 +9,11 @@ jinja2 environment configured like transformers' ``_cached_compile_jinja_templat
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import threading
+from collections.abc import Iterator
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
@@ -64,7 +68,10 @@ class Tokenizer:
         except Exception as exc:  # tokenizers raises a bare Exception on malformed files
             raise UserError(f"cannot read {tokenizer_file}: {exc}") from None
         config = read_json(root / "tokenizer_config.json", missing_ok=True)
-        return cls(backend, config, _model_config(root), _chat_template(root, config), str(root))
+        try:
+            return cls(backend, config, _model_config(root), _chat_template(root, config), str(root))
+        except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as err:  # fields of the wrong type
+            raise UserError(f"{root / 'tokenizer_config.json'} is not usable: {type(err).__name__}: {err}") from None
 
     @property
     def vocab_size(self) -> int:
@@ -104,16 +111,19 @@ class Tokenizer:
         if not messages:
             raise UserError("cannot render an empty conversation")
         chat = [_plain_message(message) for message in messages]
+        variables = dict(messages=chat, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **self.special_tokens)
         try:
-            return self._template.render(
-                messages=chat,
-                tools=None,
-                documents=None,
-                add_generation_prompt=add_generation_prompt,
-                **self.special_tokens,
-            )
+            with _time_limit(TEMPLATE_SECONDS):
+                text = "".join(_bounded(self._template.generate(**variables), TEMPLATE_CHARS))
         except jinja2.TemplateError as exc:
             raise UserError(f"the chat template of {self.source} rejected the conversation: {exc}") from None
+        except _TemplateLimit as exc:
+            raise UserError(f"the chat template of {self.source} {exc}") from None
+        except (RecursionError, MemoryError) as exc:
+            raise UserError(f"the chat template of {self.source} recursed too deeply or ran out of memory ({type(exc).__name__})") from None
+        except Exception as exc:  # the template is the checkpoint's code: whatever it raises is its error, not ours
+            raise UserError(f"the chat template of {self.source} failed: {type(exc).__name__}: {exc}") from None
+        return text
 
     @cached_property
     def _template(self) -> jinja2.Template:
@@ -145,6 +155,43 @@ class Tokenizer:
         return {i for i in ids if isinstance(i, int)}
 
 
+TEMPLATE_SECONDS = 10  # a chat template renders a conversation in milliseconds; a loop without end is stopped
+TEMPLATE_CHARS = 8 << 20  # and may write at most this much
+
+
+class _TemplateLimit(Exception):
+    """A chat template ran past its time or size limit."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: int) -> Iterator[None]:
+    """SIGALRM after ``seconds`` in the main thread (where a signal can interrupt the render);
+    elsewhere the sandbox's own limits (no range above 100000) are all there is."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def stop(signum, frame):
+        raise _TemplateLimit(f"ran longer than {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _bounded(pieces: Iterator[str], limit: int) -> Iterator[str]:
+    total = 0
+    for piece in pieces:
+        total += len(piece)
+        if total > limit:
+            raise _TemplateLimit(f"wrote more than {limit} characters")
+        yield piece
+
+
 def _ids(value: Any) -> set[int]:
     """Token ids as configs write them: one int, a list of them, or nothing."""
     values = value if isinstance(value, list) else [value]
@@ -166,7 +213,12 @@ def _chat_template(root: Path, config: dict[str, Any]) -> str | dict[str, str] |
         return template_file.read_text(encoding="utf-8")
     template = config.get("chat_template")
     if isinstance(template, list):  # the older format for several named templates
-        return {entry["name"]: entry["template"] for entry in template}
+        named = {entry.get("name"): entry.get("template") for entry in template if isinstance(entry, dict)}
+        if len(named) != len(template) or not all(isinstance(v, str) and isinstance(k, str) for k, v in named.items()):
+            raise UserError("tokenizer_config.json's chat_template list must hold {name, template} strings")
+        return named
+    if template is not None and not isinstance(template, str):
+        raise UserError(f"tokenizer_config.json's chat_template must be a string, not {type(template).__name__}")
     return template
 
 
@@ -186,8 +238,9 @@ def _named_special_tokens(config: dict[str, Any]) -> dict[str, str]:
 def _special_ids(backend: HFTokenizer, config: dict[str, Any], named: dict[str, str]) -> frozenset[int]:
     """Ids that decoding with ``skip_special`` drops: special added tokens from both files and the named ones."""
     ids = {i for i, token in backend.get_added_tokens_decoder().items() if token.special}
-    for key, entry in config.get("added_tokens_decoder", {}).items():
-        if isinstance(entry, dict) and entry.get("special"):
+    decoder = config.get("added_tokens_decoder") or {}
+    for key, entry in decoder.items() if isinstance(decoder, dict) else ():
+        if isinstance(entry, dict) and entry.get("special") and str(key).isdigit():
             ids.add(int(key))
     ids.update(backend.token_to_id(token) for token in named.values())
     return frozenset(i for i in ids if i is not None)

@@ -1,0 +1,220 @@
+"""Fuzzing the runtime's boundaries with hypothesis: manifests, config.json, safetensors
+headers, tokenizer configs and chat templates, prompts and sampling settings, each mutated at
+random (a value replaced by any JSON value, or removed). The only allowed outcomes are
+success or a UserError (the CLI's one-line ``error:``, exit 2); any other exception is a bug.
+Derandomized, so a CI run is reproducible; about 2000 cases in all."""
+
+from __future__ import annotations
+
+import copy
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from bitnet_runtime.errors import UserError  # noqa: E402
+
+FUZZ = settings(
+    max_examples=400, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3),
+    max_leaves=6,
+)
+
+
+def _paths(obj, prefix=()):
+    """Every path to a value inside a JSON tree."""
+    if prefix:
+        yield prefix
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for key, value in items:
+        yield from _paths(value, (*prefix, key))
+
+
+@st.composite
+def mutated(draw, base: dict) -> dict:
+    """``base`` with one to three values replaced by random JSON values or removed."""
+    data = copy.deepcopy(base)
+    for _ in range(draw(st.integers(1, 3))):
+        path = draw(st.sampled_from(list(_paths(data))))
+        parent = data
+        for key in path[:-1]:
+            parent = parent[key]
+        if isinstance(parent, dict) and draw(st.booleans()):
+            del parent[path[-1]]
+        else:
+            parent[path[-1]] = draw(JSON)
+    return data
+
+
+def _only_user_errors(action) -> None:
+    try:
+        action()
+    except UserError:
+        pass
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def _manifest_json() -> dict:
+    from test_manifest import _manifest
+
+    return _manifest().to_json()
+
+
+@FUZZ
+@given(mutated(_manifest_json()))
+def test_fuzzed_manifests(data):
+    """With the digest made to match, so the typed checks behind it are what is exercised."""
+    from bitnet_runtime.manifest import Manifest, digest_of
+
+    data["digest"] = digest_of(data)
+    _only_user_errors(lambda: Manifest.from_json(data))
+
+
+@FUZZ
+@given(st.binary(max_size=64) | st.text(max_size=64).map(str.encode))
+def test_fuzzed_manifest_files(tmp_path_factory, raw):
+    from bitnet_runtime.manifest import read_manifest
+
+    d = tmp_path_factory.mktemp("m")
+    (d / "manifest.json").write_bytes(raw)
+    _only_user_errors(lambda: read_manifest(d))
+
+
+# ----------------------------------------------------------------------------- config.json
+
+
+def _config_json() -> dict:
+    from bitnet_compile.dummy_models import PRESETS, model_config
+
+    return model_config(PRESETS["tiny"])
+
+
+@FUZZ
+@given(mutated(_config_json()))
+def test_fuzzed_configs(tmp_path_factory, cfg):
+    from bitnet_runtime.model_config import load_config
+
+    d = tmp_path_factory.mktemp("c")
+    (d / "config.json").write_text(json.dumps(cfg))
+
+    def load():
+        config = load_config(d)
+        config.linear_shapes()
+        assert np.isfinite(config.inv_freq()).all()
+
+    _only_user_errors(load)
+
+
+# ----------------------------------------------------------------------------- safetensors
+
+
+def _safetensors(header: dict, data: bytes) -> bytes:
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + data
+
+
+BASE_HEADER = {
+    "__metadata__": {"format": "pt"},
+    "a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]},
+    "b": {"dtype": "U8", "shape": [4], "data_offsets": [24, 28]},
+    "c": {"dtype": "BF16", "shape": [2], "data_offsets": [28, 32]},
+}
+
+
+@FUZZ
+@given(mutated(BASE_HEADER), st.integers(0, 40))
+def test_fuzzed_safetensors_headers(tmp_path_factory, header, data_size):
+    from bitnet_runtime.safetensors_file import SafetensorsFile
+
+    path = tmp_path_factory.mktemp("s") / "model.safetensors"
+    path.write_bytes(_safetensors(header, bytes(range(data_size))))
+
+    def read():
+        f = SafetensorsFile(path)
+        for name in f.entries:
+            f.tensor(name)
+
+    _only_user_errors(read)
+
+
+# ----------------------------------------------------------------------------- tokenizer, chat template, prompts
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    from bitnet_compile.dummy_models import PRESETS, build_tokenizer, model_config, tokenizer_config
+
+    d = tmp_path_factory.mktemp("tok")
+    p = PRESETS["tiny"]
+    build_tokenizer(p.vocab_size).save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(p)))
+    (d / "config.json").write_text(json.dumps(model_config(p)))
+    return d
+
+
+def _tokenizer_config() -> dict:
+    from bitnet_compile.dummy_models import PRESETS, tokenizer_config
+
+    return tokenizer_config(PRESETS["tiny"])
+
+
+@FUZZ
+@given(mutated(_tokenizer_config()))
+def test_fuzzed_tokenizer_configs(tokenizer_dir, tmp_path_factory, cfg):
+    import shutil
+
+    from bitnet_runtime.tokenizer import Tokenizer
+
+    d = tmp_path_factory.mktemp("t")
+    for name in ("tokenizer.json", "config.json"):
+        shutil.copy(tokenizer_dir / name, d / name)
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+
+    def use():
+        tok = Tokenizer.from_dir(d)
+        tok.decode(tok.encode("hello world"))
+        tok.render_chat([{"role": "user", "content": "hi"}])
+
+    _only_user_errors(use)
+
+
+@FUZZ
+@given(st.text(max_size=40) | st.text(alphabet=st.characters(codec=None), max_size=10))
+def test_fuzzed_prompts(tokenizer_dir, text):
+    from bitnet_runtime.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(tokenizer_dir)
+    _only_user_errors(lambda: tok.decode(tok.encode(text)))
+
+
+@FUZZ
+@given(
+    st.floats() | st.integers(-5, 10**6) | st.text(max_size=3),
+    st.floats() | st.integers(-5, 10**6),
+    st.floats() | st.integers(-5, 10**6),
+    st.lists(st.floats(width=32), min_size=1, max_size=20),
+)
+def test_fuzzed_sampling(temperature, top_k, top_p, logits):
+    from bitnet_runtime.sampling import Sampler, SamplingParams
+
+    def sample():
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=0)
+        values = np.array(logits, np.float32)
+        if not np.isfinite(values).all():
+            return  # the model stops with an error before sampling non-finite logits
+        token = Sampler(params).sample(values)
+        assert 0 <= token < len(logits)
+
+    _only_user_errors(sample)
