@@ -10,6 +10,8 @@ artifact compiled for the model) and the kernels one by one (an artifact without
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -381,5 +383,80 @@ def test_interrupted_conversion_is_redone(zoo, artifact_dir, tmp_path, monkeypat
     lines = []
     result = LLM(d, artifact_dir, echo=lines.append).generate(PROMPT, 4)
     assert "converting" in lines[0] and len(result.token_ids) == 4
-    converted = list((tmp_path / "cache" / "converted").iterdir())
+    converted = [p for p in (tmp_path / "cache" / "converted").iterdir() if p.is_dir()]
     assert len(converted) == 1 and (converted[0] / weights.META_FILE).is_file()
+
+
+def _converted_dirs(cache: Path) -> list[Path]:
+    return [p for p in (cache / "converted").iterdir() if p.is_dir()]
+
+
+def test_a_checkpoint_replaced_with_the_same_size_and_mtime_converts_again(zoo, artifact_dir, tmp_path, monkeypatch):
+    """cp -p / rsync -a keep name, size and mtime: the content hash still tells the files apart."""
+    from bitnet_runtime.api import LLM
+
+    monkeypatch.setenv("BITNET_CACHE", str(tmp_path / "cache"))
+    d = _copy(zoo, tmp_path)
+    LLM(d, artifact_dir, echo=lambda line: None)
+    weights_file = d / "model.safetensors"
+    st = weights_file.stat()
+    other = C.bitnet(tmp_path / "other", seed=11)  # same shapes, other weights
+    assert (other / "model.safetensors").stat().st_size == st.st_size
+    shutil.copyfile(other / "model.safetensors", weights_file)
+    os.utime(weights_file, ns=(st.st_atime_ns, st.st_mtime_ns))
+    lines = []
+    LLM(d, artifact_dir, echo=lines.append)
+    assert "converting" in lines[0] and len(_converted_dirs(tmp_path / "cache")) == 2
+
+
+def test_damaged_converted_weights_are_converted_again(zoo, artifact_dir, tmp_path, monkeypatch):
+    from bitnet_runtime import weights
+    from bitnet_runtime.api import LLM
+
+    monkeypatch.setenv("BITNET_CACHE", str(tmp_path / "cache"))
+    d = _copy(zoo, tmp_path)
+    want = LLM(d, artifact_dir, echo=lambda line: None).generate(PROMPT, 4).token_ids
+    (converted,) = _converted_dirs(tmp_path / "cache")
+    target = converted / "layers.0.qkv.npy"
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0x55
+    target.write_bytes(bytes(data))
+    weights._VERIFIED.clear()  # as a new process would
+    lines = []
+    got = LLM(d, artifact_dir, echo=lines.append).generate(PROMPT, 4).token_ids
+    assert "damaged (layers.0.qkv.npy does not match its sha256): converting again" in lines[0]
+    assert got == want
+
+
+def test_a_failed_conversion_leaves_nothing_and_is_one_line(zoo, artifact_dir, tmp_path, monkeypatch):
+    from bitnet_runtime import weights
+    from bitnet_runtime.api import LLM
+    from bitnet_runtime.errors import UserError
+
+    monkeypatch.setenv("BITNET_CACHE", str(tmp_path / "cache"))
+    d = _copy(zoo, tmp_path)
+    real = weights._save
+
+    def full(directory, name, array):
+        if name.startswith("layers.1."):
+            raise OSError(28, "No space left on device")
+        return real(directory, name, array)
+
+    monkeypatch.setattr(weights, "_save", full)
+    with pytest.raises(UserError, match="No space left on device"):
+        LLM(d, artifact_dir, echo=lambda line: None)
+    assert _converted_dirs(tmp_path / "cache") == []
+    monkeypatch.setattr(weights.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
+    with pytest.raises(UserError, match="not enough disk space"):
+        LLM(d, artifact_dir, echo=lambda line: None)
+
+
+def test_partial_conversions_of_dead_processes_are_swept(zoo, artifact_dir, tmp_path, monkeypatch):
+    from bitnet_runtime.api import LLM
+
+    monkeypatch.setenv("BITNET_CACHE", str(tmp_path / "cache"))
+    stale = tmp_path / "cache" / "converted" / "0123abcd.partial-999999999"
+    stale.mkdir(parents=True)
+    (stale / "layers.0.qkv.npy").write_bytes(b"half")
+    LLM(_copy(zoo, tmp_path), artifact_dir, echo=lambda line: None)
+    assert not stale.exists()

@@ -10,6 +10,7 @@ file size first, so a truncated or corrupted file is a UserError, never a bus er
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import mmap
@@ -187,13 +188,29 @@ class Checkpoint:
     def float32(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
         return to_float32(self.tensor(name, shape), self.dtype(name))
 
-    def fingerprint(self) -> list:
-        """What identifies these weights cheaply: per file its name, size, mtime and header."""
+    def fingerprint(self, hashes: dict | None = None) -> list:
+        """What identifies these weights: per file its name, header and the sha256 of its
+        contents. A file's hash is computed once (streamed) and remembered in ``hashes`` under
+        its device, inode, size, mtime and ctime: a file replaced by another of the same name,
+        size and mtime (cp -p, rsync -a) has a new ctime, so it is hashed, and keyed, anew."""
         out = []
         for f in self.files:
-            st = f.path.stat()
-            out.append([f.path.name, st.st_size, st.st_mtime_ns, json.dumps(f.entries, sort_keys=True)])
+            out.append([f.path.name, content_hash(f.path, hashes), json.dumps(f.entries, sort_keys=True)])
         return out
+
+
+def content_hash(path: Path, hashes: dict | None = None) -> str:
+    st = path.stat()
+    identity = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+    if hashes is not None and hashes.get(str(path), {}).get("identity") == identity:
+        return hashes[str(path)]["sha256"]
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    if hashes is not None:
+        hashes[str(path)] = {"identity": identity, "sha256": digest.hexdigest()}
+    return digest.hexdigest()
 
 
 def to_float32(array: np.ndarray, dtype: str) -> np.ndarray:
