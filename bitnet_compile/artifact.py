@@ -107,9 +107,11 @@ def _write(out_dir: Path, name: str, write: Callable[[Path], object]) -> FileEnt
     try:
         write(tmp)
         os.replace(tmp, out_dir / name)
+        return FileEntry(name, file_sha256(out_dir / name))
+    except OSError as err:  # a full disk, a read-only directory: one line, and nothing half-written left
+        raise UserError(f"cannot write {name} into {out_dir}: {err.strerror or err}") from None
     finally:
         tmp.unlink(missing_ok=True)
-    return FileEntry(name, file_sha256(out_dir / name))
 
 
 @contextlib.contextmanager
@@ -117,8 +119,11 @@ def build_lock(out_dir: Path) -> Iterator[None]:
     """One build at a time per artifact directory: an advisory lock on the directory itself
     (no lock file left in the artifact), released when the process ends, however it ends; a
     second build waits for the first."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out_dir, os.O_RDONLY)
+    except OSError as err:
+        raise UserError(f"cannot create the artifact directory {out_dir}: {err.strerror or err}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -130,13 +135,20 @@ def build_lock(out_dir: Path) -> Iterator[None]:
         os.close(fd)
 
 
+LINK_SPACE = 16 << 20  # free bytes below which a failed link is put down to the full disk
+
+
 def _export(executable, target: TargetSpec, path: Path) -> None:
     try:
         executable.export_library(str(path), fcompile=cross.compiler(target.arch, target.triple))
     except UserError:
         raise
     except Exception as err:  # the system C compiler links the library; name what failed
-        raise UserError(f"linking {LIBRARY_FILE} failed (is a C compiler such as gcc installed?): {str(err).splitlines()[0]}") from None
+        if shutil.disk_usage(path.parent).free < LINK_SPACE:
+            raise UserError(f"cannot write {LIBRARY_FILE} into {path.parent}: No space left on device") from None
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        detail = lines[0] + (f" ... {lines[-1]}" if len(lines) > 1 else "")
+        raise UserError(f"linking {LIBRARY_FILE} failed (is a C compiler such as gcc installed?): {detail}") from None
 
 
 def _emit_cpu(executable, target: TargetSpec, out_dir: Path, kernels: list[KernelEntry]) -> dict:

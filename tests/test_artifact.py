@@ -228,6 +228,6 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path):
         tmp.write_text("partial")
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="cannot write kernels.so .*No space left on device"):
         artifact._write(tmp_path, "kernels.so", fail)
     assert list(tmp_path.iterdir()) == []

@@ -229,3 +229,64 @@ def test_chat_templates_run_sandboxed_and_bounded(model, tmp_path, monkeypatch, 
     tok = T.Tokenizer.from_dir(d)
     with pytest.raises(UserError, match=message):
         tok.render_chat([{"role": "user", "content": "hi"}])
+
+
+# ----------------------------------------------------------------------------- full and read-only disks
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KiB tmpfs (root only), unmounted afterwards; ``remount(ro=True)`` makes it read-only."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+
+    def remount(ro: bool) -> None:
+        subprocess.run(["mount", "-o", f"remount,{'ro' if ro else 'rw'}", str(mount)], check=True)
+
+    yield mount, remount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_full_disk_during_conversion_is_one_line_and_leaves_nothing(model, artifact_dir, small_disk, monkeypatch):
+    from bitnet_runtime import weights
+
+    mount, _ = small_disk
+    monkeypatch.setenv("BITNET_CACHE", str(mount))
+    monkeypatch.setattr(weights, "_needed_bytes", lambda ckpt, config: 0)  # past the free-space check, into a real ENOSPC
+    with pytest.raises(UserError, match="No space left on device"):
+        _llm(model, artifact_dir)
+    assert [p for p in (mount / "converted").iterdir() if p.is_dir()] == []
+
+
+def test_the_free_space_check_refuses_before_writing(model, artifact_dir, small_disk, monkeypatch):
+    mount, _ = small_disk
+    monkeypatch.setenv("BITNET_CACHE", str(mount))
+    with pytest.raises(UserError, match="not enough disk space"):
+        _llm(model, artifact_dir)
+
+
+def test_a_read_only_cache_is_one_line(model, artifact_dir, small_disk, monkeypatch):
+    mount, remount = small_disk
+    remount(ro=True)
+    monkeypatch.setenv("BITNET_CACHE", str(mount))
+    with pytest.raises(UserError, match="Read-only file system"):
+        _llm(model, artifact_dir)
+
+
+def test_artifacts_on_a_full_or_read_only_disk(small_disk):
+    from bitnet_compile import artifact
+    from bitnet_compile.models import Linear
+
+    mount, remount = small_disk
+    with pytest.raises(UserError, match="cannot write .* No space left on device"):
+        artifact.build(parse_target("llvm -mcpu=native"), [Linear("x", 64, 64)], mount / "art")
+    assert [p.name for p in (mount / "art").iterdir()] == []
+    remount(ro=True)
+    with pytest.raises(UserError, match="cannot create the artifact directory .*Read-only file system"):
+        artifact.build(parse_target("llvm -mcpu=native"), [Linear("x", 64, 64)], mount / "other")

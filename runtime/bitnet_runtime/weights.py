@@ -295,8 +295,11 @@ def _convert(ckpt: Checkpoint, config: ModelConfig, artifact: Artifact, out: Pat
     """Into a directory of this process's own, renamed into place when complete; on any
     failure the partial directory is removed (a full disk is a one-line error). Two processes
     converting at once each finish, the second to finish keeping the first one's result."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    free, needed = shutil.disk_usage(out.parent).free, _needed_bytes(ckpt, config)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        free, needed = shutil.disk_usage(out.parent).free, _needed_bytes(ckpt, config)
+    except OSError as err:
+        raise UserError(f"cannot use the cache directory {out.parent}: {err.strerror or err} (BITNET_CACHE moves it)") from None
     if free < needed:
         raise UserError(
             f"not enough disk space in {out.parent} for the converted weights: about {needed / 1e9:.1f} GB needed, "
