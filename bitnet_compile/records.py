@@ -92,8 +92,14 @@ def read(path: Path) -> dict:
         return {"format_version": FORMAT_VERSION, "target": None, "records": {}}
     except (OSError, json.JSONDecodeError) as err:
         raise UserError(f"cannot read tuning records {path}: {err}") from None
-    if data.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"tuning records {path} have format {data.get('format_version')}, this compiler reads {FORMAT_VERSION}")
+    if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
+        version = data.get("format_version") if isinstance(data, dict) else None
+        raise UserError(f"tuning records {path} have format {version}, this compiler reads {FORMAT_VERSION}")
+    records = data.get("records")
+    if not isinstance(records, dict) or not all(isinstance(r, dict) for r in records.values()):
+        raise UserError(
+            f"tuning records {path} are damaged: 'records' must map keys to objects (re-run bitnet-compile tune, or delete the file)"
+        )
     return data
 
 
@@ -174,10 +180,15 @@ def lookup(
     if found is None:
         return None
     path, record = found
-    best = record.get("best")
-    if best and accept(best["knobs"]):
-        return dict(best["knobs"]), f"tuned ({path.name}, {record.get('speedup', 1):.2f}x over default)"
-    knobs = compatible_best(record, accept)
+    try:
+        best = record.get("best")
+        if best and accept(best["knobs"]):
+            return dict(best["knobs"]), f"tuned ({path.name}, {float(record.get('speedup', 1)):.2f}x over default)"
+        knobs = compatible_best(record, accept)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise UserError(
+            f"tuning record {key} in {path} is damaged ({type(err).__name__}: {err}): re-run bitnet-compile tune, or delete it"
+        ) from None
     if knobs is None:
         return None
     return dict(knobs), f"tuned ({path.name}, best compatible of {record['measured']} trials)"

@@ -311,7 +311,7 @@ def test_trials_measured_through_an_rpc_server_on_loopback(tmp_path, rpc_server)
 
 def test_an_rpc_server_with_other_threads_fails_the_trials_with_the_fix(tmp_path, rpc_server):
     done = _tune(tmp_path, "-s", "96x256", "-k", "lut_gemv", "-n", "1", "--threads", "2", "--rpc", f"127.0.0.1:{rpc_server}")
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 2 and "found no working candidate" in done.stderr, done.stderr  # every trial failed
     (trial,) = [t for t in _one_record(tmp_path, "lut_gemv")["trials"] if t["state"] != "invalid"]
     assert trial["state"] == "error" and "TVM_NUM_THREADS=2" in trial["reason"]
 
@@ -500,3 +500,20 @@ def test_an_in_memory_storage_is_refused(tmp_path):
     for url in ("sqlite://", "sqlite:///:memory:"):
         done = _tune(tmp_path, "-s", "8x8", "-k", "toy_grid", "-n", "1", "--storage", url)
         assert done.returncode == 2 and "in-memory database" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("damage", [lambda d: d.update(records=[1]), lambda d: d["records"].update(x=3), lambda d: d.clear()])
+def test_a_damaged_records_file_is_one_line(tmp_path, monkeypatch, damage):
+    from bitnet_compile import plan
+    from bitnet_compile.errors import UserError
+    from bitnet_compile.models import Linear
+    from bitnet_compile.target import parse_target
+
+    monkeypatch.setenv(records.RECORDS_ENV, str(tmp_path))
+    target = parse_target("llvm -mcpu=native")
+    path = _write_record(tmp_path, target, "lut_gemv", 256, 512, {"kblock": 32, "row_blocks_per_task": 1}, [])
+    data = json.loads(path.read_text())
+    damage(data)
+    path.write_text(json.dumps(data))
+    with pytest.raises(UserError, match="tuning records .* (damaged|have format)"):
+        plan.plan([Linear("a", 256, 512)], target, FAMILIES["lut"])
