@@ -218,3 +218,53 @@ def test_fuzzed_sampling(temperature, top_k, top_p, logits):
         assert 0 <= token < len(logits)
 
     _only_user_errors(sample)
+
+
+# ----------------------------------------------------------------------------- whole commands
+
+
+@pytest.fixture(scope="module")
+def cli_model(tmp_path_factory):
+    """A tiny dummy model and its artifact, made once, for the command-line fuzz."""
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("cli-fuzz")
+    env = _cli_env(root)
+    for args in (["dummy", "tiny", "-o", str(root / "model")], ["-m", str(root / "model"), "-o", str(root / "art")]):
+        done = subprocess.run([sys.executable, "-m", "bitnet_compile", *args], capture_output=True, text=True, env=env, timeout=600)
+        assert done.returncode == 0, done.stderr
+    return root
+
+
+def _cli_env(root: Path) -> dict:
+    import os
+
+    return dict(os.environ, BITNET_CACHE=str(root / "cache"), TVM_NUM_THREADS="1")
+
+
+CLI_FUZZ = settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+
+
+@CLI_FUZZ
+@given(st.sampled_from(["config.json", "tokenizer_config.json", "manifest.json"]), st.data())
+def test_fuzzed_files_through_the_device_command(cli_model, tmp_path_factory, name, data):
+    """``bitnet-runtime run`` on a copy of the model and artifact with one JSON file mutated:
+    exit 0, or exit 2 with one ``error:`` line, within a time limit."""
+    import shutil
+    import subprocess
+    import sys
+
+    from bitnet_runtime.manifest import digest_of
+
+    work = tmp_path_factory.mktemp("case")
+    model, art = Path(shutil.copytree(cli_model / "model", work / "model")), Path(shutil.copytree(cli_model / "art", work / "art"))
+    path = (art if name == "manifest.json" else model) / name
+    mutated_json = data.draw(mutated(json.loads(path.read_text())))
+    if name == "manifest.json" and data.draw(st.booleans()):
+        mutated_json["digest"] = digest_of(mutated_json)  # a deliberate edit: the typed checks must hold
+    path.write_text(json.dumps(mutated_json))
+    cmd = [sys.executable, "-m", "bitnet_runtime", "run", "-a", str(art), "-m", str(model), "-p", "hello", "-n", "3"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=_cli_env(cli_model), timeout=120, cwd=work)
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 0 or (done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith("error: ")), done.stderr
