@@ -290,3 +290,22 @@ def test_artifacts_on_a_full_or_read_only_disk(small_disk):
     remount(ro=True)
     with pytest.raises(UserError, match="cannot create the artifact directory .*Read-only file system"):
         artifact.build(parse_target("llvm -mcpu=native"), [Linear("x", 64, 64)], mount / "other")
+
+
+@pytest.mark.parametrize("decoding", ["step", "kernels"])
+def test_a_manifest_that_disagrees_with_its_library_is_one_line(model, artifact_dir, tmp_path, decoding):
+    """A deliberate edit (digest recomputed) that pads a linear differently from the compiled
+    kernels: TVM's argument check fires, as one line pointing at verify."""
+    from bitnet_runtime.manifest import digest_of
+
+    art = Path(shutil.copytree(artifact_dir, tmp_path / "art"))
+    data = json.loads((art / "manifest.json").read_text())
+    data["linears"][1]["n_padded"] += 16
+    data["digest"] = digest_of(data)
+    (art / "manifest.json").write_text(json.dumps(data))
+    m = _llm(model, art).model
+    if decoding == "kernels":
+        m.step = None
+    with pytest.raises(UserError, match="does not match its manifest; check it with bitnet-runtime verify"):
+        m.prefill([0, 1, 2])
+        m.decode(3)

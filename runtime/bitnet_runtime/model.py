@@ -12,7 +12,9 @@ through as one batch (the kernels' GEMM path), then each new token alone (GEMV).
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -26,6 +28,21 @@ from .model_config import ModelConfig
 from .output_layer import make_output_layer
 from .reference import ACTIVATIONS, attend, rms_norm, rotate
 from .weights import ModelWeights
+
+
+@contextlib.contextmanager
+def _library_matches_manifest() -> Iterator[None]:
+    """TVM's own argument checks ("... on argument #0 when calling: ...") as a one-line error:
+    they fire when a manifest (edited, digest and all) disagrees with the library it names."""
+    try:
+        yield
+    except (ValueError, TypeError) as err:
+        if "when calling" not in str(err):
+            raise
+        first = str(err).splitlines()[0]
+        raise UserError(
+            f"a kernel refused its arguments ({first}): the artifact's library does not match its manifest; check it with bitnet-runtime verify"
+        ) from None
 
 
 def finite(weights: ModelWeights, name: str) -> np.ndarray:
@@ -176,13 +193,15 @@ class Model:
         if self.step is None:
             return self.forward([token])
         self._check([token])
-        out = self.step(self.embed[[token]][0], self.pos)
+        with _library_matches_manifest():
+            out = self.step(self.embed[[token]][0], self.pos)
         self.pos += 1
         return self._finite(self.output.from_step(out))
 
     def forward(self, ids: list[int]) -> np.ndarray:
         """Append tokens at the current position; the logits after the last one."""
-        return self._finite(self.output(self.hidden(ids)))
+        with _library_matches_manifest():
+            return self._finite(self.output(self.hidden(ids)))
 
     def _finite(self, logits: np.ndarray) -> np.ndarray:
         """The logits, once they are finite: a NaN or Inf anywhere in a step reaches them (the
