@@ -14,7 +14,6 @@ Layout of an artifact directory (manifest format version 3), by target kind (``E
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime as _dt
 import fcntl
 import os
@@ -232,7 +231,7 @@ def _plan_program(
     kernels += [k for k in extra if k.name not in {p.name for p in kernels}]
     names = program.formats(output)
     calls = {fmt: program.kernel_calls(decoder, by_name, fmt) for fmt in names}
-    entry = Program(**dataclasses.asdict(decoder), functions={fmt: FUNCTIONS[fmt] for fmt in names}, kernels=roles, kernel_calls=calls)
+    entry = Program(decoder, functions={fmt: FUNCTIONS[fmt] for fmt in names}, kernels=roles, kernel_calls=calls)
     return entry, lambda: program.module(decoder, by_name, roles, output)
 
 

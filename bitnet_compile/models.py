@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from bitnet_runtime.manifest import Decoder
+
 from .errors import UserError
 
 
@@ -21,21 +23,6 @@ class Linear:
     name: str
     n: int  # output features
     k: int  # input features
-
-
-@dataclass(frozen=True)
-class Decoder:
-    """What the compiled decode step needs of a model beyond its linears: the attention's
-    shape, the MLP's activation and whether sub-norms precede o_proj and down_proj."""
-
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    ffn: int
-    act: str
-    sub_norms: bool
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,7 @@ from tvm import relax, tirx
 
 from bitnet_runtime import layout, layout_dot2, layout_f16, layout_i8
 from bitnet_runtime.decode_step import FUNCTIONS, layer_params
-from bitnet_runtime.manifest import KernelEntry, LinearEntry, OutputLayer
-
-from .models import Decoder
+from bitnet_runtime.manifest import Decoder, KernelEntry, LinearEntry, OutputLayer
 
 
 def _tensor(shape, dtype: str) -> relax.TensorType:

@@ -15,6 +15,7 @@ from bitnet_runtime.__main__ import main
 from bitnet_runtime.errors import UserError
 from bitnet_runtime.manifest import (
     MANIFEST_FILE,
+    Decoder,
     Device,
     FileEntry,
     KernelEntry,
@@ -22,6 +23,7 @@ from bitnet_runtime.manifest import (
     Manifest,
     OutputFormat,
     OutputLayer,
+    Program,
     digest_of,
     read_manifest,
 )
@@ -52,6 +54,12 @@ def _manifest() -> Manifest:
                 "f16": OutputFormat("f16-tiles-v1", {"gemv": "f16_gemv_n300_k64"}),
                 "i8": OutputFormat("i8-tiles-v1", {"gemv": "i8_gemv_n300_k64"}, 320, 64),
             },
+        ),
+        program=Program(
+            Decoder(2, 64, 4, 2, 16, 128, "relu2", True),
+            {"hidden": "decode_hidden", "f16": "decode_f16"},
+            {"rotary_append": "rotary_append_h4_kv2_d16", "decode_attention": "decode_attention_h4_kv2_d16"},
+            {"hidden": 31, "f16": 32},
         ),
         device_libraries=(FileEntry("libcudart.so.13", "ef" * 32),),
         sources=(FileEntry("kernels.cu", "01" * 32),),
@@ -127,6 +135,9 @@ def _set(path: str, value):
         (_set("required_cpu_features", ["sse2", 4]), "required_cpu_features must be a list of strings"),
         (_set("output_layer.formats.i8.n_padded", "320"), "manifest.output_layer.formats.i8.n_padded has the wrong type"),
         (_set("device.launch", []), "manifest.device.launch has the wrong type (list)"),
+        (_set("program.decoder.heads", 0), "manifest.program.decoder has a size below 1"),
+        (_set("program.decoder.act", 3), "manifest.program.decoder.act has the wrong type (int)"),
+        (_set("program.kernel_calls", {"hidden": 31}), "kernel_calls must name the same formats"),
         (lambda m: m.pop("linears"), "manifest.linears is missing"),
     ],
 )

@@ -35,13 +35,17 @@ def compute(tokens, n: int, n_padded: int) -> tuple[te.Tensor, ...]:
     return acc, act_scale, weight_scale, out
 
 
-def schedule(func: tvm.tirx.PrimFunc) -> tvm.s_tir.Schedule:
-    sch = tvm.s_tir.Schedule(func)
-    m, c = sch.get_loops(sch.get_sblock("out"))
+def parallel_rows(sch: tvm.s_tir.Schedule, block: str) -> tvm.s_tir.Schedule:
+    """Tokens in parallel, each row's columns in vectors of VECTOR (residual_dequant's too)."""
+    m, c = sch.get_loops(sch.get_sblock(block))
     sch.parallel(m)
     _, inner = sch.split(c, [None, VECTOR])
     sch.vectorize(inner)
     return sch
+
+
+def schedule(func: tvm.tirx.PrimFunc) -> tvm.s_tir.Schedule:
+    return parallel_rows(tvm.s_tir.Schedule(func), "out")
 
 
 def build_primfunc(name: str, n: int, n_padded: int) -> tvm.tirx.PrimFunc:

@@ -41,17 +41,12 @@ def schedule(func: tvm.tirx.PrimFunc) -> tvm.s_tir.Schedule:
     """Tokens in parallel, columns in vectors; the product inlined into the add."""
     sch = tvm.s_tir.Schedule(func)
     sch.compute_inline(sch.get_sblock("out"))
-    m, c = sch.get_loops(sch.get_sblock("residual"))
-    sch.parallel(m)
-    _, inner = sch.split(c, [None, dequant.VECTOR])
-    sch.vectorize(inner)
-    return sch
+    return dequant.parallel_rows(sch, "residual")
 
 
 def build_primfunc(name: str, n: int, n_padded: int) -> tvm.tirx.PrimFunc:
-    tokens = tirx.Var("tokens", "int64")
-    sch = schedule(te.create_prim_func(list(compute(tokens, n, n_padded))))
-    return sch.mod["main"].with_attr("global_symbol", name)
+    func = te.create_prim_func(list(compute(tirx.Var("tokens", "int64"), n, n_padded)))
+    return schedule(func).mod["main"].with_attr("global_symbol", name)
 
 
 # ----------------------------------------------------------------------------- the operator

@@ -28,6 +28,7 @@ TOLERANCE = _reference.RMSNORM_RTOL
 
 
 def compute(tokens, k: int) -> tuple[te.Tensor, ...]:
+    """x, weight, eps -> the normalized rows (block "normed"; sumsq and inverse per token)."""
     x = te.placeholder((tokens, k), "float32", name="x")
     weight = te.placeholder((k,), "float32", name="weight")
     eps = te.placeholder((1,), "float32", name="eps")
@@ -35,15 +36,15 @@ def compute(tokens, k: int) -> tuple[te.Tensor, ...]:
     sumsq = te.compute((tokens,), lambda m: te.sum(x[m, r] * x[m, r], axis=r), name="sumsq")
     one = tirx.const(1.0, "float32")
     inverse = te.compute((tokens,), lambda m: one / te.sqrt(sumsq[m] / tirx.const(float(k), "float32") + eps[0]), name="inverse")
-    out = te.compute((tokens, k), lambda m, c: weight[c] * (x[m, c] * inverse[m]), name="out")
-    return x, weight, eps, out
+    normed = te.compute((tokens, k), lambda m, c: weight[c] * (x[m, c] * inverse[m]), name="normed")
+    return x, weight, eps, normed
 
 
 def build_primfunc(name: str, k: int) -> tvm.tirx.PrimFunc:
     """Tokens in parallel; per token the vector partial sums, the inverse, the scaled row."""
     tokens = tirx.Var("tokens", "int64")
     sch = tvm.s_tir.Schedule(te.create_prim_func(list(compute(tokens, k))))
-    sumsq, inverse, out = (sch.get_sblock(b) for b in ("sumsq", "inverse", "out"))
+    sumsq, inverse, out = (sch.get_sblock(b) for b in ("sumsq", "inverse", "normed"))
     lanes = act_quant.lanes_dividing(k)
     _, r_inner = sch.split(sch.get_loops(sumsq)[1], [None, lanes])
     partial = sch.rfactor(r_inner, 0)

@@ -24,7 +24,7 @@ from tvm import te, tirx
 from bitnet_runtime import reference as _reference
 from bitnet_runtime.memory import aligned_copy, aligned_zeros
 
-from . import act_quant
+from . import act_quant, rmsnorm
 from .case import Case
 from .operator import CPU_ISAS, FIXED, Operator
 
@@ -37,14 +37,7 @@ VECTOR = act_quant.VECTOR
 
 def compute(tokens, k: int, k_padded: int) -> tuple[te.Tensor, ...]:
     """x, weight, eps -> (q, scale)."""
-    x = te.placeholder((tokens, k), "float32", name="x")
-    weight = te.placeholder((k,), "float32", name="weight")
-    eps = te.placeholder((1,), "float32", name="eps")
-    r = te.reduce_axis((0, k), "r")
-    sumsq = te.compute((tokens,), lambda m: te.sum(x[m, r] * x[m, r], axis=r), name="sumsq")
-    one = tirx.const(1.0, "float32")
-    inverse = te.compute((tokens,), lambda m: one / te.sqrt(sumsq[m] / tirx.const(float(k), "float32") + eps[0]), name="inverse")
-    normed = te.compute((tokens, k), lambda m, c: weight[c] * (x[m, c] * inverse[m]), name="normed")
+    x, weight, eps, normed = rmsnorm.compute(tokens, k)
     q, scale = act_quant.quantize_of(normed, k, k_padded)
     return x, weight, eps, q, scale
 

@@ -196,9 +196,11 @@ class OutputLayer:
 
 
 @dataclass(frozen=True)
-class Program:
-    """The compiled decode step (``decode_step.py``): the decoder it was built for, its
-    functions by output format, and its kernels beyond the linears' by role."""
+class Decoder:
+    """What the compiled decode step needs of a model beyond its linears: the attention's
+    shape, the MLP's activation and whether sub-norms precede o_proj and down_proj. The
+    compiler builds the step for one (``bitnet_compile.models``); the runtime checks the
+    model it loads against it."""
 
     layers: int
     hidden: int
@@ -208,19 +210,31 @@ class Program:
     ffn: int
     act: str
     sub_norms: bool
+
+    @classmethod
+    def from_json(cls, r: _Reader) -> Decoder:
+        sizes = [r.get(key, int) for key in ("layers", "hidden", "heads", "kv_heads", "head_dim", "ffn")]
+        if min(sizes) < 1:
+            raise UserError(f"manifest is corrupted: {r.where} has a size below 1")
+        return cls(*sizes, r.get("act", str), r.get("sub_norms", bool))
+
+
+@dataclass(frozen=True)
+class Program:
+    """The compiled decode step (``decode_step.py``): the decoder it was built for, its
+    functions by output format, and its kernels beyond the linears' by role."""
+
+    decoder: Decoder
     functions: dict[str, str]  # output format -> function
     kernels: dict[str, str]  # role -> kernel
     kernel_calls: dict[str, int]  # output format -> kernels one decode step runs
 
     @classmethod
     def from_json(cls, r: _Reader) -> Program:
-        sizes = [r.get(key, int) for key in ("layers", "hidden", "heads", "kv_heads", "head_dim", "ffn")]
-        if min(sizes) < 1:
-            raise UserError(f"manifest is corrupted: {r.where} has a size below 1")
         functions, calls = r.mapping("functions", str), r.mapping("kernel_calls", int)
         if set(calls) != set(functions):
             raise UserError(f"manifest is corrupted: {r.where}.kernel_calls must name the same formats as its functions")
-        return cls(*sizes, r.get("act", str), r.get("sub_norms", bool), functions, r.mapping("kernels", str), calls)
+        return cls(Decoder.from_json(r.obj("decoder")), functions, r.mapping("kernels", str), calls)
 
 
 @dataclass(frozen=True)

@@ -171,14 +171,15 @@ class Model:
     def _decode_step(self) -> DecodeStep:
         """The artifact's compiled decode step, bound to this model's arrays (decode_step.py)."""
         c, program = self.config, self.artifact.manifest.program
-        have = (program.layers, program.hidden, program.heads, program.kv_heads, program.head_dim, program.ffn, program.act)
-        if have != (c.layers, c.hidden, c.heads, c.kv_heads, c.head_dim, c.ffn, c.act) or program.sub_norms != bool(c.sub_norms):
+        d = program.decoder
+        have = (d.layers, d.hidden, d.heads, d.kv_heads, d.head_dim, d.ffn, d.act, d.sub_norms)
+        if have != (c.layers, c.hidden, c.heads, c.kv_heads, c.head_dim, c.ffn, c.act, c.sub_norms is not None):
             raise UserError("the artifact's decode step was compiled for another model: compile the artifact for this model")
         layers = [layer.step_arrays() for layer in self.layers]
         scores = scores_buffer(c.kv_heads, c.heads // c.kv_heads, self.context_length)
         head = (self.norm, *self.output.step_arrays)
         return DecodeStep(self.artifact.module, self.output.step_format, c.hidden, self.cos, self.sin, scores,
-                          self.layers[0].eps, layers, head, program.sub_norms, program.kernel_calls[self.output.step_format])  # fmt: skip
+                          self.layers[0].eps, layers, head, d.sub_norms, program.kernel_calls[self.output.step_format])  # fmt: skip
 
     def reset(self) -> None:
         self.pos = 0
