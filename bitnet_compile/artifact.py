@@ -62,9 +62,9 @@ def tvm_runtime_library(target: TargetSpec) -> Path:
     return path
 
 
-def compile_kernels(kernels: list[KernelEntry], target: TargetSpec, program: Callable | None = None):
+def compile_kernels(kernels: list[KernelEntry], target: TargetSpec, program=None):
     """Schedule every kernel (with progress), then compile them together into one module
-    (for CUDA with nvcc run now, so the artifact carries a fatbin). ``program()``: the decode
+    (for CUDA with nvcc run now, so the artifact carries a fatbin). ``program``: the decode
     step's Relax module, compiled on its own and given the kernels as an import."""
     import tvm
 
@@ -89,7 +89,7 @@ def compile_kernels(kernels: list[KernelEntry], target: TargetSpec, program: Cal
         from tvm import relax
 
         # the plain build pipeline: no operator fusion, the program only calls kernels
-        step = tvm.compile(program(), target=target.tvm_target(), relax_pipeline=relax.pipeline.default_build_pipeline())
+        step = tvm.compile(program, target=target.tvm_target(), relax_pipeline=relax.pipeline.default_build_pipeline())
         step.mod.import_module(executable.mod)
         # the decode step's own kernels in a library of their own: compiled in one module with
         # the matmuls, they measured the prompt's GEMM kernels 3-5x slower
@@ -217,10 +217,10 @@ EMITTERS = {"llvm": _emit_cpu, "cuda": _emit_cuda, "metal": _emit_metal}
 
 def _plan_program(
     decoder: Decoder | None, target: TargetSpec, linears: list[LinearEntry], output: OutputLayer | None, kernels: list[KernelEntry]
-) -> tuple[Program | None, Callable | None]:
-    """The decode step's manifest entry and the function adding it to the compiled module;
-    its extra kernels are appended to ``kernels``. (None, None) where there is no step: no
-    decoder given, a GPU target, or a model whose linears the step does not have."""
+):
+    """The decode step's manifest entry and its Relax module (IR only: compile_kernels compiles
+    it); its extra kernels are appended to ``kernels``. (None, None) where there is no step:
+    no decoder given, a GPU target, or a model whose linears the step does not have."""
     if decoder is None:
         return None, None
     by_name = {entry.name: entry for entry in linears}
@@ -229,10 +229,9 @@ def _plan_program(
         return None, None
     roles, extra = program.plan_kernels(decoder, by_name)
     kernels += [k for k in extra if k.name not in {p.name for p in kernels}]
-    names = program.formats(output)
-    calls = {fmt: program.kernel_calls(decoder, by_name, fmt) for fmt in names}
-    entry = Program(decoder, functions={fmt: FUNCTIONS[fmt] for fmt in names}, kernels=roles, kernel_calls=calls)
-    return entry, lambda: program.module(decoder, by_name, roles, output)
+    module, calls = program.module(decoder, by_name, roles, output)
+    entry = Program(decoder, functions={fmt: FUNCTIONS[fmt] for fmt in calls}, kernels=roles, kernel_calls=calls)
+    return entry, module
 
 
 def build(

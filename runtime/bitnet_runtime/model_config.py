@@ -176,9 +176,12 @@ class _Field(ValueError):
     """A config field of the wrong type or out of range (its message names it)."""
 
 
-def _int(cfg: dict, key: str, default: object = ..., low: int = 1) -> int:
-    """An integer field (not a float, string or bool) of at least ``low``."""
-    value = cfg.get(key, default) if default is not ... else cfg[key]
+def _int(cfg: dict, key: str, default: int | None = None, low: int = 1) -> int:
+    """An integer field (not a float, string or bool) of at least ``low``; absent or null
+    gives ``default``, where there is one."""
+    value = cfg.get(key)
+    if value is None and default is not None:
+        return default
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise _Field(f"{key} must be an integer >= {low}, got {value!r}")
     return value
@@ -240,8 +243,8 @@ def load_config(model_dir: Path) -> ModelConfig:
             hidden=hidden,
             layers=_int(cfg, "num_hidden_layers"),
             heads=heads,
-            kv_heads=_int(cfg, "num_key_value_heads", None) if cfg.get("num_key_value_heads") is not None else heads,
-            head_dim=_int(cfg, "head_dim", None) if cfg.get("head_dim") is not None else hidden // heads,
+            kv_heads=_int(cfg, "num_key_value_heads", heads),
+            head_dim=_int(cfg, "head_dim", hidden // heads),
             ffn=_int(cfg, "intermediate_size"),
             vocab=_int(cfg, "vocab_size"),
             rms_eps=_float(cfg, "rms_norm_eps", 1e-6),

@@ -10,7 +10,6 @@ file size first, so a truncated or corrupted file is a UserError, never a bus er
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import mmap
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .manifest import file_sha256
 
 # safetensors dtype -> numpy storage dtype (bfloat16 stored as its bit pattern)
 DTYPES = {
@@ -204,13 +204,10 @@ def content_hash(path: Path, hashes: dict | None = None) -> str:
     identity = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
     if hashes is not None and hashes.get(str(path), {}).get("identity") == identity:
         return hashes[str(path)]["sha256"]
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
+    sha256 = file_sha256(path)
     if hashes is not None:
-        hashes[str(path)] = {"identity": identity, "sha256": digest.hexdigest()}
-    return digest.hexdigest()
+        hashes[str(path)] = {"identity": identity, "sha256": sha256}
+    return sha256
 
 
 def to_float32(array: np.ndarray, dtype: str) -> np.ndarray:

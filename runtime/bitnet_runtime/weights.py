@@ -31,7 +31,7 @@ from . import checkpoint, layout, layout_dot2, layout_f16, layout_i8
 from .artifact import Artifact
 from .errors import UserError
 from .linear import pack_weights
-from .manifest import LinearEntry
+from .manifest import LinearEntry, file_sha256
 from .model_config import ModelConfig
 from .progress import progress
 from .safetensors_file import Checkpoint
@@ -84,14 +84,6 @@ def _write_hashes(root: Path, hashes: dict) -> None:
         os.replace(tmp, root / HASHES_FILE)
     except OSError:
         pass
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _damage(directory: Path) -> str | None:
