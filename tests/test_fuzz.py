@@ -1,13 +1,16 @@
 """Fuzzing the runtime's boundaries with hypothesis: manifests, config.json, safetensors
 headers, tokenizer configs and chat templates, prompts and sampling settings, each mutated at
-random (a value replaced by any JSON value, or removed). The only allowed outcomes are
+random (a value replaced by any JSON value, or removed), and whole checkpoints (header
+mutated, data bytes flipped, file cut short) loaded and run. The only allowed outcomes are
 success or a UserError (the CLI's one-line ``error:``, exit 2); any other exception is a bug.
-Derandomized, so a CI run is reproducible; about 2000 cases in all."""
+Derandomized, so a CI run is reproducible; about 3000 cases in all (pytest
+--hypothesis-show-statistics shows which errors they hit)."""
 
 from __future__ import annotations
 
 import copy
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -15,7 +18,7 @@ import numpy as np
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from bitnet_runtime.errors import UserError  # noqa: E402
@@ -59,8 +62,9 @@ def mutated(draw, base: dict) -> dict:
 def _only_user_errors(action) -> None:
     try:
         action()
-    except UserError:
-        pass
+        event("ran")
+    except UserError as err:
+        event("error: " + re.sub(r"/\S+", "PATH", str(err))[:50])  # pytest --hypothesis-show-statistics: what the cases hit
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -220,6 +224,58 @@ def test_fuzzed_sampling(temperature, top_k, top_p, logits):
     _only_user_errors(sample)
 
 
+# ----------------------------------------------------------------------------- whole checkpoints
+
+
+def _split_safetensors(raw: bytes) -> tuple[dict, bytes]:
+    size = struct.unpack("<Q", raw[:8])[0]
+    return json.loads(raw[8 : 8 + size]), raw[8 + size :]
+
+
+@st.composite
+def mutated_checkpoint(draw, raw: bytes) -> bytes:
+    """A whole model.safetensors changed as a broken download or a bad export would change it:
+    its header mutated (names, dtypes, shapes, offsets), bytes of its data flipped (weights,
+    scales, norms: NaN, Inf and huge values among them), or the file cut short."""
+    header, data = _split_safetensors(raw)
+    kind = draw(st.sampled_from(["header", "flip", "truncate"]))
+    if kind == "header":
+        return _safetensors(draw(mutated(header)), data)
+    if kind == "truncate":
+        return raw[: draw(st.integers(0, len(raw) - 1))]
+    data = bytearray(data)
+    for _ in range(draw(st.integers(1, 8))):
+        data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
+    return _safetensors(header, bytes(data))
+
+
+CHECKPOINT_FUZZ = settings(
+    max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
+
+
+@CHECKPOINT_FUZZ
+@given(st.data())
+def test_fuzzed_checkpoints_through_the_api(cli_model, tmp_path_factory, data):
+    """The tiny model with its safetensors file mutated, loaded (converted, every array
+    checked) and run for a few tokens through the Python API: it runs, or it is a UserError
+    (NaN or Inf in norms and logits included), never another exception."""
+    import os
+    import shutil
+    from unittest import mock
+
+    from bitnet_runtime.api import LLM
+    from bitnet_runtime.sampling import SamplingParams
+
+    work = tmp_path_factory.mktemp("ckpt")
+    model = Path(shutil.copytree(cli_model / "model", work / "model"))
+    path = model / "model.safetensors"
+    path.write_bytes(data.draw(mutated_checkpoint(path.read_bytes())))
+    greedy = SamplingParams(temperature=0)
+    with mock.patch.dict(os.environ, {"BITNET_CACHE": str(cli_model / "cache")}):
+        _only_user_errors(lambda: LLM(model, cli_model / "art", echo=lambda line: None).generate("hello", 3, greedy))
+
+
 # ----------------------------------------------------------------------------- whole commands
 
 
@@ -243,13 +299,13 @@ def _cli_env(root: Path) -> dict:
     return dict(os.environ, BITNET_CACHE=str(root / "cache"), TVM_NUM_THREADS="1")
 
 
-CLI_FUZZ = settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+CLI_FUZZ = settings(max_examples=16, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 
 
 @CLI_FUZZ
-@given(st.sampled_from(["config.json", "tokenizer_config.json", "manifest.json"]), st.data())
+@given(st.sampled_from(["config.json", "tokenizer_config.json", "manifest.json", "model.safetensors"]), st.data())
 def test_fuzzed_files_through_the_device_command(cli_model, tmp_path_factory, name, data):
-    """``bitnet-runtime run`` on a copy of the model and artifact with one JSON file mutated:
+    """``bitnet-runtime run`` on a copy of the model and artifact with one file mutated:
     exit 0, or exit 2 with one ``error:`` line, within a time limit."""
     import shutil
     import subprocess
@@ -260,10 +316,13 @@ def test_fuzzed_files_through_the_device_command(cli_model, tmp_path_factory, na
     work = tmp_path_factory.mktemp("case")
     model, art = Path(shutil.copytree(cli_model / "model", work / "model")), Path(shutil.copytree(cli_model / "art", work / "art"))
     path = (art if name == "manifest.json" else model) / name
-    mutated_json = data.draw(mutated(json.loads(path.read_text())))
-    if name == "manifest.json" and data.draw(st.booleans()):
-        mutated_json["digest"] = digest_of(mutated_json)  # a deliberate edit: the typed checks must hold
-    path.write_text(json.dumps(mutated_json))
+    if name == "model.safetensors":
+        path.write_bytes(data.draw(mutated_checkpoint(path.read_bytes())))
+    else:
+        mutated_json = data.draw(mutated(json.loads(path.read_text())))
+        if name == "manifest.json" and data.draw(st.booleans()):
+            mutated_json["digest"] = digest_of(mutated_json)  # a deliberate edit: the typed checks must hold
+        path.write_text(json.dumps(mutated_json))
     cmd = [sys.executable, "-m", "bitnet_runtime", "run", "-a", str(art), "-m", str(model), "-p", "hello", "-n", "3"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=_cli_env(cli_model), timeout=120, cwd=work)
     assert "Traceback" not in done.stderr, done.stderr

@@ -130,6 +130,23 @@ def test_quantize_rounds_half_to_even_and_floors_the_scale(elementwise_module):
 
 
 @pytest.mark.parametrize("k,k_padded", ELEMENTWISE_K)
+def test_quantize_agrees_with_the_reference_on_nan_and_inf(elementwise_module, k, k_padded):
+    """A float max drops NaN: the kernel must not turn a NaN row into plausible int8 values.
+    Row 0 finite, row 1 one NaN, row 2 one +Inf, row 3 one -Inf and a NaN."""
+    rng = np.random.default_rng(k)
+    x = rng.standard_normal((4, k)).astype(np.float32)
+    x[1, rng.integers(k)] = np.nan
+    x[2, rng.integers(k)] = np.inf
+    x[3, rng.integers(k)], x[3, rng.integers(k)] = -np.inf, np.nan
+    q, scale = aligned_zeros((4, k_padded), np.int8), aligned_zeros((4,), np.float32)
+    elementwise_module[f"quantize_{k}"](aligned_copy(x), q, scale)
+    want_q, want_scale = reference.quantize_activations(x, k_padded)
+    np.testing.assert_array_equal(q, want_q)
+    np.testing.assert_array_equal(scale, want_scale)  # NaN equals NaN here
+    assert np.isnan(scale[1]) and np.isnan(scale[3]) and scale[2] == 0 and np.isfinite(scale[0])
+
+
+@pytest.mark.parametrize("k,k_padded", ELEMENTWISE_K)
 def test_tables_exact(elementwise_module, k, k_padded):
     rng = np.random.default_rng(k)
     for tokens in TOKEN_COUNTS:

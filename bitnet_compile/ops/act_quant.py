@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from ..target import TargetSpec
 
 reference = _reference.quantize_activations
+ABS_MASK = 0x7FFFFFFF  # clears a float32's sign bit
 VECTOR = 16  # float32 lanes of a zmm; on ymm LLVM splits it in two
 
 
@@ -34,17 +35,22 @@ def quantize_of(x: te.Tensor, k: int, k_padded: int, scale_from_absmax: bool = F
     other threads would race, while absmax sits in shared memory behind the reduction's barrier."""
     tokens = x.shape[0]
     r = te.reduce_axis((0, k), "r")
-    absmax = te.compute((tokens,), lambda m: te.max(te.abs(x[m, r]), axis=r), name="absmax")
+    # |x| as its int32 bit pattern: for non-negative floats the integer order is the float order
+    # and NaN sorts above Inf, so the max keeps a NaN (a float max drops it) at the same cost.
+    absmax = te.compute((tokens,), lambda m: te.max(tirx.reinterpret("int32", x[m, r]) & ABS_MASK, axis=r), name="absmax")
 
     def scale_of(m):
-        return tirx.const(127.0, "float32") / te.max(absmax[m], tirx.const(float(_reference.ABSMAX_FLOOR), "float32"))
+        top = tirx.reinterpret("float32", absmax[m])
+        floor = tirx.const(float(_reference.ABSMAX_FLOOR), "float32")
+        return tirx.const(127.0, "float32") / tirx.Select(top < floor, floor, top)  # NaN stays NaN
 
     scale = te.compute((tokens,), scale_of, name="scale")
 
     def quantize(m, c):
-        rounded = tirx.nearbyint(x[m, c] * (scale_of(m) if scale_from_absmax else scale[m]))
-        clamped = te.min(te.max(rounded, tirx.const(-128.0, "float32")), tirx.const(127.0, "float32"))
-        return tirx.Select(c < k, clamped.astype("int8"), tirx.const(0, "int8"))
+        product = x[m, c] * (scale_of(m) if scale_from_absmax else scale[m])
+        clamped = te.min(te.max(tirx.nearbyint(product), tirx.const(-128.0, "float32")), tirx.const(127.0, "float32"))
+        finite = tirx.Select(tirx.isnan(product), tirx.const(0, "int8"), clamped.astype("int8"))
+        return tirx.Select(c < k, finite, tirx.const(0, "int8"))
 
     q = te.compute((tokens, k_padded), quantize, name="q")
     return q, scale
@@ -153,10 +159,14 @@ def kernel_shape(n: int, k: int, knobs: dict, target: TargetSpec) -> tuple[dict,
 
 def make_case(shape: dict, knobs: dict, rng: np.random.Generator, tokens: int) -> Case:
     """Normal activations at a random magnitude; with two or more tokens the second is all
-    zero, which must hit the scale floor, not divide by zero. Exact: q and the scales."""
+    zero, which must hit the scale floor, not divide by zero; with three or more the third
+    holds a NaN and the fourth an Inf (scale NaN and 0, as the reference gives). Exact: q and
+    the scales."""
     k, k_p = shape["k"], shape["k_padded"]
     x = aligned_copy((rng.standard_normal((tokens, k)) * rng.uniform(0.01, 100)).astype(np.float32))
     x[1:2] = 0.0
+    x[2:3, rng.integers(k)] = np.nan
+    x[3:4, rng.integers(k)] = -np.inf
     q, scale = aligned_zeros((tokens, k_p), np.int8), aligned_zeros((tokens,), np.float32)
     want_q, want_scale = reference(x, k_p)
     check_q, check_scale = exact(lambda: q, want_q), exact(lambda: scale, want_scale)

@@ -31,7 +31,7 @@ def exact(got: Callable[[], np.ndarray], want: np.ndarray) -> Callable[[], str |
 
     def check() -> str | None:
         have = got()
-        if np.array_equal(have, want):
+        if np.array_equal(have, want, equal_nan=want.dtype.kind == "f"):  # NaN where NaN is wanted
             return None
         wrong = have != want
         diff = np.abs(have.astype(np.float64) - want.astype(np.float64))  # exact for every int32 and float32

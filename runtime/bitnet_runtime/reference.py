@@ -16,12 +16,17 @@ ABSMAX_FLOOR = np.float32(1e-5)  # BitNet b1.58: scale = 127 / max(|x|, 1e-5)
 
 
 def quantize_activations(x: np.ndarray, k_padded: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Per-token absmax int8 quantization; returns (q [M, k_padded], scale [M]) with zero padding."""
+    """Per-token absmax int8 quantization; returns (q [M, k_padded], scale [M]) with zero padding.
+    A row holding NaN gets scale NaN and one holding Inf scale 0 (q is 0 wherever x * scale is
+    NaN), so the matmul that divides by the scale carries the NaN on to the logits, where
+    generation stops with an error, instead of quantizing it to plausible numbers."""
     x = np.asarray(x, np.float32)
     m, k = x.shape
     absmax = np.abs(x).max(axis=1)
-    scale = np.float32(127.0) / np.maximum(absmax, ABSMAX_FLOOR)
-    q = np.clip(np.round(x * scale[:, None]), -128, 127).astype(np.int8)
+    scale = np.float32(127.0) / np.maximum(absmax, ABSMAX_FLOOR)  # a row with NaN: scale NaN
+    with np.errstate(invalid="ignore"):
+        product = x * scale[:, None]  # Inf * 0 = NaN: a row with Inf (scale 0) ends NaN downstream too
+        q = np.where(np.isnan(product), 0, np.clip(np.round(product), -128, 127)).astype(np.int8)
     out = np.zeros((m, k_padded or k), np.int8)
     out[:, :k] = q
     return out, scale.astype(np.float32)
