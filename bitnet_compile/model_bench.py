@@ -298,7 +298,7 @@ def _host_and_launches(spec: dict, prompt: list[int], tokens: int) -> tuple[floa
     artifact = Artifact(spec["artifact"], stats=stats)
     model = LLM(spec["model"], artifact, output=spec["format"], threads=spec["threads"], echo=lambda line: None).model
     if spec["decode"] == "kernels":
-        model.step = None
+        model.compiled_step = False
     if model.step is not None:
         model.step.function = stats.counted(model.step.function)
     logits = model.prefill(prompt)
@@ -348,7 +348,7 @@ def worker(spec: dict) -> dict:
     llm = LLM(spec["model"], spec["artifact"], output=spec["format"], threads=spec["threads"], echo=lambda line: None)
     model, n, repeat = llm.model, spec["tokens"], spec["repeat"]
     if spec["decode"] == "kernels":
-        model.step = None
+        model.compiled_step = False
     rng = np.random.default_rng(0)
     short = rng.integers(0, model.config.vocab, 8).tolist()
     prompt = rng.integers(0, model.config.vocab, n).tolist()

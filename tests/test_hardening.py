@@ -184,7 +184,7 @@ def test_overflowing_activations_stop_generation_with_an_error(model, artifact_d
     finite, and decoding stops with an error instead of picking a token from NaNs."""
     m = _llm(model, artifact_dir).model
     if decoding == "kernels":
-        m.step = None
+        m.compiled_step = False
     m.prefill([0, 1, 2])
     m.layers[0].linears["o"][0].weight_scale[...] = np.float32(3e38)  # the array both paths read
     with pytest.raises(UserError, match="NaN or Inf logits"):
@@ -305,7 +305,7 @@ def test_a_manifest_that_disagrees_with_its_library_is_one_line(model, artifact_
     (art / "manifest.json").write_text(json.dumps(data))
     m = _llm(model, art).model
     if decoding == "kernels":
-        m.step = None
+        m.compiled_step = False
     with pytest.raises(UserError, match="does not match its manifest; check it with bitnet-runtime verify"):
         m.prefill([0, 1, 2])
         m.decode(3)

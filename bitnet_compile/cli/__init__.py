@@ -4,6 +4,7 @@
     bitnet-compile verify DIR [-t N]                                    check it against numpy
     bitnet-compile run -m M -p PROMPT [-a DIR]                          generate text
     bitnet-compile chat -m M [-a DIR]                                   interactive chat
+    bitnet-compile serve -m M [-a DIR] [--host H] [--port P]            OpenAI-compatible server
     bitnet-compile bench -m M [-a DIR]                                  end-to-end tokens/s
     bitnet-compile bench-kernels [--target T] [--model M]               kernel benchmark
     bitnet-compile dummy PRESET -o DIR                                  dummy model for benchmarks
@@ -30,12 +31,13 @@ from bitnet_runtime.errors import exit_status
 
 from . import bench, bench_kernels, compile, dummy, schedules, targets, text, tune, verify
 
-# Subcommand -> its module, in --help order; "run" and "chat" share one module (and one add()).
+# Subcommand -> its module, in --help order; "run", "chat" and "serve" share one module (and one add()).
 COMMANDS: dict[str, ModuleType] = {
     "compile": compile,
     "verify": verify,
     "run": text,
     "chat": text,
+    "serve": text,
     "bench": bench,
     "bench-kernels": bench_kernels,
     "dummy": dummy,

@@ -1,4 +1,4 @@
-"""``bitnet-compile run`` and ``chat``: the runtime's commands (``bitnet_runtime.cli_text``),
+"""``bitnet-compile run``, ``chat`` and ``serve``: the runtime's commands (``bitnet_runtime.cli_text``),
 plus what to compile for when no artifact is given."""
 
 from __future__ import annotations
@@ -18,5 +18,4 @@ def add(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from bitnet_runtime import cli_text
 
-    generate = {"run": cli_text.run, "chat": cli_text.chat}[args.command]
-    return generate(args, options.artifact_for(args))
+    return cli_text.HANDLERS[args.command](args, options.artifact_for(args))

@@ -3,6 +3,7 @@
 bitnet-runtime verify DIR [--threads N] [--seed S]
 bitnet-runtime run -a DIR -m MODEL -p PROMPT [...]
 bitnet-runtime chat -a DIR -m MODEL [...]
+bitnet-runtime serve -a DIR -m MODEL [--host H] [--port P] [...]
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "verify":
         return exit_status(lambda: run_verify(args.artifact, args.threads, args.seed))
-    return exit_status(lambda: {"run": cli_text.run, "chat": cli_text.chat}[args.command](args, args.artifact))
+    return exit_status(lambda: cli_text.HANDLERS[args.command](args, args.artifact))
 
 
 def run_verify(artifact_dir: str, threads: int | None, seed: int) -> int:

@@ -1,4 +1,4 @@
-"""``run`` and ``chat`` on the command line, shared by ``bitnet-compile`` (which compiles the
+"""``run``, ``chat`` and ``serve`` on the command line, shared by ``bitnet-compile`` (which compiles the
 artifact when none is given) and ``bitnet-runtime`` (on the device, artifact given).
 
 Like llama.cpp: the generated text streams to stdout; what the program is doing and how fast
@@ -54,19 +54,31 @@ def add_chat_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="system prompt")
 
 
+def add_serve_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.add_argument("--name", default=None, help="the model's name in the API (default: the model directory's name)")
+    p.add_argument("-np", "--parallel", type=int, default=16, help="sequences decoded together at most (default 16)")
+    p.add_argument("--queue", type=int, default=64, help="requests waiting beyond those, at most; more get HTTP 429 (default 64)")
+    p.add_argument("--chunk", type=int, default=64, help="prompt tokens prefilled per step between decode steps (default 64)")
+
+
 COMMANDS = {
-    "run": ("generate text from a prompt", add_run_options),
-    "chat": ("interactive chat with the model's chat template", add_chat_options),
+    "run": ("generate text from a prompt", add_run_options, True),
+    "chat": ("interactive chat with the model's chat template", add_chat_options, True),
+    "serve": ("serve the model over an OpenAI-compatible HTTP API, with continuous batching", add_serve_options, False),
 }
 
 
 def add_command(sub, name: str, artifact_required: bool) -> argparse.ArgumentParser:
-    """The ``run`` or ``chat`` subcommand with all its options (both command lines use this)."""
-    help, add_options = COMMANDS[name]
+    """The ``run``, ``chat`` or ``serve`` subcommand with all its options (both command lines
+    use this). ``serve`` takes its sampling settings per request."""
+    help, add_options, sampled = COMMANDS[name]
     p = sub.add_parser(name, help=help)
     add_model_options(p, artifact_required)
     add_options(p)
-    add_sampling_options(p)
+    if sampled:
+        add_sampling_options(p)
     return p
 
 
@@ -138,3 +150,25 @@ def chat(args: argparse.Namespace, artifact: Path) -> int:
             continue
         print()
         print(_speeds(result), file=sys.stderr)
+
+
+def serve(args: argparse.Namespace, artifact: Path) -> int:
+    try:
+        from . import server
+    except ImportError as err:
+        raise UserError(f"serve needs the web libraries ({err.name} is missing): pip install 'bitnet-runtime[serve]'") from None
+    from .engine import Engine
+
+    for flag, value in (("--parallel", args.parallel), ("--chunk", args.chunk), ("--port", args.port)):
+        if value < (0 if flag == "--port" else 1):
+            raise UserError(f"{flag} must be at least {0 if flag == '--port' else 1}, not {value}")
+    if args.queue < 0:
+        raise UserError(f"--queue must be at least 0, not {args.queue}")
+    llm = load(args, artifact)
+    engine = Engine(llm.model, llm.tokenizer, max_seqs=args.parallel, max_queue=args.queue, chunk=args.chunk)
+    name = args.name or Path(str(args.model).rstrip("/")).name
+    server.serve(engine, name, args.host, args.port)
+    return 0
+
+
+HANDLERS = {"run": run, "chat": chat, "serve": serve}

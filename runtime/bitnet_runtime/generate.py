@@ -143,7 +143,7 @@ class _StopStrings:
         return longest
 
 
-class _TextStream:
+class TextStream:
     """Detokenizer, stop-string filter and callback in one: the text as the user sees it."""
 
     def __init__(self, tokenizer: Tokenizer, stop_strings: Sequence[str] | str, on_text: Callable[[str], None] | None):
@@ -196,7 +196,7 @@ def generate(
     prompt_ids = [int(i) for i in prompt_ids]
     budget = _token_budget(len(prompt_ids), max_new_tokens, model.context_length)
     sampler = sampling if isinstance(sampling, Sampler) else Sampler(sampling)
-    stream = _TextStream(tokenizer, stop_strings, on_text)
+    stream = TextStream(tokenizer, stop_strings, on_text)
     token_ids: list[int] = []
     start = time.perf_counter()
     model.reset()

@@ -110,26 +110,41 @@ class BitLinear:
     def forward(self, x: np.ndarray) -> np.ndarray:
         """y for x [tokens, in], in this layer's own buffer: valid until its next call with
         the same token count (the model's hot path, which copies nothing)."""
-        x = self._check_input(x)
-        buf = self._buffer(x.shape[0])
-        buf.x[...] = x
-        self.quantize(buf.x, buf.q, buf.scale)
-        return self._matmul(buf)
+        buf = self._quantized(x)
+        return self._dequantized(buf, buf.matmul(self.packed))
 
     def forward_normed(self, x: np.ndarray, norm: np.ndarray, eps: np.ndarray) -> np.ndarray:
         """y for RMSNorm(x) with weight ``norm`` and ``eps`` (float32 [1]), both 64-byte aligned:
         the norm and the quantization are one kernel (rmsnorm_quantize), the normalized
         activations never exist. Same buffer rules as ``forward``."""
+        buf = self._quantized(x, norm, eps)
+        return self._dequantized(buf, buf.matmul(self.packed))
+
+    def forward_residual(
+        self, x: np.ndarray, residual: np.ndarray, kernel, norm: np.ndarray | None = None, eps: np.ndarray | None = None
+    ) -> np.ndarray:
+        """residual + y (of RMSNorm(x) where ``norm`` is given), the addition fused into the
+        dequantization by ``kernel`` (residual_dequantize): the compiled decode step's own
+        arithmetic, so the batched decode (batch_step.py) matches it bit for bit."""
+        buf = self._quantized(x, norm, eps)
+        kernel(buf.matmul(self.packed), buf.scale, self.weight_scale, residual, buf.out)
+        return buf.out
+
+    def _quantized(self, x: np.ndarray, norm: np.ndarray | None = None, eps: np.ndarray | None = None) -> _Buffers:
+        """The buffers of x's token count, holding x quantized (RMS-normalized first with ``norm``)."""
         x = self._check_input(x)
         buf = self._buffer(x.shape[0])
+        if norm is None:
+            buf.x[...] = x
+            self.quantize(buf.x, buf.q, buf.scale)
+            return buf
         if not is_aligned(x):  # the kernel reads with aligned vector loads
             buf.x[...] = x
             x = buf.x
         self.rmsnorm_quantize(x, norm, eps, buf.q, buf.scale)
-        return self._matmul(buf)
+        return buf
 
-    def _matmul(self, buf: _Buffers) -> np.ndarray:
-        acc = buf.matmul(self.packed)
+    def _dequantized(self, buf: _Buffers, acc: np.ndarray) -> np.ndarray:
         self.dequantize(acc, buf.scale, self.weight_scale, buf.out)
         return buf.out
 

@@ -40,6 +40,16 @@ def lazy_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
     return np.frombuffer(buffer, dtype, count).reshape(shape)
 
 
+def release_pages(array: np.ndarray) -> None:
+    """Drop the pages of a ``lazy_zeros`` array (they read as zeros again and cost no memory
+    until written): a finished sequence's KV cache, kept for the next one."""
+    base = array
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "obj", None) if isinstance(base, memoryview) else getattr(base, "base", None)
+    if base is not None and hasattr(mmap, "MADV_DONTNEED"):
+        base.madvise(mmap.MADV_DONTNEED)
+
+
 def aligned_copy(array: np.ndarray, dtype=None) -> np.ndarray:
     out = aligned_empty(array.shape, dtype or array.dtype)
     out[...] = array

@@ -23,7 +23,7 @@ from .artifact import Artifact
 from .decode_step import DecodeStep, scores_buffer
 from .errors import UserError
 from .linear import BitLinear
-from .memory import aligned_copy, lazy_zeros
+from .memory import aligned_copy, lazy_zeros, release_pages
 from .model_config import ModelConfig
 from .output_layer import make_output_layer
 from .reference import ACTIVATIONS, attend, rms_norm, rotate
@@ -70,11 +70,31 @@ class KVCache:
         """Causal attention of queries q [T, heads, d] at positions pos.. over the cache: [T, heads*d]."""
         return attend(q, self.k, self.v, pos)
 
+    def release(self) -> None:
+        """Give the filled pages back to the OS (a finished sequence's slot in the server)."""
+        release_pages(self.k)
+        release_pages(self.v)
+
+
+class Sequence:
+    """One sequence's state: a KV cache per layer and its position. ``run`` and ``chat`` use
+    the model's own; the server decodes many at once, each in its own (``Model.sequence``)."""
+
+    def __init__(self, config: ModelConfig, context: int):
+        self.caches = [KVCache(config.kv_heads, config.head_dim, context) for _ in range(config.layers)]
+        self.pos = 0
+        self.step: DecodeStep | None = None  # the compiled decode step bound to these caches, on first use
+
+    def release(self) -> None:
+        self.pos = 0
+        for cache in self.caches:
+            cache.release()
+
 
 class Layer:
-    """One decoder layer: its ternary linears, norms and KV cache."""
+    """One decoder layer: its ternary linears and norms (its KV cache is the sequence's)."""
 
-    def __init__(self, artifact: Artifact, weights: ModelWeights, config: ModelConfig, index: int, context: int, buffers: dict):
+    def __init__(self, artifact: Artifact, weights: ModelWeights, config: ModelConfig, index: int, buffers: dict):
         self.c = config
         prefix = f"layers.{index}."
         self.linears = {}
@@ -87,7 +107,6 @@ class Layer:
             self.linears[g.name] = (layer, norm)
         self.input_norm, self.post_norm = (finite(weights, prefix + name) for name in ("input_norm", "post_norm"))
         self.sub_norms = tuple(finite(weights, prefix + name) for name in ("attn_sub_norm", "ffn_sub_norm")) if config.sub_norms else None
-        self.cache = KVCache(config.kv_heads, config.head_dim, context)
         self.act = ACTIVATIONS[config.act]
         self.eps, self.quant_eps = (
             aligned_copy(np.array([config.rms_eps], np.float32)),
@@ -125,9 +144,9 @@ class Layer:
     def _sub_norm(self, i: int) -> tuple[np.ndarray | None, np.ndarray | None]:
         return (self.sub_norms[i], self.eps) if self.sub_norms else (None, None)
 
-    def step_arrays(self) -> dict[str, np.ndarray]:
+    def step_arrays(self, cache: KVCache) -> dict[str, np.ndarray]:
         """This layer's arrays by ``decode_step.layer_params`` name: what the compiled decode step reads."""
-        arrays = {"input_norm": self.input_norm, "post_norm": self.post_norm, "k_cache": self.cache.k, "v_cache": self.cache.v}
+        arrays = {"input_norm": self.input_norm, "post_norm": self.post_norm, "k_cache": cache.k, "v_cache": cache.v}
         for name in ("qkv", "o", "gate_up", "down"):
             linear = self.linears[name][0]
             arrays[name], arrays[f"{name}_scale"] = linear.packed, linear.weight_scale
@@ -135,12 +154,12 @@ class Layer:
             arrays["attn_sub_norm"], arrays["ffn_sub_norm"] = self.sub_norms
         return arrays
 
-    def __call__(self, x: np.ndarray, pos: int, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray, cache: KVCache, pos: int, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         c, t = self.c, x.shape[0]
         qk, v = self._qkv(x)
         qk = rotate(qk, cos, sin)
-        self.cache.store(qk[:, c.heads :], v.reshape(t, c.kv_heads, c.head_dim), pos)
-        a = self.cache.attend(qk[:, : c.heads], pos)
+        cache.store(qk[:, c.heads :], v.reshape(t, c.kv_heads, c.head_dim), pos)
+        a = cache.attend(qk[:, : c.heads], pos)
         x = x + self._linear("o", a, *self._sub_norm(0))
         gate, up = self._gate_up(x)
         return x + self._linear("down", self.act(gate) * up, *self._sub_norm(1))
@@ -148,7 +167,8 @@ class Layer:
 
 class Model:
     """A loaded model: ``prefill(ids)`` then ``decode(id)`` repeatedly, each returning the
-    float32 logits of the last token; ``reset()`` starts a new sequence."""
+    float32 logits of the last token; ``reset()`` starts a new sequence. Each takes an optional
+    ``Sequence`` (default: the model's own), so one model serves many sequences."""
 
     def __init__(self, artifact: Artifact, weights: ModelWeights, output: str = "f16", context: int | None = None):
         # numpy's BLAS (attention) would start a thread per core beside the kernels' pool on the
@@ -158,78 +178,103 @@ class Model:
         self.artifact, self.weights = artifact, weights
         self.context_length = min(context or c.max_positions, c.max_positions)
         buffers: dict = {}
-        self.layers = [Layer(artifact, weights, c, i, self.context_length, buffers) for i in range(c.layers)]
+        self.layers = [Layer(artifact, weights, c, i, buffers) for i in range(c.layers)]
         self.norm = finite(weights, "norm")
         self.embed = weights.rows("embed")
         self.output = make_output_layer(artifact, weights, output)
         angles = np.arange(self.context_length, dtype=np.float32)[:, None] * c.inv_freq()[None, :]
         angles = np.concatenate((angles, angles), axis=1)
         self.cos, self.sin = aligned_copy(np.cos(angles)), aligned_copy(np.sin(angles))
-        self.pos = 0
-        self.step = self._decode_step() if artifact.manifest.program else None
+        self.compiled_step = self._check_program() if artifact.manifest.program else False  # False: kernel by kernel
+        self.seq = self.sequence()
+        if self.compiled_step:
+            self.seq.step = self._decode_step(self.seq)
 
-    def _decode_step(self) -> DecodeStep:
-        """The artifact's compiled decode step, bound to this model's arrays (decode_step.py)."""
-        c, program = self.config, self.artifact.manifest.program
-        d = program.decoder
+    @property
+    def step(self) -> DecodeStep | None:
+        """The compiled decode step of the model's own sequence (None: decoding kernel by kernel)."""
+        return self.seq.step if self.compiled_step else None
+
+    def sequence(self) -> Sequence:
+        """A new, empty sequence (KV caches for the whole context, mapped as they fill)."""
+        return Sequence(self.config, self.context_length)
+
+    @property
+    def pos(self) -> int:
+        return self.seq.pos
+
+    def _check_program(self) -> bool:
+        c, d = self.config, self.artifact.manifest.program.decoder
         have = (d.layers, d.hidden, d.heads, d.kv_heads, d.head_dim, d.ffn, d.act, d.sub_norms)
         if have != (c.layers, c.hidden, c.heads, c.kv_heads, c.head_dim, c.ffn, c.act, c.sub_norms is not None):
             raise UserError("the artifact's decode step was compiled for another model: compile the artifact for this model")
-        layers = [layer.step_arrays() for layer in self.layers]
+        return True
+
+    def _decode_step(self, seq: Sequence) -> DecodeStep:
+        """The artifact's compiled decode step, bound to this model's arrays and the sequence's
+        caches (decode_step.py)."""
+        c, program = self.config, self.artifact.manifest.program
+        d = program.decoder
+        layers = [layer.step_arrays(cache) for layer, cache in zip(self.layers, seq.caches)]
         scores = scores_buffer(c.kv_heads, c.heads // c.kv_heads, self.context_length)
         head = (self.norm, *self.output.step_arrays)
         return DecodeStep(self.artifact.module, self.output.step_format, c.hidden, self.cos, self.sin, scores,
                           self.layers[0].eps, layers, head, d.sub_norms, program.kernel_calls[self.output.step_format])  # fmt: skip
 
-    def reset(self) -> None:
-        self.pos = 0
+    def reset(self, seq: Sequence | None = None) -> None:
+        (seq or self.seq).pos = 0
 
-    def prefill(self, ids: list[int]) -> np.ndarray:
-        self.reset()
-        return self.forward(ids)
+    def prefill(self, ids: list[int], seq: Sequence | None = None) -> np.ndarray:
+        self.reset(seq)
+        return self.forward(ids, seq)
 
-    def decode(self, token: int) -> np.ndarray:
+    def decode(self, token: int, seq: Sequence | None = None) -> np.ndarray:
         """The logits after ``token``: one call of the compiled decode step where the artifact
         has one, else the layers kernel by kernel."""
-        if self.step is None:
-            return self.forward([token])
-        self._check([token])
+        seq = seq or self.seq
+        if not self.compiled_step:
+            return self.forward([token], seq)
+        self._check([token], seq)
+        if seq.step is None:
+            seq.step = self._decode_step(seq)
         with _library_matches_manifest():
-            out = self.step(self.embed[[token]][0], self.pos)
-        self.pos += 1
-        return self._finite(self.output.from_step(out))
+            out = seq.step(self.embed[[token]][0], seq.pos)
+        seq.pos += 1
+        return self._finite(self.output.from_step(out), seq)
 
-    def forward(self, ids: list[int]) -> np.ndarray:
-        """Append tokens at the current position; the logits after the last one."""
+    def forward(self, ids: list[int], seq: Sequence | None = None) -> np.ndarray:
+        """Append tokens at the sequence's position; the logits after the last one."""
+        seq = seq or self.seq
         with _library_matches_manifest():
-            return self._finite(self.output(self.hidden(ids)))
+            return self._finite(self.output(self.hidden(ids, seq)), seq)
 
-    def _finite(self, logits: np.ndarray) -> np.ndarray:
+    def _finite(self, logits: np.ndarray, seq: Sequence) -> np.ndarray:
         """The logits, once they are finite: a NaN or Inf anywhere in a step reaches them (the
         residual stream carries it), and fluent text from broken numbers is worse than an error.
         One sum over the vocabulary: a NaN or Inf makes it non-finite."""
         if not math.isfinite(float(np.add.reduce(logits, dtype=np.float64))):
             raise UserError(
-                f"the model computed NaN or Inf logits at position {self.pos}: its weights or config are broken "
+                f"the model computed NaN or Inf logits at position {seq.pos}: its weights or config are broken "
                 "(NaN or huge values in the checkpoint, or a bad rope_theta / rms_norm_eps)"
             )
         return logits
 
-    def _check(self, ids: list[int]) -> None:
+    def _check(self, ids: list[int], seq: Sequence) -> None:
         if not ids:
             raise UserError("no tokens to process")
-        if self.pos + len(ids) > self.context_length:
-            raise UserError(f"{self.pos + len(ids)} tokens exceed the context of {self.context_length}")
+        if seq.pos + len(ids) > self.context_length:
+            raise UserError(f"{seq.pos + len(ids)} tokens exceed the context of {self.context_length}")
         if min(ids) < 0 or max(ids) >= self.config.vocab:
             raise UserError(f"token ids must be in [0, {self.config.vocab}), got {min(ids)}..{max(ids)}")
 
-    def hidden(self, ids: list[int]) -> np.ndarray:
-        """Append tokens at the current position; the final-normed hidden state of the last one."""
-        self._check(ids)
-        x = self.embed[ids]
-        cos, sin = self.cos[self.pos : self.pos + len(ids)], self.sin[self.pos : self.pos + len(ids)]
+    def hidden(self, ids: list[int], seq: Sequence | None = None) -> np.ndarray:
+        """Append tokens at the sequence's position; the final-normed hidden state of the last one."""
+        seq = seq or self.seq
+        self._check(ids, seq)
+        x, pos = self.embed[ids], seq.pos
+        cos, sin = self.cos[pos : pos + len(ids)], self.sin[pos : pos + len(ids)]
         with np.errstate(over="ignore", invalid="ignore"):  # non-finite values are caught at the logits (_finite)
-            for layer in self.layers:
-                x = layer(x, self.pos, cos, sin)
-            self.pos += len(ids)
+            for layer, cache in zip(self.layers, seq.caches):
+                x = layer(x, cache, pos, cos, sin)
+            seq.pos += len(ids)
             return rms_norm(x[-1], self.norm, self.config.rms_eps)
