@@ -67,6 +67,7 @@ class Request:
     emit: Callable[[Delta | Done], None]
     stop: tuple[str, ...] = ()
     logprobs: int | None = None
+    ignore_eos: bool = False  # generate through end-of-sequence tokens (benchmarks, tests)
     cancelled: bool = False  # set from any thread; the engine drops the request at its next step
     arrived: float = field(default_factory=time.perf_counter)
 
@@ -239,7 +240,7 @@ class Engine:
         r.generated += 1
         self.stats.generated_tokens += 1
         logprob, top = _logprobs(logits, token, r.request.logprobs) if r.request.logprobs is not None else (None, ())
-        if token in self.tokenizer.stop_ids:
+        if token in self.tokenizer.stop_ids and not r.request.ignore_eos:
             r.request.emit(Delta("", token, logprob, top))
             self._finish(r, "stop")
             return

@@ -2,8 +2,8 @@
 /v1/chat/completions accept (validated by pydantic: wrong types and ranges are a 400 with
 the field named) and the JSON they answer, whole or as server-sent-event chunks.
 
-Supported: max_tokens (max_completion_tokens), temperature, top_p, top_k (an extension, as
-in llama-server and vLLM), seed, stop (a string or up to 4), stream (with
+Supported: max_tokens (max_completion_tokens), temperature, top_p, top_k and ignore_eos
+(extensions, as in llama-server and vLLM), seed, stop (a string or up to 4), stream (with
 stream_options.include_usage), logprobs (completions: the number of top alternatives;
 chat: a boolean with top_logprobs), n = 1. Anything else OpenAI defines is accepted and
 ignored when it cannot change the result (user, presence of metadata), and a 400 when it
@@ -40,6 +40,7 @@ class _Request(BaseModel):
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     top_k: NonNegativeInt = 0
+    ignore_eos: bool = False
     seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
     stop: str | list[str] | None = None
     stream: bool = False
@@ -186,7 +187,9 @@ class Shaper:
         return {
             "tokens": tokens,
             "token_logprobs": [d.logprob for d in scored],
-            "top_logprobs": [{self._token(i): lp for i, lp in d.top} for d in scored],
+            # a dict by token text, as OpenAI's format is: tokens that decode alike (byte pieces)
+            # share one key, which keeps the most likely one's logprob
+            "top_logprobs": [{self._token(i): lp for i, lp in reversed(d.top)} for d in scored],
             "text_offset": offsets,
         }
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
 import sys
 import time
@@ -158,7 +159,7 @@ class Server:
         limit = req.token_limit()
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         emit: Callable = lambda event: loop.call_soon_threadsafe(queue.put_nowait, event)  # noqa: E731
-        job = Request(ids, context if limit is None else limit, sampling, emit, req.stops(), req.logprob_count())
+        job = Request(ids, context if limit is None else limit, sampling, emit, req.stops(), req.logprob_count(), req.ignore_eos)
         try:
             self.engine.submit(job)
         except QueueFull as err:
@@ -252,6 +253,8 @@ def serve(engine: Engine, model_name: str, host: str, port: int) -> None:
     )
     engine.start()
     config = uvicorn.Config(server.app, log_level="warning", lifespan="off", timeout_graceful_shutdown=GRACE_SECONDS)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # uvicorn re-raises the signal it stopped on once it
+        signal.signal(sig, lambda *_: None)  # has drained: let it land here, so the engine stops cleanly
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:

@@ -32,7 +32,10 @@ class _EngineCollector:
         )
         yield CounterMetricFamily("bitnet_prompt_tokens", "Prompt tokens prefilled", value=s.prompt_tokens)
         yield CounterMetricFamily("bitnet_generation_tokens", "Tokens generated", value=s.generated_tokens)
-        yield CounterMetricFamily("bitnet_decode_steps", "Decode steps run", value=s.steps)
+        steps = CounterMetricFamily("bitnet_decode_steps", "Decode steps run, by how many sequences each decoded", labels=["batch"])
+        for size, count in sorted(s.batch_sizes.items()):
+            steps.add_metric([str(size)], count)
+        yield steps
 
 
 class Metrics:
