@@ -135,8 +135,9 @@ def plan(linears: list[Linear], target: TargetSpec, family: Family) -> tuple[lis
 def _f16_output(vocab: int, hidden: int, target: TargetSpec) -> tuple[OutputFormat, list[KernelEntry]]:
     knobs, source = knobs_for("f16_gemv", target, vocab, hidden)
     shape = _shape("f16_gemv", Linear("output", vocab, hidden), knobs, target)
-    name = f"f16_gemv_n{vocab}_k{hidden}"
-    return OutputFormat(layout_f16.VERSION, {"gemv": name}), [KernelEntry(name, "f16_gemv", shape, knobs, source)]
+    names = {"gemv": f"f16_gemv_n{vocab}_k{hidden}", "gemm": f"f16_gemm_n{vocab}_k{hidden}"}  # gemm: the server's batched decode
+    kernels = [KernelEntry(names["gemv"], "f16_gemv", shape, knobs, source), KernelEntry(names["gemm"], "f16_gemm", shape, {}, "fixed")]
+    return OutputFormat(layout_f16.VERSION, names), kernels
 
 
 def _i8_output(vocab: int, hidden: int, target: TargetSpec) -> tuple[OutputFormat, list[KernelEntry]]:

@@ -1,4 +1,5 @@
-"""The output-layer GEMVs (logits = h @ E^T): float16 weights within tolerance, int8 weights
+"""The output-layer GEMVs (logits = h @ E^T): float16 weights within tolerance (and the
+float16 GEMM of several tokens equal to the GEMV row by row, bit for bit), int8 weights
 bit-exact, for AVX2, AVX-512 and AVX-512 VNNI, over odd shapes; their layouts' packing
 (chunked, from a memory-mapped bfloat16 source), the embedding lookup, and verify's checkers."""
 
@@ -11,7 +12,7 @@ import pytest
 from conftest import HOST, compile_module, isa_params
 
 from bitnet_compile import schedule_db
-from bitnet_compile.ops import f16_gemv, i8_gemv
+from bitnet_compile.ops import f16_gemm, f16_gemv, i8_gemv
 from bitnet_runtime import layout_f16, layout_i8, reference, verify
 from bitnet_runtime.artifact import Kernel
 from bitnet_runtime.errors import UserError
@@ -56,6 +57,7 @@ def i8_module(request):
 def f16_module(request):
     """The float16 GEMV for one vector ISA for every shape."""
     funcs = {f"f16_{n}_{k}": f16_gemv.build_primfunc(f"f16_{n}_{k}", layout_f16.padded_rows(n), k, F16_DEFAULT) for n, k in SHAPES}
+    funcs |= {f"f16_gemm_{n}_{k}": f16_gemm.build_primfunc(f"f16_gemm_{n}_{k}", layout_f16.padded_rows(n), k) for n, k in SHAPES}
     return request.param, compile_module(funcs, request.param)
 
 
@@ -88,6 +90,23 @@ def test_f16_gemv_within_tolerance(f16_module, n, k):
     exact = w.astype(np.float16).astype(np.float64) @ x.astype(np.float64)
     bound = np.abs(w.astype(np.float16).astype(np.float64)) @ np.abs(x.astype(np.float64))
     assert np.all(np.abs(got[0, :n] - exact) <= reference.F16_GEMV_RTOL * bound + 1e-30)
+
+
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_f16_gemm_rows_equal_the_gemv_bit_for_bit(f16_module, n, k):
+    """The server's batched decode reads its logits from the GEMM, a lone sequence's from the
+    GEMV: they must agree exactly, at every token count (padding rows come out 0)."""
+    _, mod = f16_module
+    rng = np.random.default_rng(n * 7 + k)
+    packed = layout_f16.pack_rows(_weights(rng, n, k))
+    for tokens in (1, 3, 4, 9):
+        call = layout_f16.bind_batch({"gemm": mod[f"f16_gemm_{n}_{k}"]}, {"n": n, "k": k}, tokens)
+        call.x[:tokens] = rng.standard_normal((tokens, k)) * 3
+        call.out[...] = np.nan
+        got = call.run(packed)
+        for row in range(tokens):
+            np.testing.assert_array_equal(got[row], _run_f16(mod[f"f16_{n}_{k}"], n, k, packed, call.x[row])[0])
+        assert not call.out[tokens:].any()
 
 
 @pytest.mark.parametrize("n,k", SHAPES)

@@ -13,6 +13,7 @@ from . import (
     decode_attention,
     dequant,
     dot2_matmul,
+    f16_gemm,
     f16_gemv,
     gated_act,
     gpu_matmul,
@@ -26,7 +27,7 @@ from . import (
 )
 from .operator import Operator
 
-MODULES = (act_quant, rmsnorm_quant, lut_table, dequant, lut_matmul, dot2_matmul, gpu_matmul, f16_gemv, i8_gemv)
+MODULES = (act_quant, rmsnorm_quant, lut_table, dequant, lut_matmul, dot2_matmul, gpu_matmul, f16_gemv, f16_gemm, i8_gemv)
 # the compiled decode step's kernels between the linears (plan.plan_decoder)
 DECODER_MODULES = (rmsnorm, rotary_append, decode_attention, residual_dequant, gated_act)
 

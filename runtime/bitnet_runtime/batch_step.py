@@ -5,9 +5,10 @@ number of sequences, so the ternary weights are read once per step, not once per
 rotary embedding and attention run per sequence, each over its own KV cache at its own
 position. The kernels are the compiled decode step's own (``decode_step.py``), called from
 Python: rmsnorm_quantize, the integer matmul (exact, GEMM or GEMV alike), dequantize and
-residual_dequantize, rotary_append, decode_attention, gated_act, rmsnorm and the output
-layer. Each works row by row, so a sequence's logits here are bit for bit those of decoding
-it alone: batching never changes a greedy result.
+residual_dequantize, rotary_append, decode_attention, gated_act, rmsnorm, and the output
+layer (f16: one f16_gemm for all rows, whose rows equal f16_gemv's). Each works row by row,
+so a sequence's logits here are bit for bit those of decoding it alone: batching never
+changes a greedy result.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class BatchDecode:
             for i, layer in enumerate(m.layers):
                 h = self._layer(layer, i, seqs, h, buf)
             self.k["rmsnorm"](h, m.norm, self.eps, buf["normed"])
-            logits = np.stack([m.output(row) for row in buf["normed"]])
+            logits = m.output.batch(buf["normed"])
         for seq in seqs:
             seq.pos += 1
         for row, seq in zip(logits, seqs):

@@ -28,10 +28,11 @@ import numpy as np
 
 from .errors import UserError
 from .layout import Kernels, Params
-from .memory import aligned_empty
+from .memory import aligned_empty, aligned_zeros
 
 VERSION = "f16-tiles-v1"
 ROWS = 64  # rows per tile: 64 float32 accumulators = 4 zmm
+TOKEN_BLOCK = 4  # tokens the GEMM ("gemm", several tokens) accumulates together: 4 x 4 zmm
 CHUNK_ROWS = 4096  # rows converted per packing step (4096 x 2560 float32 = 40 MB)
 F16_MAX = float(np.finfo(np.float16).max)
 
@@ -117,3 +118,33 @@ def bind(kernels: Kernels, params: Params) -> F16Call:
         return out
 
     return F16Call(x, out, acc, run)
+
+
+@dataclass(frozen=True)
+class F16BatchCall:
+    """The "gemm" (several tokens) with its buffers: x [tokens padded to TOKEN_BLOCK, K], rows
+    past ``tokens`` zero; ``run(packed)`` -> out [tokens, N_padded]."""
+
+    x: np.ndarray
+    out: np.ndarray  # float32 [padded tokens, N_padded]
+    acc: np.ndarray  # out's memory as the kernel takes it: [blocks, TOKEN_BLOCK, N_padded / 64, 64]
+    run: Callable[[np.ndarray], np.ndarray]
+
+    def args(self, packed: np.ndarray) -> tuple[np.ndarray, ...]:
+        return self.x.reshape(self.acc.shape[0], TOKEN_BLOCK, -1), packed, self.acc
+
+
+def bind_batch(kernels: Kernels, params: Params, tokens: int) -> F16BatchCall:
+    """The "gemm" call of an [n, k] output layer for ``tokens`` tokens."""
+    padded = -(-tokens // TOKEN_BLOCK) * TOKEN_BLOCK
+    x = aligned_zeros((padded, params["k"]), np.float32)
+    out = aligned_empty((padded, padded_rows(params["n"])), np.float32)
+    blocks = padded // TOKEN_BLOCK
+    acc, gemm = out.reshape(blocks, TOKEN_BLOCK, -1, ROWS), kernels.get("gemm")
+    x_blocks = x.reshape(blocks, TOKEN_BLOCK, -1)
+
+    def run(packed: np.ndarray) -> np.ndarray:
+        gemm(x_blocks, packed, acc)
+        return out[:tokens]
+
+    return F16BatchCall(x, out, acc, run)

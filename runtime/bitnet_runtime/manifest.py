@@ -36,6 +36,7 @@ KERNEL_OPS = (
     "gpu2_gemm",
     "dequantize",
     "f16_gemv",
+    "f16_gemm",
     "i8_gemv",
     *DECODER_OPS,
 )

@@ -35,8 +35,10 @@ class F16Output:
 
     def __init__(self, artifact: Artifact, entry: OutputLayer, tiles: np.ndarray):
         self.n = entry.n
-        self.call = layout_f16.bind(_kernels(artifact, entry, "f16"), entry.params("f16"))
+        self.kernels, self.params = _kernels(artifact, entry, "f16"), entry.params("f16")
+        self.call = layout_f16.bind(self.kernels, self.params)
         self.tiles = tiles
+        self._batches: dict[int, layout_f16.F16BatchCall] = {}
 
     @property
     def nbytes(self) -> int:
@@ -46,6 +48,17 @@ class F16Output:
     def __call__(self, h: np.ndarray) -> np.ndarray:
         self.call.x[0] = h
         return self.call.run(self.tiles)[0, : self.n].copy()
+
+    def batch(self, rows: np.ndarray) -> np.ndarray:
+        """Logits [tokens, n] of several hidden states: one f16_gemm call (each row bit for bit
+        what ``__call__`` gives it) where the artifact has it, else row by row."""
+        if "gemm" not in self.kernels:
+            return _row_by_row(self, rows)
+        call = self._batches.get(len(rows))
+        if call is None:
+            call = self._batches[len(rows)] = layout_f16.bind_batch(self.kernels, self.params, len(rows))
+        call.x[: len(rows)] = rows
+        return call.run(self.tiles)[:, : self.n].copy()
 
     # the compiled decode step runs this format's kernels itself (decode_step.py)
     step_format = "f16"
@@ -93,6 +106,9 @@ class I8Output:
     def from_step(self, out: np.ndarray) -> np.ndarray:
         return out.copy()
 
+    def batch(self, rows: np.ndarray) -> np.ndarray:
+        return _row_by_row(self, rows)
+
 
 class F32Output:
     """logits = rows @ h in float32 by numpy: exact checkpoint values, for checking."""
@@ -112,6 +128,14 @@ class F32Output:
 
     def from_step(self, h: np.ndarray) -> np.ndarray:
         return self(h)
+
+    def batch(self, rows: np.ndarray) -> np.ndarray:
+        return _row_by_row(self, rows)
+
+
+def _row_by_row(layer, rows: np.ndarray) -> np.ndarray:
+    """Logits [tokens, n], one GEMV per row: the formats without a batched kernel."""
+    return np.stack([layer(row) for row in rows])
 
 
 def make_output_layer(artifact: Artifact, weights: ModelWeights, fmt: str):

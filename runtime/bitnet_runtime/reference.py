@@ -202,6 +202,17 @@ def f16_gemv_close(got: np.ndarray, x: np.ndarray, packed: np.ndarray) -> bool:
     return bool(np.all(np.abs(got - want) <= F16_GEMV_RTOL * bound + F16_GEMV_ATOL))
 
 
+def f16_gemm(x: np.ndarray, packed: np.ndarray) -> np.ndarray:
+    """float32 [tokens, N_padded]: each row of x [tokens, K] through ``f16_gemv``."""
+    return np.concatenate([f16_gemv(row, packed) for row in np.asarray(x)])
+
+
+def f16_gemm_close(got: np.ndarray, x: np.ndarray, packed: np.ndarray) -> bool:
+    """``f16_gemv_close`` for every row."""
+    got = np.asarray(got).reshape(len(x), -1)
+    return all(f16_gemv_close(g, row, packed) for g, row in zip(got, x))
+
+
 def i8_gemv(q: np.ndarray, packed: np.ndarray) -> np.ndarray:
     """int32 [1, N_padded] = q [K_padded] (or [1, K_padded]) int8 times the int8 weight tiles
     [N_padded/64, K_padded/4, 64, 4], exactly (float64 products and sums are exact here:

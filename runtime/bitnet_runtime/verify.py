@@ -154,6 +154,17 @@ def check_f16_gemv(kernel: Kernel, rng: np.random.Generator) -> bool:
     return reference.f16_gemv_close(out, call.x, packed) and not out[0, s["n"] :].any()
 
 
+def check_f16_gemm(kernel: Kernel, rng: np.random.Generator) -> bool:
+    """As f16_gemv, for two tokens (one block, half padding: its rows must come out 0)."""
+    s = kernel.shape
+    packed = _f16_tiles(rng, s["n"], s["k"])
+    call = layout_f16.bind_batch({"gemm": kernel}, kernel.params, 2)
+    call.x[:2] = rng.standard_normal((2, s["k"])) * rng.uniform(0.1, 10)
+    call.out[...] = np.nan
+    out = call.run(packed)
+    return reference.f16_gemm_close(out, call.x[:2], packed) and not out[:, s["n"] :].any() and not call.out[2:].any()
+
+
 def _i8_tiles(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
     """Random int8 weight tiles in [-127, 127] with zero padding; row 0 all +127, row n-1 all
     -127 (the largest sums against activations of -128)."""
@@ -264,6 +275,7 @@ def check_gated_act(kernel: Kernel, rng: np.random.Generator) -> bool:
 
 TOLERANT_OPS = {
     "f16_gemv": f"close (within {reference.F16_GEMV_RTOL:g} x sum|x w|)",
+    "f16_gemm": f"close (within {reference.F16_GEMV_RTOL:g} x sum|x w|)",
     "rmsnorm_quantize": "close (one step off at most, in few entries)",
     "rmsnorm": f"close (within {reference.RMSNORM_RTOL:g} x max|out|)",
     "rotary_append": f"close (within {reference.ROTARY_ULPS} ulp)",
@@ -286,6 +298,7 @@ CHECKS = {
     "gpu2_gemm": check_gpu2_matmul,
     "dequantize": check_dequantize,
     "f16_gemv": check_f16_gemv,
+    "f16_gemm": check_f16_gemm,
     "i8_gemv": check_i8_gemv,
     "rmsnorm": check_rmsnorm,
     "rotary_append": check_rotary_append,
