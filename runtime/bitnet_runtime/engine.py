@@ -3,8 +3,9 @@
 One engine thread owns the model. Each turn of its loop it
 1. drops cancelled requests (a client that went away) and frees their sequences;
 2. admits waiting requests while a sequence slot is free (``max_seqs``);
-3. prefills one chunk (``chunk`` tokens) of the oldest prompt still being read, so a long
-   prompt never stalls the running streams for longer than one chunk;
+3. prefills the next chunks of the oldest prompts still being read, ``chunk`` tokens at most
+   in one pass (their linears one GEMM), so a long prompt never stalls the running streams
+   for longer than one chunk, and many short ones are read together;
 4. decodes one token of every sequence that has one pending: alone with the compiled decode
    step (exactly what ``run`` does), several at once with ``BatchDecode`` (every linear a
    GEMM over all of them, bit for bit the same results);
@@ -166,7 +167,7 @@ class Engine:
                         break
                     self._admit()
                 self._drop_cancelled()
-                self._prefill_chunk()
+                self._prefill_step()
                 self._decode_step()
         except Exception as err:  # the server must answer 503, not hang its clients
             self.error = f"{type(err).__name__}: {err}"
@@ -194,24 +195,38 @@ class Engine:
         for r in [r for r in self._running if r.request.cancelled]:
             self._finish(r, "cancelled")
 
-    def _prefill_chunk(self) -> None:
-        """The next chunk of the oldest prompt not yet read; its first token when it ends."""
-        r = next((r for r in self._running if r.prefilled < len(r.request.prompt_ids)), None)
-        if r is None:
+    def _prefill_step(self) -> None:
+        """The next chunk of the oldest prompts not yet read, in one pass, ``chunk`` tokens at
+        most (at least one sequence's chunk); each prompt's first token when it ends. Chunks
+        start at multiples of ``chunk`` whatever else runs, so a prompt is read the same way
+        alone or beside others."""
+        batch, tokens = [], 0
+        for r in self._running:
+            left = len(r.request.prompt_ids) - r.prefilled
+            if left == 0:
+                continue
+            size = min(self.chunk - r.prefilled % self.chunk, left)
+            if batch and tokens + size > self.chunk:
+                break
+            batch.append((r, r.request.prompt_ids[r.prefilled : r.prefilled + size]))
+            tokens += size
+        if not batch:
             return
-        ids = r.request.prompt_ids[r.prefilled : r.prefilled + self.chunk]
         try:
-            logits = self.model.forward(ids, r.seq)
-        except UserError as err:  # NaN logits from a broken model: this request ends, the server goes on
-            self._finish(r, "error", str(err))
+            logits = self.model.forward_many([(r.seq, ids) for r, ids in batch])
+        except UserError as err:  # NaN logits from a broken model: these requests end, the server goes on
+            for r, _ in batch:
+                self._finish(r, "error", str(err))
             return
-        r.prefilled += len(ids)
-        self.stats.prompt_tokens += len(ids)
-        if r.prefilled == len(r.request.prompt_ids):
+        self.stats.prompt_tokens += tokens
+        for (r, ids), row in zip(batch, logits):
+            r.prefilled += len(ids)
+            if r.prefilled < len(r.request.prompt_ids):
+                continue
             if r.budget == 0:
                 self._finish(r, "length")
             else:
-                self._take(r, logits)
+                self._take(r, row)
 
     def _decode_step(self) -> None:
         ready = [r for r in self._running if r.pending is not None]

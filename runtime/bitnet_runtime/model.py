@@ -154,12 +154,19 @@ class Layer:
             arrays["attn_sub_norm"], arrays["ffn_sub_norm"] = self.sub_norms
         return arrays
 
-    def __call__(self, x: np.ndarray, cache: KVCache, pos: int, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-        c, t = self.c, x.shape[0]
+    def __call__(self, x: np.ndarray, segments: list[tuple[KVCache, int, int]], cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        """x: the rows of one or more sequences, ``segments`` (cache, position, rows) in order:
+        the linears run once over all rows, attention per sequence over its own cache."""
+        c = self.c
         qk, v = self._qkv(x)
         qk = rotate(qk, cos, sin)
-        cache.store(qk[:, c.heads :], v.reshape(t, c.kv_heads, c.head_dim), pos)
-        a = cache.attend(qk[:, : c.heads], pos)
+        v = v.reshape(x.shape[0], c.kv_heads, c.head_dim)
+        parts, row = [], 0
+        for cache, pos, rows in segments:
+            cache.store(qk[row : row + rows, c.heads :], v[row : row + rows], pos)
+            parts.append(cache.attend(qk[row : row + rows, : c.heads], pos))
+            row += rows
+        a = parts[0] if len(parts) == 1 else np.concatenate(parts)
         x = x + self._linear("o", a, *self._sub_norm(0))
         gate, up = self._gate_up(x)
         return x + self._linear("down", self.act(gate) * up, *self._sub_norm(1))
@@ -248,6 +255,15 @@ class Model:
         with _library_matches_manifest():
             return self._finite(self.output(self.hidden(ids, seq)), seq)
 
+    def forward_many(self, batch: list[tuple[Sequence, list[int]]]) -> np.ndarray:
+        """``forward`` of several sequences in one pass (the server's prompt chunks): the
+        logits [len(batch), vocab] after each one's tokens, each row what ``forward`` gives."""
+        with _library_matches_manifest():
+            logits = self.output.batch(self.hidden_many(batch))
+        for row, (seq, _) in zip(logits, batch):
+            self._finite(row, seq)
+        return logits
+
     def _finite(self, logits: np.ndarray, seq: Sequence) -> np.ndarray:
         """The logits, once they are finite: a NaN or Inf anywhere in a step reaches them (the
         residual stream carries it), and fluent text from broken numbers is worse than an error.
@@ -269,12 +285,19 @@ class Model:
 
     def hidden(self, ids: list[int], seq: Sequence | None = None) -> np.ndarray:
         """Append tokens at the sequence's position; the final-normed hidden state of the last one."""
-        seq = seq or self.seq
-        self._check(ids, seq)
-        x, pos = self.embed[ids], seq.pos
-        cos, sin = self.cos[pos : pos + len(ids)], self.sin[pos : pos + len(ids)]
+        return self.hidden_many([(seq or self.seq, ids)])[0]
+
+    def hidden_many(self, batch: list[tuple[Sequence, list[int]]]) -> np.ndarray:
+        """``hidden`` of several sequences in one pass: [len(batch), hidden]."""
+        for seq, ids in batch:
+            self._check(ids, seq)
+        x = self.embed[[i for _, ids in batch for i in ids]]
+        cos = np.concatenate([self.cos[seq.pos : seq.pos + len(ids)] for seq, ids in batch])
+        sin = np.concatenate([self.sin[seq.pos : seq.pos + len(ids)] for seq, ids in batch])
+        ends = np.cumsum([len(ids) for _, ids in batch]) - 1
         with np.errstate(over="ignore", invalid="ignore"):  # non-finite values are caught at the logits (_finite)
-            for layer, cache in zip(self.layers, seq.caches):
-                x = layer(x, cache, pos, cos, sin)
-            seq.pos += len(ids)
-            return rms_norm(x[-1], self.norm, self.config.rms_eps)
+            for i, layer in enumerate(self.layers):
+                x = layer(x, [(seq.caches[i], seq.pos, len(ids)) for seq, ids in batch], cos, sin)
+            for seq, ids in batch:
+                seq.pos += len(ids)
+            return rms_norm(x[ends], self.norm, self.config.rms_eps)

@@ -20,6 +20,7 @@ import json
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -37,6 +38,7 @@ from .server_metrics import Metrics
 
 MAX_BODY = 4 << 20  # bytes of a request body: a context of text is far below it
 GRACE_SECONDS = 120  # on SIGTERM, how long requests in flight may take to finish
+SWITCH_INTERVAL = 0.0005  # seconds a thread may hold the GIL while another waits (Python's default: 5 ms)
 DISCONNECT_POLL = 0.5  # seconds between checks for a vanished client of a non-streamed request
 
 
@@ -78,12 +80,40 @@ def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
+class Mailbox:
+    """Events from the engine thread to the requests' queues on the event loop, delivered in
+    one wake-up of the loop per burst: a decode step of 16 sequences emits 16 events at once,
+    and one wake-up instead of 16 leaves the cores to the kernels."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue, object]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def post(self, queue: asyncio.Queue, event: object) -> None:
+        with self._lock:
+            self._pending.append((queue, event))
+            first = len(self._pending) == 1
+        if first:
+            self._loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for queue, event in pending:
+            queue.put_nowait(event)
+
+
 class Server:
     """The routes over one engine and the model's tokenizer, under the name ``model_name``."""
 
     def __init__(self, engine: Engine, model_name: str):
         self.engine, self.tokenizer, self.model_name = engine, engine.tokenizer, model_name
         self.metrics = Metrics(engine)
+        self.mailbox = Mailbox()
         self.draining = False
         routes = [
             Route("/v1/completions", self.completions, methods=["POST"]),
@@ -136,6 +166,7 @@ class Server:
         """The request parsed, checked and queued: (job, its event queue, shaper, stream?, usage?)."""
         if not self.engine.alive or self.draining:
             raise ApiError(503, "the server is not accepting requests", "server_error", "unavailable")
+        self.mailbox.bind(asyncio.get_running_loop())
         req = _validated(ChatRequest if chat else CompletionRequest, await _json_body(http))
         if req.model != self.model_name:
             raise ApiError(
@@ -157,8 +188,8 @@ class Server:
                 400, f"the prompt has {len(ids)} tokens; this server's context holds {context} per request", code="context_length_exceeded"
             )
         limit = req.token_limit()
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        emit: Callable = lambda event: loop.call_soon_threadsafe(queue.put_nowait, event)  # noqa: E731
+        queue: asyncio.Queue = asyncio.Queue()
+        emit: Callable = lambda event: self.mailbox.post(queue, event)  # noqa: E731
         job = Request(ids, context if limit is None else limit, sampling, emit, req.stops(), req.logprob_count(), req.ignore_eos)
         try:
             self.engine.submit(job)
@@ -252,6 +283,7 @@ def serve(engine: Engine, model_name: str, host: str, port: int) -> None:
         flush=True,
     )
     engine.start()
+    sys.setswitchinterval(SWITCH_INTERVAL)
     config = uvicorn.Config(server.app, log_level="warning", lifespan="off", timeout_graceful_shutdown=GRACE_SECONDS)
     for sig in (signal.SIGINT, signal.SIGTERM):  # uvicorn re-raises the signal it stopped on once it
         signal.signal(sig, lambda *_: None)  # has drained: let it land here, so the engine stops cleanly
