@@ -310,3 +310,15 @@ with httpx.stream("POST", sys.argv[1] + "/v1/completions", json=body, timeout=12
         print("streaming", flush=True)
         time.sleep(600)  # hold the connection until killed
 """
+
+
+@pytest.mark.parametrize("flags,message", [(["--parallel", "0"], "--parallel must be at least 1"), (["--port", "BUSY"], "cannot listen on")])
+def test_bad_serve_options_are_one_line_errors(tiny, env, flags, message):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        flags = [str(busy.getsockname()[1]) if f == "BUSY" else f for f in flags]
+        cmd = [sys.executable, "-m", "bitnet_runtime", "serve", "-a", str(tiny[1]), "-m", str(tiny[0]), *flags]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, cwd=tiny[1])
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: ") and message in done.stderr

@@ -156,7 +156,9 @@ def serve(args: argparse.Namespace, artifact: Path) -> int:
     try:
         from . import server
     except ImportError as err:
-        raise UserError(f"serve needs the web libraries ({err.name} is missing): pip install 'bitnet-runtime[serve]'") from None
+        raise UserError(
+            f"serve needs the web libraries ({err.name} is missing): pip install 'bitnet-compile[serve]' (on a device: 'bitnet-runtime[serve]')"
+        ) from None
     from .engine import Engine
 
     for flag, value in (("--parallel", args.parallel), ("--chunk", args.chunk), ("--port", args.port)):
