@@ -109,7 +109,9 @@ def throughput(url: str, model: str, streams: int, tokens: int, vocab: int) -> d
 
 def ttft_under_load(url: str, model: str, streams: int, vocab: int) -> dict:
     """TTFT of a PROBE_PROMPT-token prompt alone, then while ``streams`` streams decode."""
-    probes = iter([[1 + (j * 31 + 17 * start) % (vocab - 2) for j in range(PROBE_PROMPT)] for start in range(2)])  # unlike any cached prompt
+    probes = iter(
+        [[1 + (j * 31 + 17 * start) % (vocab - 2) for j in range(PROBE_PROMPT)] for start in range(2)]
+    )  # unlike any cached prompt
     alone = stream_once(url, model, next(probes), 1)["ttft"]
     done = threading.Event()
     load = threading.Thread(target=lambda: (concurrent(url, model, streams, LOAD_TOKENS, vocab), done.set()))

@@ -2,7 +2,8 @@
 
 ``bitnet-compile run/chat/bench -m MODEL`` without ``--artifact`` come here; a cached artifact
 is found without importing TVM (seconds saved on every start), and a changed model shape,
-target, family, schedule knob or compiler version compiles a new one.
+target, family, schedule knob or compiler (its version and the content of its code) compiles
+a new one.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+import bitnet_runtime
 from bitnet_runtime.manifest import FORMAT_VERSION, MANIFEST_FILE
 from bitnet_runtime.weights import cache_root
 
@@ -21,9 +23,20 @@ from .families import choose
 from .target import TargetSpec
 
 
+def code_fingerprint() -> str:
+    """A hash of the compiler's and the runtime's source files: a kernel whose code changed
+    (a development checkout, an upgrade that kept the version number) is compiled again, not
+    taken from the cache. A few milliseconds; no TVM import."""
+    digest = hashlib.sha256()
+    for package in (Path(__file__).parent, Path(bitnet_runtime.__file__).parent):
+        for path in sorted(p for p in package.rglob("*") if p.suffix in (".py", ".c") and "__pycache__" not in p.parts):
+            digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def for_model(model: str, target: TargetSpec, family_name: str = "auto", echo=lambda line: print(line, file=sys.stderr)) -> Path:
     """The artifact a model needs on ``target``, compiled once into the cache (keyed by the
-    model's shapes, the target, the family, the schedule knobs and the compiler's version)."""
+    model's shapes, the target, the family, the schedule knobs and the compiler's code)."""
     request = models.resolve_request(model)
     vocab, hidden = request.output_layer
     family = choose(target, family_name, schedule_db.family_preference(target.isa))
@@ -31,6 +44,7 @@ def for_model(model: str, target: TargetSpec, family_name: str = "auto", echo=la
     decoder = request.decoder and dataclasses.asdict(request.decoder)
     ident = [
         __version__,
+        code_fingerprint(),
         FORMAT_VERSION,
         linear_shapes,
         vocab,

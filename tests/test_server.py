@@ -312,7 +312,9 @@ with httpx.stream("POST", sys.argv[1] + "/v1/completions", json=body, timeout=12
 """
 
 
-@pytest.mark.parametrize("flags,message", [(["--parallel", "0"], "--parallel must be at least 1"), (["--port", "BUSY"], "cannot listen on")])
+@pytest.mark.parametrize(
+    "flags,message", [(["--parallel", "0"], "--parallel must be at least 1"), (["--port", "BUSY"], "cannot listen on")]
+)
 def test_bad_serve_options_are_one_line_errors(tiny, env, flags, message):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
