@@ -255,6 +255,8 @@ def test_32_concurrent_clients_get_their_own_answers(server, llm):
         ("/v1/completions", {"model": NAME, "prompt": [1] * (CONTEXT + 10)}, 400, "invalid_request_error"),
         ("/v1/completions", b'{"model": "tiny", "prompt": "' + b"x" * (5 << 20) + b'"}', 413, "invalid_request_error"),
         ("/v1/nothing", {}, 404, "not_found_error"),
+        ("/v1/completions", b'{"model": "tiny", "prompt": "\\ud800 lone surrogate"}', 400, "invalid_request_error"),
+        ("/v1/completions", b'{"model": "tiny", "prompt": "\xff\xfe"}', 400, "invalid_request_error"),
     ],
 )
 def test_bad_requests_get_openai_errors(server, path, body, status, kind):

@@ -171,14 +171,15 @@ class Engine:
                 self._decode_step()
         except Exception as err:  # the server must answer 503, not hang its clients
             self.error = f"{type(err).__name__}: {err}"
-            for r in self._running:
-                self._finish(r, "error", self.error)
             raise
-        finally:
+        finally:  # nobody waits forever: whatever is left ends with an error
+            message = self.error or "the server is shutting down"
+            for r in list(self._running):
+                self._finish(r, "error", message)
             with self._wake:
                 waiting, self._waiting = list(self._waiting), collections.deque()
             for request in waiting:
-                request.emit(Done("error", len(request.prompt_ids), 0, "the server is shutting down"))
+                request.emit(Done("error", len(request.prompt_ids), 0, message))
 
     def _admit(self) -> None:
         while self._waiting and self._free:

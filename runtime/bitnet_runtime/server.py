@@ -76,6 +76,11 @@ def _validated(cls, body: object):
         raise ApiError(400, f"{where}: {first['msg']}" if where else first["msg"], param=where or None) from None
 
 
+async def _internal_error(http: HttpRequest, err: Exception) -> JSONResponse:
+    """A bug: still OpenAI's error shape for the client (uvicorn logs the traceback)."""
+    return JSONResponse(error_body(f"internal error: {type(err).__name__}", "server_error"), status_code=500)
+
+
 def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
@@ -122,7 +127,7 @@ class Server:
             Route("/health", self.health, methods=["GET"]),
             Route("/metrics", self.metrics_text, methods=["GET"]),
         ]
-        handlers = {HTTPException: self._http_error, ApiError: lambda http, err: _error_response(err)}
+        handlers = {HTTPException: self._http_error, ApiError: lambda http, err: _error_response(err), Exception: _internal_error}
         self.app = Starlette(routes=routes, exception_handlers=handlers)
 
     async def _http_error(self, http: HttpRequest, err: HTTPException) -> JSONResponse:
@@ -180,8 +185,8 @@ class Server:
             raise ApiError(400, f"{field} is not supported by this server", param=field)
         try:
             ids, sampling = req.prompt_ids(self.tokenizer), req.sampling()
-        except (UserError, ValueError) as err:
-            raise ApiError(400, str(err)) from None
+        except (UserError, ValueError, TypeError) as err:  # a lone surrogate in the text, say
+            raise ApiError(400, f"the prompt cannot be tokenized: {err}" if not isinstance(err, UserError) else str(err)) from None
         context = self.engine.context_length
         if len(ids) >= context:
             raise ApiError(

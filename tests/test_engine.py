@@ -1,0 +1,86 @@
+"""The continuous-batching engine in process, on the tiny dummy model: batching changes no
+result (decode and prompt passes bit for bit those of one sequence alone), the queue limit,
+and a stop that leaves no request waiting forever."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+
+from bitnet_runtime.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    from bitnet_runtime.api import LLM
+
+    root = tmp_path_factory.mktemp("engine")
+    env = dict(os.environ, BITNET_CACHE=str(root / "cache"))
+    for args in (["dummy", "tiny", "-o", str(root / "model")], ["-m", str(root / "model"), "-o", str(root / "art")]):
+        done = subprocess.run([sys.executable, "-m", "bitnet_compile", *args], capture_output=True, text=True, env=env, timeout=600)
+        assert done.returncode == 0, done.stderr
+    with mock.patch.dict(os.environ, {"BITNET_CACHE": env["BITNET_CACHE"]}):
+        return LLM(Path(root / "model"), Path(root / "art"), echo=lambda line: None)
+
+
+PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8], [9], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19]]
+
+
+def test_batched_decode_and_prompts_equal_one_sequence_alone(llm):
+    from bitnet_runtime.batch_step import BatchDecode
+
+    m = llm.model
+    alone = []
+    for prompt in PROMPTS:
+        seq = m.sequence()
+        first = m.prefill(prompt, seq)
+        alone.append([first] + [m.decode(t, seq) for t in (3, 7, 1, 500)])
+    seqs = [m.sequence() for _ in PROMPTS]
+    together = [m.forward_many(list(zip(seqs, PROMPTS)))]
+    batch = BatchDecode(m)
+    together += [batch(seqs, [t] * len(seqs)) for t in (3, 7, 1, 500)]
+    for i in range(len(PROMPTS)):
+        for step in range(5):
+            np.testing.assert_array_equal(together[step][i], alone[i][step], err_msg=f"sequence {i}, step {step}")
+
+
+def _request(prompt, events, max_tokens=4):
+    from bitnet_runtime.engine import Request
+    from bitnet_runtime.sampling import SamplingParams
+
+    return Request(prompt, max_tokens, SamplingParams(temperature=0), events.append, ignore_eos=True)
+
+
+def test_the_queue_holds_free_slots_plus_max_queue(llm):
+    from bitnet_runtime.engine import Engine, QueueFull
+
+    engine = Engine(llm.model, llm.tokenizer, max_seqs=1, max_queue=1)  # not started: nothing is admitted
+    events: list = []
+    engine.submit(_request([1, 2], events))
+    engine.submit(_request([1, 2], events))
+    with pytest.raises(QueueFull):
+        engine.submit(_request([1, 2], events))
+    with pytest.raises(UserError, match="context holds"):
+        engine.submit(_request([1] * llm.model.context_length, events))
+    with pytest.raises(UserError, match="token ids"):
+        engine.submit(_request([llm.model.config.vocab], events))
+
+
+def test_a_stopped_engine_ends_every_request(llm):
+    """Stopped while one request runs and two wait: all three get their Done, none hangs."""
+    from bitnet_runtime.engine import Done, Engine
+
+    engine = Engine(llm.model, llm.tokenizer, max_seqs=1, max_queue=4)
+    events: list = []
+    for _ in range(3):
+        engine.submit(_request([1, 2, 3], events, max_tokens=200))
+    engine.start()
+    engine.stop()
+    done = [e for e in events if isinstance(e, Done)]
+    assert len(done) == 3 and done[-1].finish_reason == "error" and "shutting down" in done[-1].message
