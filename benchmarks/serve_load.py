@@ -27,7 +27,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -37,6 +36,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from bitnet_compile.measure import cpu_model
 
 PROBE_PROMPT = 128  # tokens of the time-to-first-token prompt
 LOAD_TOKENS = 160  # tokens of each stream running while it is measured
@@ -168,17 +169,6 @@ def run_itl(args) -> float:
     return 1e3 / json.loads(done.stdout)["decode_tokens_per_second"]
 
 
-def cpu_name() -> str:
-    """The CPU's model name (/proc/cpuinfo), else the architecture."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
-
-
 def median_of(rounds: list[dict]) -> dict:
     return {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
 
@@ -231,7 +221,7 @@ def main() -> int:
         "",
         f"`python benchmarks/serve_load.py {' '.join(sys.argv[1:])}`",
         "",
-        f"Machine: {cpu_name()}, {os.cpu_count()} cores; {args.threads} threads; "
+        f"Machine: {cpu_model()}, {os.cpu_count()} cores; {args.threads} threads; "
         f"medians of {args.rounds} interleaved rounds; {args.tokens} tokens per stream; prompts as token ids; ignore_eos.",
         "",
         table(results, counts),
