@@ -78,6 +78,16 @@ def test_config_fields_are_typed_and_ranged(copy, changes, message):
         load_config(copy)
 
 
+def test_a_rope_theta_too_small_for_float32_is_an_error(copy):
+    """Positive, so it passes the range check, but theta ** (i / d) underflows to 0 and the
+    frequencies to Inf: every rotation would be NaN (found by the config fuzz)."""
+    from bitnet_runtime.model_config import load_config
+
+    _edit_config(copy, rope_theta=1.3e-232)
+    with pytest.raises(UserError, match="non-finite rotary frequencies"):
+        load_config(copy).inv_freq()
+
+
 def _rewrite(path: Path, edit) -> None:
     """Apply ``edit`` to the header of a safetensors file (data unchanged)."""
     raw = path.read_bytes()

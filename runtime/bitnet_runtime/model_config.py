@@ -106,10 +106,13 @@ class ModelConfig:
 
     def inv_freq(self) -> np.ndarray:
         """Rotary inverse frequencies in float32, with Llama-3 scaling where configured."""
-        inv = (1.0 / (self.rope_theta ** (np.arange(0, self.head_dim, 2, dtype=np.float32) / self.head_dim))).astype(np.float32)
-        if not self.rope_scaling or self.rope_scaling.get("rope_type", "default") == "default":
-            return inv
-        return _llama3_inv_freq(inv, self.rope_scaling)
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            inv = (1.0 / (self.rope_theta ** (np.arange(0, self.head_dim, 2, dtype=np.float32) / self.head_dim))).astype(np.float32)
+            if self.rope_scaling and self.rope_scaling.get("rope_type", "default") != "default":
+                inv = _llama3_inv_freq(inv, self.rope_scaling)
+        if not np.isfinite(inv).all():  # a positive but tiny rope_theta overflows: the rotations would be NaN
+            raise UserError(f"config.json: rope_theta {self.rope_theta!r} (with its rope scaling) gives non-finite rotary frequencies")
+        return inv
 
 
 def _llama3_inv_freq(inv: np.ndarray, s: dict) -> np.ndarray:
