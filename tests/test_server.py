@@ -225,11 +225,13 @@ def _batched_steps(server: Served) -> float:
 
 
 def test_concurrent_greedy_requests_equal_one_at_a_time(server):
-    """Token for token: the batched decode runs the decode step's kernels row by row."""
-    one_by_one = [_complete(server, p, 24, logprobs=0) for p in PROMPTS]
+    """Token for token: the batched decode runs the decode step's kernels row by row. Long
+    enough (200 tokens, through EOS) that the requests surely overlap on a fast machine."""
+    run = lambda p: _complete(server, p, 200, logprobs=0, extra_body={"ignore_eos": True})  # noqa: E731
+    one_by_one = [run(p) for p in PROMPTS]
     batched_before = _batched_steps(server)
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
-        together = list(pool.map(lambda p: _complete(server, p, 24, logprobs=0), PROMPTS))
+        together = list(pool.map(run, PROMPTS))
     assert _batched_steps(server) > batched_before  # they really were decoded together
     for alone, batched in zip(one_by_one, together):
         assert batched.choices[0].logprobs.tokens == alone.choices[0].logprobs.tokens
