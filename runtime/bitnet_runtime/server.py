@@ -273,6 +273,10 @@ def _listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
 def serve(engine: Engine, model_name: str, host: str, port: int) -> None:
     """Serve until SIGINT or SIGTERM; then finish the requests in flight and stop."""
     import uvicorn
@@ -281,8 +285,8 @@ def serve(engine: Engine, model_name: str, host: str, port: int) -> None:
     server = Server(engine, model_name)
     kv = engine.max_seqs * engine.context_length * engine.kv_bytes_per_token()
     print(
-        f"serving {model_name} at http://{host}:{sock.getsockname()[1]}/v1: {engine.max_seqs} sequences of up to "
-        f"{engine.context_length} tokens decoded together, KV cache at most {kv / 2**30:.2f} GiB (mapped as it fills), "
+        f"serving {model_name} at http://{host}:{sock.getsockname()[1]}/v1: {engine.max_seqs} sequence{'s' * (engine.max_seqs != 1)} of up to "
+        f"{engine.context_length} tokens decoded together, KV cache at most {_size(kv)} (mapped as it fills), "
         f"{engine.max_queue} more requests queued at most",
         file=sys.stderr,
         flush=True,
