@@ -74,7 +74,6 @@ class BatchDecode:
         """One layer for every sequence, as ``program._layer`` emits it for one."""
         k, lin = self.k, layer.linears
         sub = layer.sub_norms or (None, None)
-        eps = self.eps if layer.sub_norms else None
         qkv = lin["qkv"][0].forward_normed(h, layer.input_norm, self.eps)
         for row, seq in enumerate(seqs):
             cache = seq.caches[index]
@@ -83,7 +82,7 @@ class BatchDecode:
             k["rotary_append"](self.qkv_row, self.model.cos, self.model.sin, self.pos, cache.k, cache.v, self.q)
             k["decode_attention"](self.q, cache.k, cache.v, self.pos, self.scores, self.att_row)
             buf["att"][row] = self.att_row[0]
-        h = lin["o"][0].forward_residual(buf["att"], h, k["residual_o"], sub[0], eps)
+        h = lin["o"][0].forward_residual(buf["att"], h, k["residual_o"], sub[0], self.eps)
         gate_up = lin["gate_up"][0].forward_normed(h, layer.post_norm, self.eps)
         k["gated_act"](gate_up, buf["act"])
-        return lin["down"][0].forward_residual(buf["act"], h, k["residual_down"], sub[1], eps)
+        return lin["down"][0].forward_residual(buf["act"], h, k["residual_down"], sub[1], self.eps)

@@ -161,11 +161,14 @@ def serve(args: argparse.Namespace, artifact: Path) -> int:
         ) from None
     from .engine import Engine
 
-    for flag, value in (("--parallel", args.parallel), ("--chunk", args.chunk), ("--port", args.port)):
-        if value < (0 if flag == "--port" else 1):
-            raise UserError(f"{flag} must be at least {0 if flag == '--port' else 1}, not {value}")
-    if args.queue < 0:
-        raise UserError(f"--queue must be at least 0, not {args.queue}")
+    for flag, value, least in (
+        ("--parallel", args.parallel, 1),
+        ("--chunk", args.chunk, 1),
+        ("--queue", args.queue, 0),
+        ("--port", args.port, 0),
+    ):
+        if value < least:  # before the model loads (seconds), not after
+            raise UserError(f"{flag} must be at least {least}, not {value}")
     llm = load(args, artifact)
     engine = Engine(llm.model, llm.tokenizer, max_seqs=args.parallel, max_queue=args.queue, chunk=args.chunk)
     name = args.name or Path(str(args.model).rstrip("/")).name

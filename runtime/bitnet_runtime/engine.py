@@ -187,9 +187,9 @@ class Engine:
             if request.cancelled:
                 continue
             budget = min(request.max_tokens, self.context_length - len(request.prompt_ids))
-            seq = self._free.pop()
-            seq.pos = 0
-            self._running.append(_Running(request, seq, Sampler(request.sampling), TextStream(self.tokenizer, request.stop, None), budget))
+            self._running.append(
+                _Running(request, self._free.pop(), Sampler(request.sampling), TextStream(self.tokenizer, request.stop, None), budget)
+            )
         self.stats.waiting, self.stats.running = len(self._waiting), len(self._running)
 
     def _drop_cancelled(self) -> None:

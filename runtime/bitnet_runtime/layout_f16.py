@@ -134,9 +134,14 @@ class F16BatchCall:
         return self.x.reshape(self.acc.shape[0], TOKEN_BLOCK, -1), packed, self.acc
 
 
+def padded_tokens(tokens: int) -> int:
+    """Tokens as the GEMM runs them: whole blocks of TOKEN_BLOCK."""
+    return -(-tokens // TOKEN_BLOCK) * TOKEN_BLOCK
+
+
 def bind_batch(kernels: Kernels, params: Params, tokens: int) -> F16BatchCall:
     """The "gemm" call of an [n, k] output layer for ``tokens`` tokens."""
-    padded = -(-tokens // TOKEN_BLOCK) * TOKEN_BLOCK
+    padded = padded_tokens(tokens)
     x = aligned_zeros((padded, params["k"]), np.float32)
     out = aligned_empty((padded, padded_rows(params["n"])), np.float32)
     blocks = padded // TOKEN_BLOCK

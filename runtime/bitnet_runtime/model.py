@@ -192,9 +192,10 @@ class Model:
         angles = np.arange(self.context_length, dtype=np.float32)[:, None] * c.inv_freq()[None, :]
         angles = np.concatenate((angles, angles), axis=1)
         self.cos, self.sin = aligned_copy(np.cos(angles)), aligned_copy(np.sin(angles))
-        self.compiled_step = self._check_program() if artifact.manifest.program else False  # False: kernel by kernel
+        self.compiled_step = artifact.manifest.program is not None  # False: decode kernel by kernel
         self.seq = self.sequence()
         if self.compiled_step:
+            self._check_program()
             self.seq.step = self._decode_step(self.seq)
 
     @property
@@ -210,12 +211,11 @@ class Model:
     def pos(self) -> int:
         return self.seq.pos
 
-    def _check_program(self) -> bool:
+    def _check_program(self) -> None:
         c, d = self.config, self.artifact.manifest.program.decoder
         have = (d.layers, d.hidden, d.heads, d.kv_heads, d.head_dim, d.ffn, d.act, d.sub_norms)
         if have != (c.layers, c.hidden, c.heads, c.kv_heads, c.head_dim, c.ffn, c.act, c.sub_norms is not None):
             raise UserError("the artifact's decode step was compiled for another model: compile the artifact for this model")
-        return True
 
     def _decode_step(self, seq: Sequence) -> DecodeStep:
         """The artifact's compiled decode step, bound to this model's arrays and the sequence's
@@ -251,9 +251,7 @@ class Model:
 
     def forward(self, ids: list[int], seq: Sequence | None = None) -> np.ndarray:
         """Append tokens at the sequence's position; the logits after the last one."""
-        seq = seq or self.seq
-        with _library_matches_manifest():
-            return self._finite(self.output(self.hidden(ids, seq)), seq)
+        return self.forward_many([(seq or self.seq, ids)])[0]
 
     def forward_many(self, batch: list[tuple[Sequence, list[int]]]) -> np.ndarray:
         """``forward`` of several sequences in one pass (the server's prompt chunks): the

@@ -51,14 +51,16 @@ class F16Output:
 
     def batch(self, rows: np.ndarray) -> np.ndarray:
         """Logits [tokens, n] of several hidden states: one f16_gemm call (each row bit for bit
-        what ``__call__`` gives it) where the artifact has it, else row by row."""
-        if "gemm" not in self.kernels:
+        what ``__call__`` gives it) where the artifact has it, else (and for one row) the GEMV.
+        Buffers per block-padded count: rows past ``tokens`` are stale, their outputs unread."""
+        if len(rows) == 1 or "gemm" not in self.kernels:
             return _row_by_row(self, rows)
-        call = self._batches.get(len(rows))
+        padded = layout_f16.padded_tokens(len(rows))
+        call = self._batches.get(padded)
         if call is None:
-            call = self._batches[len(rows)] = layout_f16.bind_batch(self.kernels, self.params, len(rows))
+            call = self._batches[padded] = layout_f16.bind_batch(self.kernels, self.params, padded)
         call.x[: len(rows)] = rows
-        return call.run(self.tiles)[:, : self.n].copy()
+        return call.run(self.tiles)[: len(rows), : self.n].copy()
 
     # the compiled decode step runs this format's kernels itself (decode_step.py)
     step_format = "f16"

@@ -127,7 +127,7 @@ class Server:
             Route("/health", self.health, methods=["GET"]),
             Route("/metrics", self.metrics_text, methods=["GET"]),
         ]
-        handlers = {HTTPException: self._http_error, ApiError: lambda http, err: _error_response(err), Exception: _internal_error}
+        handlers = {HTTPException: self._http_error, Exception: _internal_error}
         self.app = Starlette(routes=routes, exception_handlers=handlers)
 
     async def _http_error(self, http: HttpRequest, err: HTTPException) -> JSONResponse:
