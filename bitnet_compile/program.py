@@ -6,7 +6,7 @@ calls per layer from Python.
 
 The program is straight-line: per layer (as ``bitnet_runtime.model`` runs it)
     rmsnorm_quantize(h, input_norm) -> matmul(qkv) -> dequantize -> rotary_append (writes the
-    KV caches at pos) -> decode_attention -> [rmsnorm_]quantize(attn_sub_norm) -> matmul(o)
+    sequence's slot of the KV pool at pos) -> decode_attention -> [rmsnorm_]quantize(attn_sub_norm) -> matmul(o)
     -> residual_dequantize(+h) -> rmsnorm_quantize(post_norm) -> matmul(gate_up) -> dequantize
     -> gated_act -> [rmsnorm_]quantize(ffn_sub_norm) -> matmul(down) -> residual_dequantize(+h)
 then rmsnorm(final) and the output layer's kernels. The matmul is each weight layout's own
@@ -92,12 +92,13 @@ def _linear(e: Emitter, entry: LinearEntry, h, norm, eps, packed, scale, residua
     return e.call(residual_kernel, [acc, act_scale, scale, residual], [_tensor((1, entry.n), "float32")])
 
 
-def _layer(e: Emitter, d: Decoder, linears: dict[str, LinearEntry], kernels: dict, h, layer, pos, cos, sin, scores, eps):
+def _layer(e: Emitter, d: Decoder, linears: dict[str, LinearEntry], kernels: dict, h, layer, slot, pos, cos, sin, scores, eps):
     names = layer_params(d.sub_norms)
     w = {name: e.item(layer, i) for i, name in enumerate(names)}
     qkv = _linear(e, linears["qkv"], h, w["input_norm"], eps, w["qkv"], w["qkv_scale"])
-    q = e.call(kernels["rotary_append"], [qkv, cos, sin, pos, w["k_cache"], w["v_cache"]], [_tensor((d.heads, d.head_dim), "float32")])
-    att = e.call(kernels["decode_attention"], [q, w["k_cache"], w["v_cache"], pos, scores], [_tensor((1, d.heads * d.head_dim), "float32")])
+    caches = [w["k_cache"], w["v_cache"]]
+    q = e.call(kernels["rotary_append"], [qkv, cos, sin, slot, pos, *caches], [_tensor((1, d.heads, d.head_dim), "float32")])
+    att = e.call(kernels["decode_attention"], [q, *caches, slot, pos, scores], [_tensor((1, d.heads * d.head_dim), "float32")])
     h = _linear(e, linears["o"], att, w.get("attn_sub_norm"), eps, w["o"], w["o_scale"], h, kernels["residual_o"])
     gate_up = _linear(e, linears["gate_up"], h, w["post_norm"], eps, w["gate_up"], w["gate_up_scale"])
     act = e.call(kernels["gated_act"], [gate_up], [_tensor((1, d.ffn), "float32")])
@@ -128,9 +129,9 @@ HEAD_SINFO = {
 }
 
 
-def _layer_sinfo(d: Decoder, linears: dict[str, LinearEntry], ctx) -> relax.TupleType:
+def _layer_sinfo(d: Decoder, linears: dict[str, LinearEntry], slots, ctx) -> relax.TupleType:
     vec = lambda n: _tensor((n,), "float32")  # noqa: E731
-    cache = _tensor((d.kv_heads, ctx, d.head_dim), "float32")
+    cache = _tensor((slots, d.kv_heads, ctx, d.head_dim), "float32")
     by_name = {
         "input_norm": vec(d.hidden), "attn_sub_norm": vec(d.heads * d.head_dim), "post_norm": vec(d.hidden), "ffn_sub_norm": vec(d.ffn),
         "k_cache": cache, "v_cache": cache,
@@ -148,22 +149,22 @@ def module(d: Decoder, linears: dict[str, LinearEntry], kernels: dict, output: O
     so the kernels are built exactly as in an artifact without a decode step."""
     bb = relax.BlockBuilder()
     e = Emitter(bb)
-    ctx = tirx.Var("context", "int64")
+    ctx, slots = tirx.Var("context", "int64"), tirx.Var("slots", "int64")
     calls = {}
     for fmt in formats(output):
         x = relax.Var("x", _tensor((1, d.hidden), "float32"))
-        pos = relax.Var("pos", _tensor((1,), "int32"))
+        slot, pos = relax.Var("slot", _tensor((1,), "int32")), relax.Var("pos", _tensor((1,), "int32"))
         cos, sin = (relax.Var(name, _tensor((ctx, d.head_dim), "float32")) for name in ("cos", "sin"))
-        scores = relax.Var("scores", _tensor((d.kv_heads, d.heads // d.kv_heads, ctx), "float32"))
+        scores = relax.Var("scores", _tensor((1, d.kv_heads, d.heads // d.kv_heads, ctx), "float32"))
         eps = relax.Var("eps", _tensor((1,), "float32"))
-        layers = relax.Var("layers", relax.TupleType([_layer_sinfo(d, linears, ctx)] * d.layers))
+        layers = relax.Var("layers", relax.TupleType([_layer_sinfo(d, linears, slots, ctx)] * d.layers))
         head = relax.Var("head", relax.TupleType([_tensor((d.hidden,), "float32"), *HEAD_SINFO[fmt]]))
-        with bb.function(FUNCTIONS[fmt], [x, pos, cos, sin, scores, eps, layers, head]):
+        with bb.function(FUNCTIONS[fmt], [x, slot, pos, cos, sin, scores, eps, layers, head]):
             e.calls = 0
             with bb.dataflow():
                 h = x
                 for i in range(d.layers):
-                    h = _layer(e, d, linears, kernels, h, e.item(layers, i), pos, cos, sin, scores, eps)
+                    h = _layer(e, d, linears, kernels, h, e.item(layers, i), slot, pos, cos, sin, scores, eps)
                 normed = e.call(kernels["rmsnorm"], [h, e.item(head, 0), eps], [_tensor((1, d.hidden), "float32")])
                 out = bb.emit_output(_head(e, fmt, output, normed, head))
             bb.emit_func_output(out)

@@ -33,21 +33,40 @@ PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8], [9], [10, 11, 12, 13, 14, 15, 16, 17, 18,
 
 
 def test_batched_decode_and_prompts_equal_one_sequence_alone(llm):
+    """Bit for bit, whatever the sequences beside a row, their order, or a neighbour's slot
+    being released (its pages given back) mid-way."""
     from bitnet_runtime.batch_step import BatchDecode
 
     m = llm.model
+    tokens = (3, 7, 1, 500)
     alone = []
     for prompt in PROMPTS:
         seq = m.sequence()
         first = m.prefill(prompt, seq)
-        alone.append([first] + [m.decode(t, seq) for t in (3, 7, 1, 500)])
-    seqs = [m.sequence() for _ in PROMPTS]
-    together = [m.forward_many(list(zip(seqs, PROMPTS)))]
+        alone.append([first] + [m.decode(t, seq) for t in tokens])
+    seqs = m.sequences(len(PROMPTS))
+    together = [dict(enumerate(m.forward_many(list(zip(seqs, PROMPTS)))))]
     batch = BatchDecode(m)
-    together += [batch(seqs, [t] * len(seqs)) for t in (3, 7, 1, 500)]
-    for i in range(len(PROMPTS)):
-        for step in range(5):
-            np.testing.assert_array_equal(together[step][i], alone[i][step], err_msg=f"sequence {i}, step {step}")
+    together += [dict(enumerate(batch(seqs, [t] * len(seqs)))) for t in tokens[:2]]
+    seqs[1].release()
+    order = [3, 0, 2]
+    together += [dict(zip(order, batch([seqs[i] for i in order], [t] * len(order)))) for t in tokens[2:]]
+    for step, rows in enumerate(together):
+        for i, row in rows.items():
+            np.testing.assert_array_equal(row, alone[i][step], err_msg=f"sequence {i}, step {step}")
+
+
+def test_releasing_a_slot_zeroes_its_whole_pages_and_no_neighbours(llm):
+    from bitnet_runtime.memory import lazy_zeros, release_pages
+
+    pool = lazy_zeros((3, 1000), np.float32)  # 4000-byte slots: they share pages
+    pool[...] = 1
+    release_pages(pool[1])
+    assert (pool[0] == 1).all() and (pool[2] == 1).all()
+    big = lazy_zeros((3, 4096), np.float32)  # whole pages
+    big[...] = 1
+    release_pages(big[1])
+    assert (big[1] == 0).all() and (big[0] == 1).all() and (big[2] == 1).all()
 
 
 def _request(prompt, events, max_tokens=4):

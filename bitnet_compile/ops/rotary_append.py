@@ -1,17 +1,19 @@
-"""Rotary embedding of one token's q and k, and the KV-cache append, in one pass.
+"""Rotary embedding of decoding tokens' q and k, and the KV-cache append, in one pass.
 
-Reads the q|k|v row the fused qkv BitLinear wrote ([1, (heads + 2 kv_heads) * head_dim]),
-rotates q and k at position ``pos`` (rotate-half pairing: out[i] = x[i] cos[i] - x[i + d/2]
-sin[i] for the first half, x[i] cos[i] + x[i - d/2] sin[i] for the second), writes the
-rotated q to its own buffer and the rotated k and the plain v into row ``pos`` of the
-head-major caches [kv_heads, context, head_dim]: the cache is written in place, so the
-decode step copies nothing.
+Row r is one sequence's token: the q|k|v row the fused qkv BitLinear wrote ([rows, (heads +
+2 kv_heads) * head_dim]), at position pos[r] of the sequence whose cache is slot slots[r].
+Rotates q and k (rotate-half pairing: out[i] = x[i] cos[i] - x[i + d/2] sin[i] for the
+first half, x[i] cos[i] + x[i - d/2] sin[i] for the second), writes the rotated q to its own
+buffer [rows, heads, head_dim] and the rotated k and the plain v into row pos[r] of slot
+slots[r] of the head-major caches [slots, kv_heads, context, head_dim], in place: the decode
+step copies nothing. One row is ``run``'s token (its sequence's cache as a one-slot pool);
+many are the server's batched decode, each row computed exactly as if it were alone.
 
-Written as a TIR loop nest rather than TE: ``pos`` is read from a tensor at run time (one
-compiled program serves every position) and the caches are updated in place, neither of
-which a TE compute expresses. Float32 in numpy's order (``reference.rotate``), but LLVM fuses
-each multiply-add into one rounding: within ``ULPS`` units in the last place of the inputs'
-magnitude (v is copied exactly).
+Written as a TIR loop nest rather than TE: positions and slots are read from tensors at run
+time (one compiled program serves every position) and the caches are updated in place,
+neither of which a TE compute expresses. Float32 in numpy's order (``reference.rotate``),
+but LLVM fuses each multiply-add into one rounding: within ``ULPS`` units in the last place
+of the inputs' magnitude (v is copied exactly).
 """
 
 from __future__ import annotations
@@ -40,58 +42,63 @@ def build_primfunc(name: str, heads: int, kv_heads: int, head_dim: int) -> tvm.t
     width = (heads + 2 * kv_heads) * head_dim
 
     @T.prim_func
-    def rotary_append(
-        qkv: T.Buffer((1, width), "float32"),
-        cos_h: T.handle,
-        sin_h: T.handle,
-        pos: T.Buffer((1,), "int32"),
-        kc_h: T.handle,
-        vc_h: T.handle,
-        q: T.Buffer((heads, d), "float32"),
-    ):
+    def rotary_append(qkv_h: T.handle, cos_h: T.handle, sin_h: T.handle, slots_h: T.handle, pos_h: T.handle, kc_h: T.handle,
+                      vc_h: T.handle, q_h: T.handle):  # fmt: skip
         T.func_attr({"tir.noalias": True})
-        ctx = T.int64()
+        rows, ctx, pool = T.int64(), T.int64(), T.int64()
+        qkv = T.match_buffer(qkv_h, (rows, width), "float32")
         cos = T.match_buffer(cos_h, (ctx, d), "float32")
         sin = T.match_buffer(sin_h, (ctx, d), "float32")
-        kc = T.match_buffer(kc_h, (kv_heads, ctx, d), "float32")
-        vc = T.match_buffer(vc_h, (kv_heads, ctx, d), "float32")
-        p = pos[0]
-        for h in range(heads):
-            for i in T.vectorized(half):
-                q[h, i] = qkv[0, h * d + i] * cos[p, i] - qkv[0, h * d + i + half] * sin[p, i]
-                q[h, i + half] = qkv[0, h * d + i + half] * cos[p, i + half] + qkv[0, h * d + i] * sin[p, i + half]
-        for g in range(kv_heads):
-            for i in T.vectorized(half):
-                kc[g, p, i] = qkv[0, kv_base + g * d + i] * cos[p, i] - qkv[0, kv_base + g * d + i + half] * sin[p, i]
-                kc[g, p, i + half] = qkv[0, kv_base + g * d + i + half] * cos[p, i + half] + qkv[0, kv_base + g * d + i] * sin[p, i + half]
-            for i in T.vectorized(d):
-                vc[g, p, i] = qkv[0, kv_base + kv_heads * d + g * d + i]
+        slots = T.match_buffer(slots_h, (rows,), "int32")
+        pos = T.match_buffer(pos_h, (rows,), "int32")
+        kc = T.match_buffer(kc_h, (pool, kv_heads, ctx, d), "float32")
+        vc = T.match_buffer(vc_h, (pool, kv_heads, ctx, d), "float32")
+        q = T.match_buffer(q_h, (rows, heads, d), "float32")
+        for r in range(rows):
+            p, s = pos[r], slots[r]
+            for h in range(heads):
+                for i in T.vectorized(half):
+                    q[r, h, i] = qkv[r, h * d + i] * cos[p, i] - qkv[r, h * d + i + half] * sin[p, i]
+                    q[r, h, i + half] = qkv[r, h * d + i + half] * cos[p, i + half] + qkv[r, h * d + i] * sin[p, i + half]
+            for g in range(kv_heads):
+                for i in T.vectorized(half):
+                    kc[s, g, p, i] = qkv[r, kv_base + g * d + i] * cos[p, i] - qkv[r, kv_base + g * d + i + half] * sin[p, i]
+                    kc[s, g, p, i + half] = (
+                        qkv[r, kv_base + g * d + i + half] * cos[p, i + half] + qkv[r, kv_base + g * d + i] * sin[p, i + half]
+                    )
+                for i in T.vectorized(d):
+                    vc[s, g, p, i] = qkv[r, kv_base + kv_heads * d + g * d + i]
 
     return rotary_append.with_attr("global_symbol", name)
 
 
 # ----------------------------------------------------------------------------- the operator
 
+CASE_ROWS, CASE_SLOTS, CASE_CONTEXT = 3, 4, 37
+
 
 def make_case(shape: dict, knobs: dict, rng: np.random.Generator, tokens: int) -> Case:
-    """A random q|k|v row at a random position of a 37-position cache already holding other
-    rows: the kernel must write exactly row ``pos`` and the rotated q."""
+    """CASE_ROWS q|k|v rows, in distinct slots of a CASE_SLOTS-slot pool already holding other
+    rows, each at its own random position: the kernel must write exactly those cache rows
+    and the rotated q."""
     heads, kv_heads, d = shape["heads"], shape["kv_heads"], shape["head_dim"]
-    context = 37
-    qkv = aligned_copy(rng.standard_normal((1, (heads + 2 * kv_heads) * d)).astype(np.float32))
-    angles = rng.uniform(-4, 4, (context, d // 2)).astype(np.float32)
+    qkv = aligned_copy(rng.standard_normal((CASE_ROWS, (heads + 2 * kv_heads) * d)).astype(np.float32))
+    angles = rng.uniform(-4, 4, (CASE_CONTEXT, d // 2)).astype(np.float32)
     cos, sin = (aligned_copy(np.concatenate((f(angles), f(angles)), axis=1)) for f in (np.cos, np.sin))
-    pos = aligned_copy(np.array([rng.integers(0, context)], np.int32))
-    kc, vc = (aligned_copy(rng.standard_normal((kv_heads, context, d)).astype(np.float32)) for _ in range(2))
-    q = aligned_zeros((heads, d), np.float32)
-    want = reference(qkv, cos, sin, int(pos[0]), kc.copy(), vc.copy(), heads)
+    slots = aligned_copy(rng.permutation(CASE_SLOTS)[:CASE_ROWS].astype(np.int32))
+    pos = aligned_copy(rng.integers(0, CASE_CONTEXT, CASE_ROWS).astype(np.int32))
+    kc, vc = (aligned_copy(rng.standard_normal((CASE_SLOTS, kv_heads, CASE_CONTEXT, d)).astype(np.float32)) for _ in range(2))
+    q = aligned_zeros((CASE_ROWS, heads, d), np.float32)
+    want = reference(qkv, cos, sin, slots, pos, kc.copy(), vc.copy(), heads)
     got = lambda: np.concatenate((q.ravel(), kc.ravel(), vc.ravel()))  # noqa: E731
     bound = ULPS * np.finfo(np.float32).eps * float(np.abs(qkv).max())
-    return Case((qkv, cos, sin, pos, kc, vc, q), 0, q, within(got, np.concatenate([w.ravel() for w in want]), bound, "rotary_append"))
+    return Case(
+        (qkv, cos, sin, slots, pos, kc, vc, q), 0, q, within(got, np.concatenate([w.ravel() for w in want]), bound, "rotary_append")
+    )
 
 
 def build(name: str, shape: dict, knobs: dict, target: TargetSpec) -> tvm.tirx.PrimFunc:
     return build_primfunc(name, shape["heads"], shape["kv_heads"], shape["head_dim"])
 
 
-OPERATORS = (Operator("rotary_append", "rotary_append-1", None, CPU_ISAS, FIXED, unplanned("rotary_append"), make_case, build, reference),)
+OPERATORS = (Operator("rotary_append", "rotary_append-2", None, CPU_ISAS, FIXED, unplanned("rotary_append"), make_case, build, reference),)

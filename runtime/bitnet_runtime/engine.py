@@ -108,7 +108,7 @@ class Engine:
         self.max_seqs, self.max_queue, self.chunk = max_seqs, max_queue, chunk
         self.batch = BatchDecode(model) if model.compiled_step else None
         self.stats = EngineStats()
-        self._free = [model.sequence() for _ in range(max_seqs)]
+        self._free = model.sequences(max_seqs)[::-1]  # slot 0 first
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: list[_Running] = []
         self._wake = threading.Condition()

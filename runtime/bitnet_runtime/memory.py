@@ -34,20 +34,27 @@ def lazy_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
     +0.5 GB peak on the 2B-4T shape)."""
     dtype = np.dtype(dtype)
     count = int(np.prod(shape, dtype=np.int64))
-    buffer = mmap.mmap(-1, max(count * dtype.itemsize, 1))
+    # private: MADV_DONTNEED then gives the pages back (a shared anonymous map would keep them)
+    buffer = mmap.mmap(-1, max(count * dtype.itemsize, 1), flags=mmap.MAP_PRIVATE)
     if hasattr(mmap, "MADV_NOHUGEPAGE"):
         buffer.madvise(mmap.MADV_NOHUGEPAGE)
     return np.frombuffer(buffer, dtype, count).reshape(shape)
 
 
 def release_pages(array: np.ndarray) -> None:
-    """Drop the pages of a ``lazy_zeros`` array (they read as zeros again and cost no memory
-    until written): a finished sequence's KV cache, kept for the next one."""
+    """Drop the whole pages under a contiguous view of a ``lazy_zeros`` array (they read as
+    zeros again and cost no memory until written): a finished sequence's slot of a KV pool,
+    kept for the next one. A page the view shares with its neighbours keeps its contents."""
     base = array
     while base is not None and not isinstance(base, mmap.mmap):
         base = getattr(base, "obj", None) if isinstance(base, memoryview) else getattr(base, "base", None)
-    if base is not None and hasattr(mmap, "MADV_DONTNEED"):
-        base.madvise(mmap.MADV_DONTNEED)
+    if base is None or not hasattr(mmap, "MADV_DONTNEED") or not array.flags.c_contiguous:
+        return
+    offset = array.ctypes.data - np.frombuffer(base, np.uint8).ctypes.data
+    start = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
+    end = (offset + array.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > start:
+        base.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 def aligned_copy(array: np.ndarray, dtype=None) -> np.ndarray:

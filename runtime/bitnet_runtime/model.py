@@ -55,12 +55,11 @@ def finite(weights: ModelWeights, name: str) -> np.ndarray:
 
 
 class KVCache:
-    """Keys and values of one layer, head-major [kv_heads, context, head_dim] as the compiled
-    decode step reads them, allocated once for the whole context (pages are mapped only as
-    positions fill, so a long context costs memory only when it is used)."""
+    """Keys and values of one layer of one sequence, head-major [kv_heads, context, head_dim]
+    as the compiled kernels read them: views of the sequence's slot in its pool's arrays."""
 
-    def __init__(self, kv_heads: int, head_dim: int, context: int):
-        self.k, self.v = lazy_zeros((kv_heads, context, head_dim), np.float32), lazy_zeros((kv_heads, context, head_dim), np.float32)
+    def __init__(self, k: np.ndarray, v: np.ndarray):
+        self.k, self.v = k, v
 
     def store(self, k: np.ndarray, v: np.ndarray, pos: int) -> None:
         self.k[:, pos : pos + k.shape[0]] = k.transpose(1, 0, 2)
@@ -76,14 +75,30 @@ class KVCache:
         release_pages(self.v)
 
 
-class Sequence:
-    """One sequence's state: a KV cache per layer and its position. ``run`` and ``chat`` use
-    the model's own; the server decodes many at once, each in its own (``Model.sequence``)."""
+class KVPool:
+    """The KV caches of up to ``slots`` sequences: per layer one key and one value array
+    [slots, kv_heads, context, head_dim], allocated once for the whole context (pages are
+    mapped only as positions fill, so a long context costs memory only when it is used).
+    One array for all sequences is what lets the decode kernels take any set of them in one
+    call, each row naming its slot."""
 
-    def __init__(self, config: ModelConfig, context: int):
-        self.caches = [KVCache(config.kv_heads, config.head_dim, context) for _ in range(config.layers)]
+    def __init__(self, config: ModelConfig, context: int, slots: int):
+        shape = (slots, config.kv_heads, context, config.head_dim)
+        self.k = [lazy_zeros(shape, np.float32) for _ in range(config.layers)]
+        self.v = [lazy_zeros(shape, np.float32) for _ in range(config.layers)]
+        self.sequences = [Sequence(self, slot) for slot in range(slots)]
+
+
+class Sequence:
+    """One sequence's state: its slot in a ``KVPool`` (a KV cache per layer) and its position.
+    ``run`` and ``chat`` use the model's own; the server decodes many at once, each in its
+    own slot of one pool (``Model.sequences``)."""
+
+    def __init__(self, pool: KVPool, slot: int):
+        self.pool, self.slot = pool, slot
+        self.caches = [KVCache(k[slot], v[slot]) for k, v in zip(pool.k, pool.v)]
         self.pos = 0
-        self.step: DecodeStep | None = None  # the compiled decode step bound to these caches, on first use
+        self.step: DecodeStep | None = None  # the compiled decode step bound to this slot, on first use
 
     def release(self) -> None:
         self.pos = 0
@@ -144,9 +159,10 @@ class Layer:
     def _sub_norm(self, i: int) -> tuple[np.ndarray | None, np.ndarray | None]:
         return (self.sub_norms[i], self.eps) if self.sub_norms else (None, None)
 
-    def step_arrays(self, cache: KVCache) -> dict[str, np.ndarray]:
-        """This layer's arrays by ``decode_step.layer_params`` name: what the compiled decode step reads."""
-        arrays = {"input_norm": self.input_norm, "post_norm": self.post_norm, "k_cache": cache.k, "v_cache": cache.v}
+    def step_arrays(self, k_cache: np.ndarray, v_cache: np.ndarray) -> dict[str, np.ndarray]:
+        """This layer's arrays by ``decode_step.layer_params`` name: what the compiled decode
+        step reads (the caches: the layer's arrays of a ``KVPool``)."""
+        arrays = {"input_norm": self.input_norm, "post_norm": self.post_norm, "k_cache": k_cache, "v_cache": v_cache}
         for name in ("qkv", "o", "gate_up", "down"):
             linear = self.linears[name][0]
             arrays[name], arrays[f"{name}_scale"] = linear.packed, linear.weight_scale
@@ -205,7 +221,11 @@ class Model:
 
     def sequence(self) -> Sequence:
         """A new, empty sequence (KV caches for the whole context, mapped as they fill)."""
-        return Sequence(self.config, self.context_length)
+        return self.sequences(1)[0]
+
+    def sequences(self, count: int) -> list[Sequence]:
+        """``count`` new, empty sequences in one ``KVPool``: what ``BatchDecode`` takes."""
+        return KVPool(self.config, self.context_length, count).sequences
 
     @property
     def pos(self) -> int:
@@ -222,10 +242,10 @@ class Model:
         caches (decode_step.py)."""
         c, program = self.config, self.artifact.manifest.program
         d = program.decoder
-        layers = [layer.step_arrays(cache) for layer, cache in zip(self.layers, seq.caches)]
-        scores = scores_buffer(c.kv_heads, c.heads // c.kv_heads, self.context_length)
+        layers = [layer.step_arrays(k, v) for layer, k, v in zip(self.layers, seq.pool.k, seq.pool.v)]
+        scores = scores_buffer(1, c.kv_heads, c.heads // c.kv_heads, self.context_length)
         head = (self.norm, *self.output.step_arrays)
-        return DecodeStep(self.artifact.module, self.output.step_format, c.hidden, self.cos, self.sin, scores,
+        return DecodeStep(self.artifact.module, self.output.step_format, c.hidden, seq.slot, self.cos, self.sin, scores,
                           self.layers[0].eps, layers, head, d.sub_norms, program.kernel_calls[self.output.step_format])  # fmt: skip
 
     def reset(self, seq: Sequence | None = None) -> None:

@@ -152,18 +152,23 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: int) -> np.ndarray:
     return out.reshape(kv_heads, group, t, d).transpose(2, 0, 1, 3).reshape(t, heads * d)
 
 
-def rotary_append(qkv: np.ndarray, cos: np.ndarray, sin: np.ndarray, pos: int, kc: np.ndarray, vc: np.ndarray, heads: int):
-    """One token's q|k|v row [1, (heads + 2 kv_heads) d]: (rotated q [heads, d], and the
-    caches [kv_heads, context, d] with row ``pos`` holding the rotated k and the v)."""
-    kv_heads, _, d = kc.shape
-    qk = rotate(qkv[:, : (heads + kv_heads) * d].reshape(1, -1, d), cos[pos : pos + 1], sin[pos : pos + 1])[0]
-    kc[:, pos], vc[:, pos] = qk[heads:], qkv[0, (heads + kv_heads) * d :].reshape(kv_heads, d)
-    return qk[:heads], kc, vc
+def rotary_append(qkv: np.ndarray, cos: np.ndarray, sin: np.ndarray, slots: np.ndarray, pos: np.ndarray, kc: np.ndarray, vc: np.ndarray,
+                  heads: int):  # fmt: skip
+    """The q|k|v rows [rows, (heads + 2 kv_heads) d] of tokens at positions ``pos`` of the
+    sequences in cache slots ``slots``: (rotated q [rows, heads, d], and the caches [slots,
+    kv_heads, context, d] with row pos[r] of slot slots[r] holding row r's rotated k and v)."""
+    _, kv_heads, _, d = kc.shape
+    q = np.empty((len(qkv), heads, d), np.float32)
+    for r, (s, p) in enumerate(zip(slots, pos)):
+        qk = rotate(qkv[r : r + 1, : (heads + kv_heads) * d].reshape(1, -1, d), cos[p : p + 1], sin[p : p + 1])[0]
+        q[r], kc[s, :, p], vc[s, :, p] = qk[:heads], qk[heads:], qkv[r, (heads + kv_heads) * d :].reshape(kv_heads, d)
+    return q, kc, vc
 
 
-def decode_attention(q: np.ndarray, kc: np.ndarray, vc: np.ndarray, pos: int) -> np.ndarray:
-    """One query token q [heads, d] at position ``pos`` over the caches: [1, heads * d]."""
-    return attend(q[None], kc, vc, pos)
+def decode_attention(q: np.ndarray, kc: np.ndarray, vc: np.ndarray, slots: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """Query tokens q [rows, heads, d], row r at position pos[r] over cache slot slots[r] of
+    [slots, kv_heads, context, d]: [rows, heads * d]."""
+    return np.concatenate([attend(q[r][None], kc[s], vc[s], int(p)) for r, (s, p) in enumerate(zip(slots, pos))])
 
 
 # ----------------------------------------------------------------------------- output layer

@@ -18,7 +18,8 @@ from . import layout, layout_dot2, layout_f16, layout_i8, reference
 from .artifact import Artifact, Kernel
 from .memory import aligned_copy, aligned_empty, aligned_zeros
 
-TOKENS = 3  # GEMM and the token-parallel kernels run on this many tokens
+TOKENS = 3  # GEMM and the token-parallel kernels run on this many tokens (the decode kernels on this many rows)
+SLOTS = 4  # the KV pool of the decode kernels' checks: rows in distinct slots
 
 
 def _activations(rng: np.random.Generator, tokens: int, k: int) -> np.ndarray:
@@ -220,31 +221,41 @@ def check_rmsnorm(kernel: Kernel, rng: np.random.Generator) -> bool:
     return bool(np.abs(out - want).max() <= reference.RMSNORM_RTOL * np.abs(want).max())
 
 
+def _rows_in_slots(rng: np.random.Generator, context: int) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct slots and random positions, one per row."""
+    return aligned_copy(rng.permutation(SLOTS)[:TOKENS].astype(np.int32)), aligned_copy(rng.integers(0, context, TOKENS).astype(np.int32))
+
+
 def check_rotary_append(kernel: Kernel, rng: np.random.Generator) -> bool:
-    """Shape keys: heads, kv_heads, head_dim. Rotated q and cache row pos within
-    reference.ROTARY_ULPS; every other cache row untouched."""
+    """Shape keys: heads, kv_heads, head_dim. Rotated q and each row's cache row (its slot, its
+    position) within reference.ROTARY_ULPS; every other cache row untouched."""
     heads, kv_heads, d = (kernel.shape[key] for key in ("heads", "kv_heads", "head_dim"))
     context = 37
-    qkv = _floats(rng, (1, (heads + 2 * kv_heads) * d))
+    qkv = _floats(rng, (TOKENS, (heads + 2 * kv_heads) * d))
     cos, sin = _rope_tables(rng, context, d)
-    pos = aligned_copy(np.array([rng.integers(0, context)], np.int32))
-    kc, vc, q = _floats(rng, (kv_heads, context, d)), _floats(rng, (kv_heads, context, d)), aligned_zeros((heads, d), np.float32)
-    want = reference.rotary_append(qkv, cos, sin, int(pos[0]), kc.copy(), vc.copy(), heads)
-    kernel(qkv, cos, sin, pos, kc, vc, q)
+    slots, pos = _rows_in_slots(rng, context)
+    kc, vc = _floats(rng, (SLOTS, kv_heads, context, d)), _floats(rng, (SLOTS, kv_heads, context, d))
+    q = aligned_zeros((TOKENS, heads, d), np.float32)
+    want = reference.rotary_append(qkv, cos, sin, slots, pos, kc.copy(), vc.copy(), heads)
+    kernel(qkv, cos, sin, slots, pos, kc, vc, q)
     bound = reference.ROTARY_ULPS * reference.ULP * float(np.abs(qkv).max())
     return all(np.abs(got - w).max() <= bound for got, w in zip((q, kc, vc), want))
 
 
 def check_decode_attention(kernel: Kernel, rng: np.random.Generator) -> bool:
     """Shape keys: heads, kv_heads, head_dim. Within reference.ATTENTION_TOLERANCE x max |V|,
-    at a random length of a 41-position cache."""
+    each row in its own slot at a random length of a 41-position cache."""
     heads, kv_heads, d = (kernel.shape[key] for key in ("heads", "kv_heads", "head_dim"))
     context = 41
-    q, kc, vc = _floats(rng, (heads, d), 3.0), _floats(rng, (kv_heads, context, d)), _floats(rng, (kv_heads, context, d))
-    pos = aligned_copy(np.array([rng.integers(0, context)], np.int32))
-    scores, out = aligned_zeros((kv_heads, heads // kv_heads, context), np.float32), aligned_zeros((1, heads * d), np.float32)
-    kernel(q, kc, vc, pos, scores, out)
-    want = reference.decode_attention(q, kc, vc, int(pos[0]))
+    q, kc, vc = (
+        _floats(rng, (TOKENS, heads, d), 3.0),
+        _floats(rng, (SLOTS, kv_heads, context, d)),
+        _floats(rng, (SLOTS, kv_heads, context, d)),
+    )
+    slots, pos = _rows_in_slots(rng, context)
+    scores, out = aligned_zeros((TOKENS, kv_heads, heads // kv_heads, context), np.float32), aligned_zeros((TOKENS, heads * d), np.float32)
+    kernel(q, kc, vc, slots, pos, scores, out)
+    want = reference.decode_attention(q, kc, vc, slots, pos)
     return bool(np.abs(out - want).max() <= reference.ATTENTION_TOLERANCE * np.abs(vc).max())
 
 
