@@ -40,6 +40,7 @@ import httpx
 from bitnet_compile.measure import cpu_model
 
 PROBE_PROMPT = 128  # tokens of the time-to-first-token prompt
+WARM_TOKENS = 96  # a few seconds of decoding before measuring (the first second after idle measured up to 20% slower)
 LOAD_TOKENS = 160  # tokens of each stream running while it is measured
 
 
@@ -208,7 +209,7 @@ def main() -> int:
         for name, start in servers.items():
             server = start()
             try:
-                stream_once(server.url, "bench", [1, 2, 3, 4], 8)  # warm-up
+                stream_once(server.url, "bench", [1, 2, 3, 4], WARM_TOKENS)  # warm-up: a CPU that was idle runs slower at first
                 rounds[name].append(measure(server.url, "bench", counts, args.tokens, args.vocab))
                 print(f"round {i + 1} {name}: {rounds[name][-1]}", file=sys.stderr, flush=True)
             finally:
