@@ -17,16 +17,23 @@ from bitnet_runtime.errors import UserError
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    from bitnet_runtime.api import LLM
-
+def tiny(tmp_path_factory) -> tuple[Path, Path, dict]:
+    """The tiny dummy model, its artifact, and the environment with their conversion cache."""
     root = tmp_path_factory.mktemp("engine")
     env = dict(os.environ, BITNET_CACHE=str(root / "cache"))
     for args in (["dummy", "tiny", "-o", str(root / "model")], ["-m", str(root / "model"), "-o", str(root / "art")]):
         done = subprocess.run([sys.executable, "-m", "bitnet_compile", *args], capture_output=True, text=True, env=env, timeout=600)
         assert done.returncode == 0, done.stderr
+    return root / "model", root / "art", env
+
+
+@pytest.fixture(scope="module")
+def llm(tiny):
+    from bitnet_runtime.api import LLM
+
+    model, art, env = tiny
     with mock.patch.dict(os.environ, {"BITNET_CACHE": env["BITNET_CACHE"]}):
-        return LLM(Path(root / "model"), Path(root / "art"), echo=lambda line: None)
+        return LLM(model, art, echo=lambda line: None)
 
 
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8], [9], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19]]
@@ -54,6 +61,26 @@ def test_batched_decode_and_prompts_equal_one_sequence_alone(llm):
     for step, rows in enumerate(together):
         for i, row in rows.items():
             np.testing.assert_array_equal(row, alone[i][step], err_msg=f"sequence {i}, step {step}")
+
+
+def test_a_batch_takes_distinct_sequences_of_one_pool(llm):
+    from bitnet_runtime.batch_step import BatchDecode
+
+    batch, m = BatchDecode(llm.model), llm.model
+    for seqs in ([m.sequence(), m.sequence()], [m.sequences(2)[0]] * 2):
+        with pytest.raises(ValueError, match="one KVPool"):
+            batch(seqs, [1, 2])
+
+
+def test_the_batch_decode_benchmark_runs_and_bounds_the_step(tiny):
+    """benchmarks/batch_decode.py on the tiny model: its ratio, its per-kernel table, its bound."""
+    model, art, env = tiny
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "batch_decode.py"
+    args = ["-m", str(model), "-a", str(art), "--rows", "3", "--rounds", "1", "--tokens", "3", "--steps", "2"]
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "x one sequence" in done.stdout and "| ternary GEMM qkv |" in done.stdout and "| decode_attention |" in done.stdout
+    assert "matmuls alone:" in done.stdout
 
 
 def test_releasing_a_slot_zeroes_its_whole_pages_and_no_neighbours(llm):
