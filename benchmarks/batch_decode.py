@@ -1,6 +1,6 @@
 """Batched decode in process: one sequence's token vs a step of N sequences, and where the step goes.
 
-    python benchmarks/batch_decode.py -m models/2b-4t -a artifacts/2b-4t --rows 16 --rounds 4
+    python benchmarks/batch_decode.py -m models/2b-4t -a artifacts/2b-4t --rows 16 --rounds 4 [--output-layer i8]
 
 What the server's continuous batching is made of, without HTTP: ``Model.decode`` (the compiled
 decode step ``run`` uses) on one sequence, and ``BatchDecode`` on ``--rows`` sequences of one
@@ -99,8 +99,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--tokens", type=int, default=48, help="tokens per round of the single sequence")
     p.add_argument("--steps", type=int, default=12, help="steps per round of the batch")
+    p.add_argument("--output-layer", default="f16", choices=("f16", "i8"), help="output layer format (default f16)")
     args = p.parse_args()
-    m = LLM(args.model, args.artifact, echo=lambda line: None).model
+    m = LLM(args.model, args.artifact, output=args.output_layer, echo=lambda line: None).model
     batch, seqs = BatchDecode(m), m.sequences(args.rows)
     deadline = time.perf_counter() + WARM_S
     while time.perf_counter() < deadline:
@@ -113,7 +114,7 @@ def main() -> None:
     t1, tn = statistics.median(one), statistics.median(many)
     parts = kernel_times(m, batch, seqs, args.steps)
     matmuls = sum(t for role, t in parts.items() if role.startswith(("ternary GEMM", "output layer")))
-    print(f"\n{cpu_model()}; medians of {args.rounds} interleaved rounds; prompt {len(PROMPT)} tokens\n")
+    print(f"\n{cpu_model()}; {args.output_layer} output layer; medians of {args.rounds} interleaved rounds; prompt {len(PROMPT)} tokens\n")
     print(f"one sequence: {t1 * 1e3:.1f} ms/token ({1 / t1:.1f} tok/s)")
     print(f"{args.rows} sequences: {tn * 1e3:.1f} ms/step ({args.rows / tn:.1f} tok/s): {args.rows * t1 / tn:.2f}x one sequence\n")
     print(f"| kernel (one {args.rows}-row step) | ms |\n|---|---|")

@@ -141,16 +141,22 @@ def _f16_output(vocab: int, hidden: int, target: TargetSpec) -> tuple[OutputForm
 
 
 def _i8_output(vocab: int, hidden: int, target: TargetSpec) -> tuple[OutputFormat, list[KernelEntry]]:
-    """int8 rows: the hidden state quantized like a BitLinear input, an int8 GEMV, and the
-    per-row scale applied by the dequantize kernel."""
+    """int8 rows: the hidden state quantized like a BitLinear input, an int8 GEMV (a GEMM for
+    several tokens), and the per-row scale applied by the dequantize kernel."""
     knobs, source = knobs_for("i8_gemv", target, vocab, hidden)
     shape = _shape("i8_gemv", Linear("output", vocab, hidden), knobs, target)
     n_p, k_p = shape["n_padded"], shape["k_padded"]
     plain = {key: shape[key] for key in ("n", "k", "n_padded", "k_padded")}
-    names = {"quantize": f"quantize_k{hidden}_p{k_p}", "gemv": f"i8_gemv_n{vocab}_k{hidden}", "dequantize": f"dequantize_n{vocab}_p{n_p}"}
+    names = {
+        "quantize": f"quantize_k{hidden}_p{k_p}",
+        "gemv": f"i8_gemv_n{vocab}_k{hidden}",
+        "gemm": f"i8_gemm_n{vocab}_k{hidden}",  # the server's batched decode
+        "dequantize": f"dequantize_n{vocab}_p{n_p}",
+    }
     kernels = [
         KernelEntry(names["quantize"], "quantize", plain),
         KernelEntry(names["gemv"], "i8_gemv", shape, knobs, source),
+        KernelEntry(names["gemm"], "i8_gemm", shape, {}, "fixed"),
         KernelEntry(names["dequantize"], "dequantize", plain),
     ]
     return OutputFormat(layout_i8.VERSION, names, n_p, k_p), kernels

@@ -63,6 +63,29 @@ def test_batched_decode_and_prompts_equal_one_sequence_alone(llm):
             np.testing.assert_array_equal(row, alone[i][step], err_msg=f"sequence {i}, step {step}")
 
 
+def test_batched_decode_with_the_int8_output_layer_equals_alone(tiny):
+    """--output-layer i8: the batch's logits come from one i8_gemm call, each row exactly the
+    int8 GEMV's of decoding that sequence alone."""
+    from bitnet_runtime.api import LLM
+    from bitnet_runtime.batch_step import BatchDecode
+
+    model, art, env = tiny
+    with mock.patch.dict(os.environ, {"BITNET_CACHE": env["BITNET_CACHE"]}):
+        m = LLM(model, art, output="i8", echo=lambda line: None).model
+    alone = []
+    for prompt in PROMPTS:
+        seq = m.sequence()
+        m.prefill(prompt, seq)
+        alone.append([m.decode(t, seq) for t in (3, 7)])
+    seqs = m.sequences(len(PROMPTS))
+    m.forward_many(list(zip(seqs, PROMPTS)))
+    batch = BatchDecode(m)
+    for step, t in enumerate((3, 7)):
+        rows = batch(seqs, [t] * len(seqs))
+        for i, row in enumerate(rows):
+            np.testing.assert_array_equal(row, alone[i][step], err_msg=f"sequence {i}, step {step}")
+
+
 def test_a_batch_takes_distinct_sequences_of_one_pool(llm):
     from bitnet_runtime.batch_step import BatchDecode
 

@@ -12,7 +12,7 @@ import pytest
 from conftest import HOST, compile_module, isa_params
 
 from bitnet_compile import schedule_db
-from bitnet_compile.ops import f16_gemm, f16_gemv, i8_gemv
+from bitnet_compile.ops import f16_gemm, f16_gemv, i8_gemm, i8_gemv
 from bitnet_runtime import layout_f16, layout_i8, reference, verify
 from bitnet_runtime.artifact import Kernel
 from bitnet_runtime.errors import UserError
@@ -44,12 +44,13 @@ def _weights(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
 
 @pytest.fixture(scope="module", params=VARIANTS)
 def i8_module(request):
-    """The int8 GEMV of one variant for every shape."""
+    """The int8 GEMV and GEMM of one variant for every shape."""
     isa, preset = VARIANT_TARGETS[request.param]
     funcs = {}
     for n, k in SHAPES:
         n_p, k_p = layout_i8.padded_shape(n, k)
         funcs[f"i8_{n}_{k}"] = i8_gemv.build_primfunc(f"i8_{n}_{k}", n_p, k_p, request.param, I8_DEFAULT)
+        funcs[f"i8_gemm_{n}_{k}"] = i8_gemm.build_primfunc(f"i8_gemm_{n}_{k}", n_p, k_p, request.param)
     return request.param, compile_module(funcs, isa, preset)
 
 
@@ -125,6 +126,25 @@ def test_i8_gemv_exact(i8_module, n, k):
         assert not got[0, n:].any()
 
 
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_i8_gemm_rows_equal_the_gemv_exactly(i8_module, n, k):
+    """What the server's batched decode relies on with --output-layer i8: each token's row of
+    the GEMM is the GEMV's for it, for token counts within a block, whole blocks and beyond."""
+    _, mod = i8_module
+    rng = np.random.default_rng(n * 31 + k)
+    packed, _, corr = layout_i8.quantize_rows(_weights(rng, n, k))
+    n_p, k_p = layout_i8.padded_shape(n, k)
+    for tokens in (2, 4, 5, 9):
+        call = layout_i8.bind_batch({"gemm": mod[f"i8_gemm_{n}_{k}"]}, {"n_padded": n_p, "k_padded": k_p}, tokens)
+        call.q[:tokens, :k] = rng.integers(-128, 128, (tokens, k), dtype=np.int8)
+        call.q[0, :k] = -128  # the extreme the shift meets
+        call.out[...] = -1
+        got = call.run(packed, corr.reshape(-1, layout_i8.ROWS))
+        for row in range(tokens):
+            np.testing.assert_array_equal(got[row : row + 1], _run_i8(mod[f"i8_{n}_{k}"], n, k, call.q[row, :k], packed, corr))
+        assert not call.out[tokens:].any()  # zero padding rows come out zero
+
+
 @pytest.mark.parametrize("value", [-128, 127])
 def test_i8_gemv_exact_at_the_extremes(i8_module, value):
     """Rows of all +127 / all -127 against activations all at one extreme, K = 2560."""
@@ -162,7 +182,7 @@ def test_knob_variants_agree(variant):
 
 
 def _kernel(mod, name: str, op: str, n: int, k: int) -> Kernel:
-    n_p, k_p = layout_i8.padded_shape(n, k) if op == "i8_gemv" else (layout_f16.padded_rows(n), k)
+    n_p, k_p = layout_i8.padded_shape(n, k) if op.startswith("i8") else (layout_f16.padded_rows(n), k)
     return Kernel(name, op, {"n": n, "k": k, "n_padded": n_p, "k_padded": k_p}, {}, mod[name])
 
 
@@ -177,6 +197,20 @@ def test_verify_checks_i8(i8_module, n, k):
 
     bad = Kernel("bad", "i8_gemv", _kernel(mod, f"i8_{n}_{k}", "i8_gemv", n, k).shape, {}, off_by_one)
     assert not verify.check_i8_gemv(bad, np.random.default_rng(1))
+
+
+@pytest.mark.parametrize("n,k", [(63, 7), (1000, 2560)])
+def test_verify_checks_i8_gemm(i8_module, n, k):
+    _, mod = i8_module
+    kernel = _kernel(mod, f"i8_gemm_{n}_{k}", "i8_gemm", n, k)
+    assert verify.check_i8_gemm(kernel, np.random.default_rng(0))
+
+    def last_token_off(*args):
+        mod[f"i8_gemm_{n}_{k}"](*args)
+        args[-1][1, 0, 0, 0] += 1  # block 1, token 0: the fifth token
+
+    bad = Kernel("bad", "i8_gemm", kernel.shape, {}, last_token_off)
+    assert not verify.check_i8_gemm(bad, np.random.default_rng(1))
 
 
 @pytest.mark.parametrize("n,k", [(63, 7), (1000, 2560)])

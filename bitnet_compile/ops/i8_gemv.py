@@ -66,6 +66,7 @@ PREFETCH_BYTES = 4096  # software prefetch distance of the tile's weight stream
 VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
 PMADDWD = {"avx512": ("llvm.x86.avx512.pmaddw.d.512", 32), "avx2": ("llvm.x86.avx2.pmadd.wd", 16)}  # intrinsic, int16 lanes
 VNNI_INTRIN = "bitnet_i8_vnni_avx512"
+GEMM_SUFFIX = "_gemm"  # the same intrinsics without the prefetch, for i8_gemm.py
 SDOT = "llvm.aarch64.neon.sdot"
 SDOT_INTRIN = "bitnet_i8_sdot_neon"
 PMADDWD_INTRIN = {isa: f"bitnet_i8_pmaddwd_{isa}" for isa in PMADDWD}
@@ -136,7 +137,7 @@ def _broadcast_dword(a4, lanes: int):
     return T.Shuffle([a4] * (lanes // CHUNK), list(range(lanes)))
 
 
-def _vnni() -> tuple[tvm.tirx.PrimFunc, tvm.tirx.PrimFunc]:
+def _vnni(prefetch: bool = True) -> tuple[tvm.tirx.PrimFunc, tvm.tirx.PrimFunc]:
     """16 rows x 4 weights in one vpdpbusd, activations shifted to unsigned."""
 
     @T.prim_func(s_tir=True)
@@ -164,14 +165,17 @@ def _vnni() -> tuple[tvm.tirx.PrimFunc, tvm.tirx.PrimFunc]:
             T.writes(C[0:16])
             acts = T.meta_var(T.bitwise_xor(_broadcast_dword(A.vload([0], "int8x4"), 64), T.broadcast(T.int8(-128), 64)))
             C.vstore([0], T.call_llvm_pure_intrin("int32x16", VPDPBUSD, C.vload([0], "int32x16"), acts, P.vload([0, 0], "int8x64")))
-            T.evaluate(
-                T.call_llvm_intrin("void", "llvm.prefetch.p0", P.access_ptr("r", offset=PREFETCH_BYTES), T.int32(0), T.int32(3), T.int32(1))
-            )
+            if prefetch:
+                T.evaluate(
+                    T.call_llvm_intrin(
+                        "void", "llvm.prefetch.p0", P.access_ptr("r", offset=PREFETCH_BYTES), T.int32(0), T.int32(3), T.int32(1)
+                    )
+                )
 
     return desc, impl
 
 
-def _pmaddwd(isa: str) -> tuple[tvm.tirx.PrimFunc, tvm.tirx.PrimFunc]:
+def _pmaddwd(isa: str, prefetch: bool = True) -> tuple[tvm.tirx.PrimFunc, tvm.tirx.PrimFunc]:
     intrin, lanes = PMADDWD[isa]  # int16 lanes per register; one call covers lanes // 4 rows
     rows = lanes // CHUNK
     i8v, i16v, i32v = f"int8x{lanes}", f"int16x{lanes}", f"int32x{lanes // 2}"
@@ -203,14 +207,17 @@ def _pmaddwd(isa: str) -> tuple[tvm.tirx.PrimFunc, tvm.tirx.PrimFunc]:
             for part in T.unroll(16 // rows):
                 w = T.meta_var(T.Cast(i16v, P.vload([part * rows, 0], i8v)))
                 C.vstore([part * rows, 0], C.vload([part * rows, 0], i32v) + T.call_llvm_pure_intrin(i32v, intrin, w, acts))
-            T.evaluate(
-                T.call_llvm_intrin("void", "llvm.prefetch.p0", P.access_ptr("r", offset=PREFETCH_BYTES), T.int32(0), T.int32(3), T.int32(1))
-            )
+            if prefetch:
+                T.evaluate(
+                    T.call_llvm_intrin(
+                        "void", "llvm.prefetch.p0", P.access_ptr("r", offset=PREFETCH_BYTES), T.int32(0), T.int32(3), T.int32(1)
+                    )
+                )
 
     return desc, impl
 
 
-def _sdot() -> tuple[tvm.tirx.PrimFunc, tvm.tirx.PrimFunc]:
+def _sdot(prefetch: bool = True) -> tuple[tvm.tirx.PrimFunc, tvm.tirx.PrimFunc]:
     """16 rows x 4 weights in four sdot, signed by signed (no shift)."""
 
     @T.prim_func(s_tir=True)
@@ -242,17 +249,23 @@ def _sdot() -> tuple[tvm.tirx.PrimFunc, tvm.tirx.PrimFunc]:
                     [part * 4],
                     T.call_llvm_pure_intrin("int32x4", SDOT, C.vload([part * 4], "int32x4"), P.vload([part * 4, 0], "int8x16"), acts),
                 )
-            T.evaluate(
-                T.call_llvm_intrin("void", "llvm.prefetch.p0", P.access_ptr("r", offset=PREFETCH_BYTES), T.int32(0), T.int32(3), T.int32(1))
-            )
+            if prefetch:
+                T.evaluate(
+                    T.call_llvm_intrin(
+                        "void", "llvm.prefetch.p0", P.access_ptr("r", offset=PREFETCH_BYTES), T.int32(0), T.int32(3), T.int32(1)
+                    )
+                )
 
     return desc, impl
 
 
 declare(VNNI_INTRIN, _vnni)
 declare(SDOT_INTRIN, _sdot)
+declare(VNNI_INTRIN + GEMM_SUFFIX, functools.partial(_vnni, prefetch=False))
+declare(SDOT_INTRIN + GEMM_SUFFIX, functools.partial(_sdot, prefetch=False))
 for _isa in PMADDWD:
     declare(PMADDWD_INTRIN[_isa], functools.partial(_pmaddwd, _isa))
+    declare(PMADDWD_INTRIN[_isa] + GEMM_SUFFIX, functools.partial(_pmaddwd, _isa, prefetch=False))
 
 
 # ----------------------------------------------------------------------------- compute
@@ -305,6 +318,15 @@ _KERNELS = {
 }
 
 
+def intrinsic(variant: str, gemm: bool = False) -> tuple[str, bool]:
+    """The variant's tensor intrinsic (16 rows x 4 weights), and whether it keeps two pair-sums
+    per row. ``gemm``: the form without the weight-stream prefetch, for the GEMM of several
+    tokens (i8_gemm.py), whose block reuses each weight from registers: there the prefetch
+    only made LLVM store the accumulators after every step (measured 2.3x slower)."""
+    _, intrin, pairs = _KERNELS[variant]
+    return intrin + (GEMM_SUFFIX if gemm else ""), pairs
+
+
 def schedule(func: tvm.tirx.PrimFunc, variant: str, chunks: int, knobs: I8Knobs) -> tvm.s_tir.Schedule:
     """Tiles in parallel; per tile ``groups_per_pass`` groups of 16 rows per pass over the
     k-chunks (unrolled by ``k_unroll``), one tensorized step per group and chunk, the
@@ -316,7 +338,7 @@ def schedule(func: tvm.tirx.PrimFunc, variant: str, chunks: int, knobs: I8Knobs)
     sch.compute_at(part, t, preserve_unit_loops=True)
     sch.set_scope(part, 0, "local")
     loops = sch.get_loops(part)
-    _, intrin, pairs = _KERNELS[variant]
+    intrin, pairs = intrinsic(variant)
     if pairs:
         i, h, c, j = loops[-4:]
     else:

@@ -17,6 +17,7 @@ from . import (
     f16_gemv,
     gated_act,
     gpu_matmul,
+    i8_gemm,
     i8_gemv,
     lut_matmul,
     lut_table,
@@ -27,7 +28,7 @@ from . import (
 )
 from .operator import Operator
 
-MODULES = (act_quant, rmsnorm_quant, lut_table, dequant, lut_matmul, dot2_matmul, gpu_matmul, f16_gemv, f16_gemm, i8_gemv)
+MODULES = (act_quant, rmsnorm_quant, lut_table, dequant, lut_matmul, dot2_matmul, gpu_matmul, f16_gemv, f16_gemm, i8_gemv, i8_gemm)
 # the compiled decode step's kernels between the linears (plan.plan_decoder)
 DECODER_MODULES = (rmsnorm, rotary_append, decode_attention, residual_dequant, gated_act)
 

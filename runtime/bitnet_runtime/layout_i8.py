@@ -19,6 +19,7 @@ w[n, k]`` (int32 [N_padded], computed here at pack time) from each row: exact in
 Kernel arguments: ``q`` int8 [1, K_padded / 4, 4] (the same memory as [1, K_padded]),
 ``packed``, ``correction`` int32 [N_padded / 64, 64], ``out`` int32 [N_padded / 64, 64] (the
 same memory as [1, N_padded], the dequantize kernel's ``acc``); ``bind`` allocates them once.
+The GEMM of several tokens takes the same with a leading [blocks, TOKEN_BLOCK] (``bind_batch``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ VERSION = "i8-tiles-v1"
 ROWS = 64  # rows per tile: 4 zmm of int32 accumulators
 CHUNK = 4  # weights of a row per chunk: one vpdpbusd dword
 SHIFT = 128  # activations enter vpdpbusd as q + SHIFT (unsigned)
+TOKEN_BLOCK = 4  # tokens the GEMM ("gemm", several tokens) accumulates together: 4 x 4 zmm
 QMAX = 127
 
 
@@ -151,3 +153,38 @@ def bind(kernels: Kernels, params: Params) -> I8Call:
         return out
 
     return I8Call(q, out, acts, acc, run)
+
+
+@dataclass(frozen=True)
+class I8BatchCall:
+    """The "gemm" (several tokens) with its buffers: q [tokens padded to TOKEN_BLOCK, K_padded],
+    rows past ``tokens`` zero; ``run(packed, correction)`` -> out int32 [tokens, N_padded]."""
+
+    q: np.ndarray
+    out: np.ndarray  # int32 [padded tokens, N_padded]
+    acts: np.ndarray  # q's memory as the kernel takes it: [blocks, TOKEN_BLOCK, K_padded / 4, 4]
+    acc: np.ndarray  # out's memory as the kernel takes it: [blocks, TOKEN_BLOCK, N_padded / 64, 64]
+    run: Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+    def args(self, packed: np.ndarray, correction: np.ndarray) -> tuple[np.ndarray, ...]:
+        return self.acts, packed, correction, self.acc
+
+
+def padded_tokens(tokens: int) -> int:
+    """Tokens as the GEMM runs them: whole blocks of TOKEN_BLOCK."""
+    return round_up(tokens, TOKEN_BLOCK)
+
+
+def bind_batch(kernels: Kernels, params: Params, tokens: int) -> I8BatchCall:
+    """The "gemm" call of an output layer padded to ``params``' n_padded, k_padded, for ``tokens`` tokens."""
+    padded, n_p, k_p = padded_tokens(tokens), params["n_padded"], params["k_padded"]
+    q = aligned_zeros((padded, k_p), np.int8)
+    out = aligned_empty((padded, n_p), np.int32)
+    blocks = padded // TOKEN_BLOCK
+    acts, acc, gemm = q.reshape(blocks, TOKEN_BLOCK, -1, CHUNK), out.reshape(blocks, TOKEN_BLOCK, -1, ROWS), kernels.get("gemm")
+
+    def run(packed: np.ndarray, correction: np.ndarray) -> np.ndarray:
+        gemm(acts, packed, correction, acc)
+        return out[:tokens]
+
+    return I8BatchCall(q, out, acts, acc, run)

@@ -16,7 +16,7 @@ from typing import Any
 
 from .errors import UserError
 
-FORMAT_VERSION = 7  # 7: rotary_append and decode_attention over rows of a slot-indexed KV pool; 6: the digest; 5: the compiled decode step (program); 4: linears carry rmsnorm_quantize; 3: typed manifest, only each kernel's own knobs; 2: per-row weight scales
+FORMAT_VERSION = 7  # 7: rotary_append and decode_attention over rows of a slot-indexed KV pool, i8_gemm; 6: the digest; 5: the compiled decode step (program); 4: linears carry rmsnorm_quantize; 3: typed manifest, only each kernel's own knobs; 2: per-row weight scales
 MANIFEST_FILE = "manifest.json"
 LIBRARY_FILE = "kernels.so"
 RUNTIME_LIBRARY_FILE = "libtvm_runtime.so"
@@ -38,6 +38,7 @@ KERNEL_OPS = (
     "f16_gemv",
     "f16_gemm",
     "i8_gemv",
+    "i8_gemm",
     *DECODER_OPS,
 )
 SIZES = ("n", "k", "n_padded", "k_padded")  # every linear kernel's shape: the sizes numpy allocates

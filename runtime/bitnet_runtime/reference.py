@@ -231,3 +231,8 @@ def i8_gemv(q: np.ndarray, packed: np.ndarray) -> np.ndarray:
         w = packed[start : start + _OUTPUT_TILES_PER_STEP].astype(np.float64)  # [t, c, r, j]
         out[start : start + len(w)] = np.einsum("tcrj,cj->tr", w, q64.reshape(chunks, width), optimize=True)
     return out.astype(np.int64).astype(np.int32).reshape(1, -1)
+
+
+def i8_gemm(q: np.ndarray, packed: np.ndarray) -> np.ndarray:
+    """int32 [tokens, N_padded]: each row of q [tokens, K_padded] through ``i8_gemv``, exactly."""
+    return np.concatenate([i8_gemv(row, packed) for row in np.asarray(q)])

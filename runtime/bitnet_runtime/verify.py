@@ -198,6 +198,18 @@ def check_i8_gemv(kernel: Kernel, rng: np.random.Generator) -> bool:
     return True
 
 
+def check_i8_gemm(kernel: Kernel, rng: np.random.Generator) -> bool:
+    """As i8_gemv, for five tokens (one whole block and one padded: its rows must come out 0)."""
+    s = kernel.shape
+    packed = _i8_tiles(rng, s["n"], s["k"])
+    correction = layout_i8.correction(packed).reshape(-1, layout_i8.ROWS)
+    call = layout_i8.bind_batch({"gemm": kernel}, kernel.params, 5)
+    call.q[:5, : s["k"]] = np.concatenate((np.full((1, s["k"]), -128, np.int8), rng.integers(-128, 128, (4, s["k"]), dtype=np.int8)))
+    call.out[...] = -1
+    out = call.run(packed, correction)
+    return bool(np.array_equal(out, reference.i8_gemm(call.q[:5], packed)) and not call.out[5:].any())
+
+
 def _floats(rng: np.random.Generator, shape: tuple[int, ...], scale: float = 1.0) -> np.ndarray:
     return aligned_copy((rng.standard_normal(shape) * scale).astype(np.float32))
 
@@ -311,6 +323,7 @@ CHECKS = {
     "f16_gemv": check_f16_gemv,
     "f16_gemm": check_f16_gemm,
     "i8_gemv": check_i8_gemv,
+    "i8_gemm": check_i8_gemm,
     "rmsnorm": check_rmsnorm,
     "rotary_append": check_rotary_append,
     "decode_attention": check_decode_attention,
