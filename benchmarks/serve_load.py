@@ -151,7 +151,7 @@ class Served:
 def ours(args, slots: int) -> Served:
     port = free_port()
     cmd = [sys.executable, "-m", "bitnet_runtime", "serve", "-a", args.artifact, "-m", args.model, "--name", "bench",
-           "--port", str(port), "-np", str(slots), "-t", str(args.threads)]  # fmt: skip
+           "--port", str(port), "-np", str(slots), "-t", str(args.threads), "--output-layer", args.output_layer]  # fmt: skip
     return Served(cmd, f"http://127.0.0.1:{port}")
 
 
@@ -166,7 +166,7 @@ def run_itl(args) -> float:
     """``bitnet-runtime run``'s decode: ms per token, same prompt length and token count; its
     second run of two back to back (the first warms the CPU up, as the servers' warm-up does)."""
     cmd = [sys.executable, "-m", "bitnet_runtime", "run", "-a", args.artifact, "-m", args.model, "-p", "hello world " * 3,
-           "-n", str(args.tokens), "--json", "-t", str(args.threads)]  # fmt: skip
+           "-n", str(args.tokens), "--json", "-t", str(args.threads), "--output-layer", args.output_layer]  # fmt: skip
     for _ in range(2):
         done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return 1e3 / json.loads(done.stdout)["decode_tokens_per_second"]
@@ -198,6 +198,9 @@ def main() -> int:
     p.add_argument("--llama-server", default=None)
     p.add_argument("--gguf", default=None)
     p.add_argument("--ctx-per-slot", type=int, default=1024)
+    p.add_argument(
+        "--output-layer", default="f16", choices=("f16", "i8"), help="this project's output layer (llama-server's is its GGUF's)"
+    )
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     counts = [int(n) for n in args.streams.split(",")]
@@ -225,7 +228,8 @@ def main() -> int:
         f"`python benchmarks/serve_load.py {' '.join(sys.argv[1:])}`",
         "",
         f"Machine: {cpu_model()}, {os.cpu_count()} cores; {args.threads} threads; "
-        f"medians of {args.rounds} interleaved rounds; {args.tokens} tokens per stream; prompts as token ids; ignore_eos.",
+        f"medians of {args.rounds} interleaved rounds; {args.tokens} tokens per stream; prompts as token ids; ignore_eos; "
+        f"this project's output layer {args.output_layer}.",
         "",
         table(results, counts),
         "",

@@ -92,7 +92,18 @@ def test_every_kernel_exact_under_emulation(arm_artifact: Path, threads: int) ->
     with _emulated(arm_artifact, threads) as emulated:
         assert verify(emulated, seed=threads, echo=lines.append), "\n".join(lines)
         ops = {emulated.kernel(n).op for n in emulated.kernel_names}
-    assert ops == {"quantize", "rmsnorm_quantize", "lut_table", "lut_gemv", "lut_gemm", "dequantize", "f16_gemv", "f16_gemm", "i8_gemv", "i8_gemm"}
+    assert ops == {
+        "quantize",
+        "rmsnorm_quantize",
+        "lut_table",
+        "lut_gemv",
+        "lut_gemm",
+        "dequantize",
+        "f16_gemv",
+        "f16_gemm",
+        "i8_gemv",
+        "i8_gemm",
+    }
     assert lines[-1] == f"{len(lines) - 1} passed, 0 failed"
 
 
