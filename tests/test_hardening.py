@@ -302,6 +302,37 @@ def test_artifacts_on_a_full_or_read_only_disk(small_disk):
         artifact.build(parse_target("llvm -mcpu=native"), [Linear("x", 64, 64)], mount / "other")
 
 
+@pytest.mark.parametrize("edit", [lambda p: p.pop("token_tile"), lambda p: p.update(token_tile=0), lambda p: p.update(token_tile=-4)])
+def test_a_manifest_without_a_usable_layout_param_is_one_line(model, artifact_dir, tmp_path, edit):
+    """Found by the CLI fuzz: a linear whose layout_params lost token_tile was a KeyError at
+    the first prompt (and 0 would divide by zero)."""
+    from bitnet_runtime.manifest import digest_of
+
+    art = Path(shutil.copytree(artifact_dir, tmp_path / "art"))
+    data = json.loads((art / "manifest.json").read_text())
+    if "token_tile" not in data["linears"][0]["layout_params"]:
+        pytest.skip("this host's family has no token_tile (not dot2)")
+    edit(data["linears"][0]["layout_params"])
+    data["digest"] = digest_of(data)
+    (art / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(UserError, match="manifest is corrupted: .* layout_params need a positive token_tile"):
+        _llm(model, art).model.prefill([0, 1, 2])
+
+
+@pytest.mark.parametrize("role", ["quantize", "gemm"])
+def test_a_manifest_linear_without_one_of_its_kernels_is_one_line(model, artifact_dir, tmp_path, role):
+    """Found by the CLI fuzz: a linear whose kernels lost a role was a KeyError at load."""
+    from bitnet_runtime.manifest import digest_of
+
+    art = Path(shutil.copytree(artifact_dir, tmp_path / "art"))
+    data = json.loads((art / "manifest.json").read_text())
+    del data["linears"][0]["kernels"][role]
+    data["digest"] = digest_of(data)
+    (art / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(UserError, match=f"manifest is corrupted: .* names no {role} kernel"):
+        _llm(model, art)
+
+
 @pytest.mark.parametrize("decoding", ["step", "kernels"])
 def test_a_manifest_that_disagrees_with_its_library_is_one_line(model, artifact_dir, tmp_path, decoding):
     """A deliberate edit (digest recomputed) that pads a linear differently from the compiled

@@ -35,6 +35,8 @@ Params = Mapping[str, Any]  # shape and layout parameters: LinearEntry.params, K
 
 VERSION = "lut4-v1"
 PACKING_PARAMS = ("rows", "kblock")  # the layout_params that change the packed bytes
+PARAMS = PACKING_PARAMS  # every layout_param the packing and the calling convention read (positive)
+ROLES = ("lut_table", "gemv", "gemm")  # the kernels the calling convention calls
 GROUP = 4  # weights per table lookup
 
 

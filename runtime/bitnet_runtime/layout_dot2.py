@@ -23,6 +23,8 @@ from .memory import aligned_empty, aligned_zeros
 
 VERSION = "dot2-v1"
 PACKING_PARAMS: tuple[str, ...] = ()  # token_tile shapes the GEMM call, not the packed bytes
+PARAMS = ("token_tile",)  # every layout_param the calling convention reads (positive)
+ROLES = ("gemv", "gemm")  # the kernels the calling convention calls
 ROWS = 16
 CHUNK = 16  # weights of a row per chunk (4 fields x 4 bytes)
 

@@ -18,6 +18,8 @@ from .memory import aligned_copy, aligned_empty, is_aligned
 
 # weight layout -> its calling convention: bind(kernels, params, tokens) -> call with .q and .run(packed)
 MATMULS = {layout.VERSION: layout.bind, layout_dot2.VERSION: layout_dot2.bind}
+LAYOUTS = {layout.VERSION: layout, layout_dot2.VERSION: layout_dot2}  # each with the PARAMS and kernel ROLES it reads
+ROLES = ("quantize", "rmsnorm_quantize", "dequantize")  # every linear's kernels beside its layout's
 
 
 class _Buffers:
@@ -78,6 +80,13 @@ class BitLinear:
     def _bind(self, artifact: Artifact, entry: LinearEntry, weight_scale) -> None:
         if entry.layout not in MATMULS:
             raise UserError(f"artifact uses weight layout {entry.layout!r}; this runtime knows {', '.join(MATMULS)}")
+        spec, where = LAYOUTS[entry.layout], f"manifest is corrupted: the {entry.n}x{entry.k} linear"
+        bad = [p for p in spec.PARAMS if not (isinstance(entry.layout_params.get(p), int) and entry.layout_params[p] > 0)]
+        if bad:
+            raise UserError(f"{where}'s layout_params need a positive {', '.join(bad)}")
+        missing = [role for role in (*ROLES, *spec.ROLES) if role not in entry.kernels]
+        if missing:
+            raise UserError(f"{where} names no {', '.join(missing)} kernel")
         scale = np.broadcast_to(np.asarray(weight_scale, np.float32), (entry.n,))
         if not np.all(np.isfinite(scale)):
             raise UserError(f"weight_scale of the {entry.n}x{entry.k} layer must be finite")
