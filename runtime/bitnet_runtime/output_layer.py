@@ -127,7 +127,7 @@ class I8Output:
         tokens = len(rows)
         x[:tokens] = rows
         self.quantize(x[:tokens], call.q[:tokens], act_scale[:tokens])
-        acc = call.run(self.rows, self.correction)
+        acc = call.run(self.rows, self.correction)[:tokens]  # the call holds ``padded`` rows
         self.dequantize(acc, act_scale[:tokens], self.scale, out[:tokens])
         return out[:tokens].copy()
 
