@@ -13,8 +13,8 @@ kernel-local array inside a parallel loop lives in heap memory that LLVM cannot 
 every partial sum is an expression, and memory is touched once per block):
 1. scores and their maximum, one K row at a time for the whole group: each dot product a
    tree of vector products, its lanes summed by halves; the V row of the same position is
-   prefetched meanwhile (measured: +25% on caches that come from memory, as every layer's
-   do in a decode step);
+   prefetched meanwhile, so pass 3 finds it in cache (every layer's cache comes from memory in a
+   decode step);
 2. exponentials and their sum, ``EXP_LANES`` scores at a time, with a polynomial e^x
    (``_exp``: libm's expf is a scalar call per score, which cost more than the rest);
 3. the weighted sum of V rows, ``BLOCK`` rows per accumulator update.

@@ -322,7 +322,7 @@ def intrinsic(variant: str, gemm: bool = False) -> tuple[str, bool]:
     """The variant's tensor intrinsic (16 rows x 4 weights), and whether it keeps two pair-sums
     per row. ``gemm``: the form without the weight-stream prefetch, for the GEMM of several
     tokens (i8_gemm.py), whose block reuses each weight from registers: there the prefetch
-    only made LLVM store the accumulators after every step (measured 2.3x slower)."""
+    only made LLVM store the accumulators after every step."""
     _, intrin, pairs = _KERNELS[variant]
     return intrin + (GEMM_SUFFIX if gemm else ""), pairs
 
